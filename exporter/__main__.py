@@ -1,0 +1,5 @@
+"""`python -m exporter` runs the same CLI as `enginekit`."""
+
+from .cli import main
+
+main()

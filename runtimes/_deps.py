@@ -1,0 +1,28 @@
+"""Optional imports that name the extra to install when they are missing."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import MissingDependency
+
+
+def require(module: str, *, extra: str, purpose: str) -> ModuleType:
+    """Import `module` or raise MissingDependency naming `pip install 'enginekit[extra]'`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependency(
+            f"{purpose} needs the Python module '{module}', which cannot be imported here ({exc}). "
+            f"Install it with: pip install 'enginekit[{extra}]' (or the package that provides "
+            f"'{module}'), then run the command again."
+        ) from None
+
+
+def version_of(module: str) -> str | None:
+    """The module's __version__ if it imports, else None (used by `doctor` and manifests)."""
+    try:
+        return str(importlib.import_module(module).__version__)
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None

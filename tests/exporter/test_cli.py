@@ -1,0 +1,123 @@
+"""The CLI, in-process (typer's CliRunner) and as the real console script in a subprocess."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from exporter.cli import app
+from tests.conftest import run_cli
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+runner = CliRunner()
+
+
+def test_help_and_module_entry_point():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("doctor", "export", "build", "parity", "inspect", "demo"):
+        assert cmd in proc.stdout
+    import subprocess
+    import sys
+
+    mod = subprocess.run([sys.executable, "-m", "exporter", "build", "--help"], capture_output=True, text=True)
+    assert mod.returncode == 0 and "--precision" in mod.stdout
+
+
+def test_doctor_json():
+    res = runner.invoke(app, ["doctor", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["targets"]["ort-cpu"] is True and "bf16" in data["precision_support"]
+
+
+def test_build_inspect_parity_in_a_subprocess(tiny_bert_dir, tmp_path):
+    out = tmp_path / "bundle"
+    proc = run_cli("build", f"hf:{tiny_bert_dir}", "-o", str(out), "--shapes", "batch=1:2:4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["parity"]["status"] == "passed" and Path(data["bundle"]) == out
+    proc = run_cli("inspect", str(out))
+    assert proc.returncode == 0 and "last_hidden_state" in proc.stdout and "parity: passed" in proc.stdout
+    report = tmp_path / "again.html"
+    proc = run_cli("parity", str(out), "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert "passed" in proc.stdout and report.read_text().startswith("<!doctype html>")
+
+
+def test_parity_failure_exits_1(bert_bundle, tmp_path):
+    res = runner.invoke(app, ["parity", str(bert_bundle), "--tolerance", "cosine=1.5"])
+    assert res.exit_code == 1
+    assert "parity failed" in res.output and "last_hidden_state" in res.output
+
+
+def test_export_and_inspect_onnx(tiny_bert_dir, tmp_path):
+    out = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["export", f"hf:{tiny_bert_dir}", "-o", str(out), "--shapes", "sequence=1:16:32"])
+    assert res.exit_code == 0, res.output
+    assert "sequence=1:16:32" in res.output
+    res = runner.invoke(app, ["inspect", str(out), "--layers"])
+    assert res.exit_code == 0 and "recorded by enginekit export" in res.output and "Node(s)" in res.output
+
+
+def test_trt_target_without_tensorrt_explains(tiny_bert_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    proc = run_cli("build", f"hf:{tiny_bert_dir}", "--target", "trt", "-o", str(tmp_path / "t"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "tensorrt" in proc.stderr and "enginekit[trt]" in proc.stderr
+    assert not (tmp_path / "t").exists()
+
+
+BAD = [
+    (["build", "hf:/no/such/model"], "found nothing there"),
+    (["build", "{tmp}"], "config.json"),
+    (["build", "onnx:{tmp}/corrupt.onnx"], "cannot be parsed"),
+    (["build", "onnx:{tmp}/truncated.onnx"], "ONNX"),
+    (["build", "{bert}", "--precision", "fp12"], "--precision"),
+    (["build", "{bert}", "--target", "tpu"], "--target"),
+    (["build", "{bert}", "-o", "{existing}"], "--force"),
+    (["build", "{bert}", "--shapes", "batch=1:x"], "NAME=MIN:OPT:MAX"),
+    (["build", "{bert}", "--tolerance", "wat"], "--tolerance"),
+    (["build", "py:tests.models.convnet:make_unsupported", "-o", "{tmp}/u"], "linalg_eigh"),
+    (["parity", "{tmp}/nothing"], "does not exist"),
+    (["inspect", "{tmp}/nothing.onnx"], "Expected an engine bundle"),
+    (["parity", "{altered}"], "modified after the build"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a)[:40] for a, _ in BAD])
+def test_bad_inputs_exit_nonzero_with_one_paragraph(args, message, tmp_path, tiny_bert_dir, bert_bundle):
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage\xff\xff")
+    (tmp_path / "truncated.onnx").write_bytes((bert_bundle / "model.onnx").read_bytes()[:5000])
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("keep")
+    altered = tmp_path / "altered"
+    shutil.copytree(bert_bundle, altered)
+    with open(altered / "model.onnx", "ab") as f:
+        f.write(b"x")
+    subs = {"{tmp}": str(tmp_path), "{bert}": f"hf:{tiny_bert_dir}", "{existing}": str(existing), "{altered}": str(altered)}
+    argv = []
+    for a in args:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        argv.append(a)
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    assert "error:" in res.output and message in res.output.replace("\n", " ")
+    assert "Traceback" not in res.output
+    assert (existing / "keep.txt").read_text() == "keep" and sorted(p.name for p in existing.iterdir()) == ["keep.txt"]
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_bad_input_in_a_real_subprocess_has_no_traceback(tmp_path):
+    proc = run_cli("build", "hf:/no/such/model", "-o", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "found nothing there" in proc.stderr

@@ -1,0 +1,117 @@
+"""The parity module on arrays whose metrics are known by construction."""
+
+import json
+
+import numpy as np
+import pytest
+
+from exporter.parity import (
+    ParityReport,
+    Tolerance,
+    TolerancePolicy,
+    compare_case,
+    compare_output,
+    parse_tolerance,
+)
+from exporter.report import render_html
+from runtimes.errors import UsageError
+
+
+def test_identical_outputs_pass_with_zero_error():
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    m = compare_output("y", x, x.copy(), Tolerance(rel_l2=1e-6, cosine=0.999999, max_abs=0.0))
+    assert m.passed and m.max_abs == 0 and m.rel_l2 == 0 and m.cosine == pytest.approx(1.0)
+    assert m.exact_zero == x.size
+
+
+def test_metrics_match_their_definitions():
+    ref = np.array([1.0, 2.0, -2.0, 4.0], dtype=np.float32)
+    got = ref + np.array([0.1, 0.0, 0.0, -0.2], dtype=np.float32)
+    m = compare_output("y", ref, got, Tolerance())
+    assert m.max_abs == pytest.approx(0.2, rel=1e-5)
+    assert m.mean_abs == pytest.approx(0.075, rel=1e-5)
+    assert m.rel_l2 == pytest.approx(np.sqrt(0.05) / 5.0, rel=1e-5)
+    expected_cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)))
+    assert m.cosine == pytest.approx(expected_cos, rel=1e-7)
+    assert m.max_rel == pytest.approx(0.1, rel=1e-3)
+
+
+def test_each_threshold_can_fail_and_all_reasons_are_listed():
+    ref = np.linspace(-1, 1, 100).astype(np.float32)
+    got = ref * 1.1
+    m = compare_output("y", ref, got, Tolerance(max_abs=0.05, rel_l2=0.05, cosine=1.0 + 1e-9))
+    assert not m.passed
+    joined = " ".join(m.failures)
+    assert "max_abs" in joined and "rel_l2" in joined and "cosine" in joined
+
+
+def test_nan_and_inf_in_engine_fail_even_without_thresholds():
+    ref = np.ones(10, dtype=np.float32)
+    got = ref.copy()
+    got[3] = np.nan
+    got[7] = np.inf
+    m = compare_output("y", ref, got, Tolerance())
+    assert m.nan == 1 and m.inf == 1 and not m.passed
+    assert "NaN/Inf" in m.failures[0]
+
+
+def test_nan_already_in_reference_is_not_blamed_on_the_engine():
+    ref = np.array([1.0, np.nan, 3.0], dtype=np.float32)
+    m = compare_output("y", ref, ref.copy(), Tolerance(rel_l2=1e-6))
+    assert m.passed and m.ref_nonfinite == 1
+
+
+def test_argmax_agreement_for_logits():
+    ref = np.array([[0.0, 1.0, 0.5], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.9, 0.0]])
+    got = ref.copy()
+    got[3] = [0.8, 0.9, 0.0]  # the last row's winner flips
+    m = compare_output("logits", ref, got, Tolerance(argmax=0.9))
+    assert m.argmax == pytest.approx(0.75) and not m.passed
+    assert compare_output("hidden", ref, got, Tolerance(argmax=0.9)).argmax is None
+
+
+def test_integer_outputs_compare_exactly():
+    ref = np.array([1, 2, 3, 4])
+    m = compare_output("classes", ref, np.array([1, 2, 0, 4]), Tolerance(equal=1.0))
+    assert m.equal == pytest.approx(0.75) and not m.passed
+
+
+def test_shape_mismatch_and_missing_output_fail():
+    case = compare_case("opt", {"x": np.zeros((2, 3))}, {"a": np.zeros((2, 3)), "b": np.zeros(3)},
+                        {"a": np.zeros((3, 2))}, TolerancePolicy(Tolerance()))
+    assert [o.passed for o in case.outputs] == [False, False]
+    assert "shape" in case.outputs[0].failures[0] and "missing" in case.outputs[1].failures[0]
+
+
+def test_policy_defaults_by_precision_and_per_output_overrides():
+    p = TolerancePolicy.for_precision("fp32", ["logits:argmax=0.5,cosine=0.9", "rel_l2=1e-3"])
+    assert p.default.rel_l2 == 1e-3 and p.default.cosine == 0.99999
+    assert p.for_output("logits").argmax == 0.5 and p.for_output("logits").cosine == 0.9
+    assert p.for_output("other").argmax == 0.99
+    assert TolerancePolicy.for_precision("fp16").default.rel_l2 > TolerancePolicy.for_precision("fp32").default.rel_l2
+
+
+@pytest.mark.parametrize("bad", ["rel_l2", "foo=1", "logits:rel_l2=abc", ""])
+def test_bad_tolerance_text_is_a_usage_error(bad):
+    with pytest.raises(UsageError):
+        parse_tolerance(bad)
+
+
+def test_report_lists_every_failure_and_serializes(tmp_path):
+    policy = TolerancePolicy.for_precision("fp32")
+    report = ParityReport("fp32", policy)
+    good = np.ones((2, 4), dtype=np.float32)
+    report.cases.append(compare_case("opt", {"x": good}, {"a": good, "b": good}, {"a": good * 2, "b": good * 3}, policy))
+    report.cases.append(compare_case("max", {"x": good}, {"a": good, "b": good}, {"a": good, "b": good}, policy))
+    report.finish()
+    assert report.status == "failed" and not report
+    assert len(report.failures()) == 2 and all(f.startswith("opt/") for f in report.failures())
+    data = json.loads(report.to_json())
+    assert data["status"] == "failed" and len(data["cases"]) == 2
+    page = render_html(report, title="t")
+    assert "<svg" in page and "failed" in page and "<script" not in page and "http" not in page.split("xmlns")[0]
+
+
+def test_empty_report_is_not_checked_never_passed():
+    report = ParityReport("bf16", TolerancePolicy.for_precision("bf16")).finish()
+    assert report.status == "not-checked" and not report.passed
