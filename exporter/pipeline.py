@@ -220,11 +220,11 @@ def _gate(loaded: LoadedSource, manifest: Manifest, bundle: Path, options: Build
     if options.skip_parity:
         report = ParityReport(options.precision, policy, notes=["parity not checked: --skip-parity"])
         return report.finish()
-    from runtimes.ort.runner import OrtRunner
+    from runtimes import open_runner
 
     with _timed(timings, "gate", say, "Parity gate: reference vs engine"):
         cases = gate_cases(manifest.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed)
-        runner = OrtRunner(bundle, manifest, device=options.device)
+        runner = open_runner(bundle, manifest, device=options.device)
         try:
             report = run_gate(loaded.reference, runner, cases, policy, options.precision,
                               on_case=lambda label: say(f"Parity gate: {label}"))

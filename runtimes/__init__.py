@@ -32,7 +32,7 @@ from .manifest import DimRange, IOSpec, Manifest, Target, TensorSpec, verify_fil
 __all__ = [
     "BuildError", "DataError", "DimRange", "EnginekitError", "ExportError", "IOSpec", "IncompatibleEngine",
     "InvalidInput", "Manifest", "MissingDependency", "ParityError", "Runner", "SourceError", "Target",
-    "TensorSpec", "UsageError", "__version__", "load",
+    "TensorSpec", "UsageError", "__version__", "load", "open_runner",
 ]
 
 
@@ -55,12 +55,18 @@ def load(
     manifest = Manifest.read(path)
     if verify:
         verify_files(path, manifest)
+    return open_runner(path, manifest, device=device, threads=threads)
+
+
+def open_runner(bundle: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None) -> Runner:
+    """The backend's Runner for an already-read manifest (the build's gate uses it on the staging
+    bundle before the manifest is written). Backends are imported here, on first use."""
     backend = manifest.target.backend
     if backend == "ort":
         from .ort.runner import OrtRunner
 
-        return OrtRunner(path, manifest, device=device, threads=threads)
+        return OrtRunner(Path(bundle), manifest, device=device, threads=threads)
     raise IncompatibleEngine(
-        f"Expected a bundle for backend 'ort' or 'trt', found '{backend}' in {path}. This enginekit "
+        f"Expected a bundle for backend 'ort' or 'trt', found '{backend}' in {bundle}. This enginekit "
         f"cannot run it; rebuild it with: {manifest.rebuild_command}"
     )
