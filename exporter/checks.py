@@ -33,7 +33,7 @@ def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | Non
         policy = TolerancePolicy.for_precision(precision, tolerances or [])
         say("Parity gate: reference vs engine")
         cases = gate_cases(manifest.io, data=data, tokenizer_dir=loaded.tokenizer_dir, seed=seed)
-        report = run_gate(loaded.reference, runner, cases, policy, precision,
+        report = run_gate(loaded.reference, runner.infer, cases, policy, precision,
                           on_case=lambda label: say(f"Parity gate: {label}"))
     finally:
         runner.close()

@@ -199,6 +199,12 @@ def build(
     exporter: str = ExporterOpt,
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     skip_parity: bool = typer.Option(False, "--skip-parity", help="Do not run the gate (recorded as not checked)."),
+    calib: Path | None = typer.Option(None, "--calib", help="Calibration data (same formats as --data): ranges for fp16/bf16."),
+    fp32_nodes: list[str] = typer.Option([], "--fp32-nodes", help="fp16/bf16: keep nodes whose name matches this regex in FP32 (repeatable)."),
+    fp32_ops: str | None = typer.Option(None, "--fp32-ops", help="fp16/bf16: op types kept in FP32, comma-separated (e.g. LayerNormalization,Softmax)."),
+    native_io: bool = typer.Option(False, "--native-io", help="fp16/bf16: graph inputs/outputs in the low precision (faster on GPU) instead of FP32."),
+    range_rules: bool = typer.Option(True, "--range-rules/--no-range-rules", help="fp16/bf16: AutoCast's weight/activation range rules (off: naive cast, repaired only by the fallback)."),
+    fallback_budget: int = typer.Option(64, "--fallback-budget", help="fp16/bf16: most nodes the parity-driven fallback may keep in FP32 (0: off)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export, lower, build and gate: writes an engine bundle only if parity passes."""
@@ -207,7 +213,9 @@ def build(
 
     opts = _build_options(target=target, device=device, precision=precision, output=output, data=data,
                           tolerances=list(tolerance), shapes=shapes, dynamic=dynamic, opset=opset,
-                          exporter=exporter, force=force, skip_parity=skip_parity)
+                          exporter=exporter, force=force, skip_parity=skip_parity, calib=calib,
+                          fp32_nodes=list(fp32_nodes), fp32_ops=[o.strip() for o in (fp32_ops or "").split(",") if o.strip()],
+                          native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget)
     with stages(not as_json) as say:
         result = run_build(source, opts, say)
     if as_json:
@@ -216,8 +224,36 @@ def build(
     con = _console()
     con.print(f"bundle [bold]{result.bundle}[/]  ({result.manifest.target.backend} {result.manifest.target.device}, "
               f"{opts.precision})")
+    _print_precision(con, result.manifest.precision)
     _print_parity(con, result.parity)
+    if result.parity.status == "not-checked":
+        con.print("[yellow]parity NOT CHECKED on this machine: run `enginekit parity " + str(result.bundle)
+                  + "` where the engine can run before shipping it.[/]")
     con.print(f"[dim]gate report: {result.bundle / 'report.html'}[/]")
+
+
+def _print_precision(con: Any, precision: dict[str, Any]) -> None:
+    realised = precision.get("realised", {})
+    if "nodes_by_dtype" not in realised:
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in realised["nodes_by_dtype"].items())
+    con.print(f"precision: {counts} nodes ({realised['cast_nodes']} casts; I/O {realised['io']})")
+    for h in precision.get("fallback", []):
+        kept = ", ".join(k["node"] for k in h["kept_fp32"]) or "none"
+        con.print(f"  fallback round {h['round']}: kept in FP32: {kept}" + (f"  (stopped: {h['stopped']})" if h["stopped"] else ""))
+    from rich.table import Table
+
+    fp32 = realised.get("fp32_nodes", [])
+    if fp32:
+        t = Table(title=f"{len(fp32)} node(s) kept in FP32", title_justify="left")
+        t.add_column("node")
+        t.add_column("op")
+        t.add_column("reason")
+        for row in fp32[:40]:
+            t.add_row(row["node"], row["op"], row["reason"])
+        con.print(t)
+        if len(fp32) > 40:
+            con.print(f"[dim]… and {len(fp32) - 40} more (manifest.json: precision.realised.fp32_nodes)[/]")
 
 
 def _print_parity(con: Any, report: Any) -> None:
@@ -262,11 +298,14 @@ def parity(
         if report:
             _console().print(f"[dim]report: {report}[/]")
     if not result.passed:
-        from .parity import format_failures
-
         from rich.markup import escape
 
-        _console(stderr=True).print(f"[bold red]parity failed:[/] {escape(format_failures(result))}")
+        from .parity import format_failures
+
+        if result.status == "not-checked":
+            _console(stderr=True).print("[bold red]parity not checked:[/] " + escape("; ".join(result.notes)))
+        else:
+            _console(stderr=True).print(f"[bold red]parity failed:[/] {escape(format_failures(result))}")
         raise typer.Exit(1)
 
 

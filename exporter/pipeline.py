@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from runtimes._version import __version__
-from runtimes.errors import BuildError, MissingDependency, ParityError, UsageError
+import numpy as np
+import onnx
+
+from runtimes.errors import BuildError, IncompatibleEngine, MissingDependency, ParityError, UsageError
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 
-from .gate import gate_cases, run_gate
+from .emulate import emulated_runner
+from .gate import CachedReference, Feeds, gate_cases, run_gate, shrink
+from .mixed import MixedOptions
 from .parity import ParityReport, TolerancePolicy, format_failures
 from .precision import check_precision, lower_precision
 from .report import write_html
@@ -50,6 +55,14 @@ class BuildOptions:
     tolerances: list[str] = field(default_factory=list)
     skip_parity: bool = False
     seed: int = 0
+    # Reduced precision (fp16/bf16): range data, forced-FP32 nodes, I/O dtype, the fallback's budget.
+    calib: Path | None = None
+    fp32_nodes: list[str] = field(default_factory=list)
+    fp32_ops: list[str] = field(default_factory=list)
+    native_io: bool = False
+    range_rules: bool = True
+    fallback_budget: int = 64
+    fallback_rounds: int = 6
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -64,6 +77,24 @@ class BuildOptions:
         if self.exporter not in ("auto", "torch", "transformers"):
             raise UsageError(f"Expected --exporter auto, torch or transformers, found '{self.exporter}'.")
         check_precision(self.precision)
+        if self.precision == "bf16" and self.target == "ort" and self.device == "cpu":
+            raise UsageError(
+                "Expected a target that runs BF16, found --target ort --device cpu: ONNX Runtime's CPU provider has "
+                "no BF16 kernels. Build BF16 for --device cuda (an NVIDIA GPU with compute capability >= 8.0) or "
+                "--target trt, or use --precision fp16 / fp32 for the CPU."
+            )
+        if self.device == "cuda" and self.precision in ("bf16", "fp8"):
+            from runtimes.device import gpu_info, supports
+
+            gpu = gpu_info()
+            need = {"bf16": ("bf16", "8.0 (Ampere)"), "fp8": ("fp8", "8.9 (Ada/Hopper)")}[self.precision]
+            if gpu is not None and not supports(need[0], gpu["compute_capability"]):
+                cc = ".".join(map(str, gpu["compute_capability"]))
+                raise UsageError(
+                    f"Expected a GPU with compute capability >= {need[1]} for {self.precision.upper()}, found "
+                    f"{gpu['name']} with compute capability {cc}. Use --precision fp16 on this GPU, or build on a "
+                    "newer one (`enginekit doctor` shows what this machine supports)."
+                )
 
 
 @dataclass
@@ -91,6 +122,18 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         cmd += ["--data", str(Path(options.data).resolve())]
     for t in options.tolerances:
         cmd += ["--tolerance", t]
+    if options.calib:
+        cmd += ["--calib", str(Path(options.calib).resolve())]
+    for n in options.fp32_nodes:
+        cmd += ["--fp32-nodes", n]
+    if options.fp32_ops:
+        cmd += ["--fp32-ops", ",".join(options.fp32_ops)]
+    if options.native_io:
+        cmd += ["--native-io"]
+    if not options.range_rules:
+        cmd += ["--no-range-rules"]
+    if options.fallback_budget != 64:
+        cmd += ["--fallback-budget", str(options.fallback_budget)]
     return cmd + ["-o", str(output.resolve()), "--force"]
 
 
@@ -167,22 +210,36 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     else:
         onnx_path, exporter_name = loaded.onnx_path, "none (onnx: source)"
         opset, onnx_sha = loaded.info.get("opset"), file_sha256(loaded.onnx_path)
-    with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-        lowered = lower_precision(onnx_path, options.precision, work)
-    with _timed(timings, "build", say, f"Building the {options.target} engine ({options.device})"):
-        target = _build_engine(lowered.path, bundle, options)
-    manifest = Manifest(
-        name=output.name,
-        source={"spec": str(spec), "kind": spec.kind, "exporter": exporter_name, "opset": opset,
-                "onnx_sha256": onnx_sha, **loaded.info},
-        io=loaded.io,
-        precision={"requested": options.precision, "realised": lowered.realised},
-        target=target,
-        build_command=build_command(source_text if spec.kind == "py" else str(spec), options, output, loaded.io.dims),
-        enginekit_version=__version__,
-    )
+    cases = gate_cases(loaded.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed)
+    reference = CachedReference(loaded.reference)
+    mixed = _mixed_options(options)
+    calibration = _calibration_feeds(loaded, options, cases) if mixed else []
+    history: list[dict[str, Any]] = []
+    while True:
+        with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
+            lowered = lower_precision(onnx_path, options.precision, work, mixed=mixed, calibration=calibration)
+        with _timed(timings, "build", say, f"Building the {options.target} engine ({options.device})"):
+            shutil.rmtree(bundle, ignore_errors=True)
+            bundle.mkdir()
+            target = _build_engine(lowered.path, bundle, options, low_precision=mixed is not None)
+        io = _lowered_io(loaded.io, lowered.path) if mixed and not mixed.keep_io_types else loaded.io
+        manifest = Manifest(
+            name=output.name,
+            source={"spec": str(spec), "kind": spec.kind, "exporter": exporter_name, "opset": opset,
+                    "onnx_sha256": onnx_sha, **loaded.info},
+            io=io,
+            precision={"requested": options.precision, "realised": lowered.realised},
+            target=target,
+            build_command=build_command(source_text if spec.kind == "py" else str(spec), options, output, io.dims),
+            enginekit_version=__version__,
+        )
+        report = _gate(reference, manifest, bundle, lowered.path, cases, options, say, timings)
+        culprits = _next_fallback(report, mixed, onnx_path, lowered.path, cases, loaded.io, history, say)
+        if not culprits:
+            break
     manifest.source["timings_s"] = timings
-    report = _gate(loaded, manifest, bundle, options, say, timings)
+    if history:
+        manifest.precision["fallback"] = history
     manifest.parity = report.summary()
     (bundle / "parity.json").write_text(report.to_json() + "\n", encoding="utf-8")
     write_html(report, bundle / "report.html", title=f"Parity: {manifest.name}",
@@ -194,45 +251,138 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         rejected = output.with_name(output.name + ".rejected")
         shutil.rmtree(rejected, ignore_errors=True)
         os.replace(bundle, rejected)
+        tried = (f" The FP32 fallback kept {sum(len(h['kept_fp32']) for h in history)} node(s) in FP32 over "
+                 f"{len(history)} round(s) and stopped ({history[-1]['stopped'] if history else 'no candidates'}).")
         raise ParityError(
             f"Expected the {options.precision} engine to match the reference within tolerance, but the parity gate "
-            f"failed: {format_failures(report)}. Nothing was written to '{output}'; the rejected bundle and its "
-            f"report are in '{rejected}' (open report.html). Loosen a tolerance with --tolerance "
-            "[OUTPUT:]METRIC=VALUE only if the difference is acceptable for your use."
+            f"failed: {format_failures(report)}.{tried if mixed else ''} Nothing was written to '{output}'; the "
+            f"rejected bundle and its report are in '{rejected}' (open report.html). "
+            + ("Raise the fallback budget (--fallback-budget), keep nodes in FP32 with --fp32-nodes/--fp32-ops, or "
+               if mixed else "")
+            + "loosen a tolerance with --tolerance [OUTPUT:]METRIC=VALUE only if the difference is acceptable."
         )
     _publish(bundle, output)
     return BuildResult(output, manifest, report, timings)
 
 
-def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions) -> Any:
+def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, *, low_precision: bool = False) -> Any:
     if options.target == "ort":
         from runtimes.ort.build import OrtBuildOptions, build_ort_engine
 
-        return build_ort_engine(onnx_path, bundle, OrtBuildOptions(device=options.device))
+        return build_ort_engine(onnx_path, bundle, OrtBuildOptions(device=options.device, low_precision=low_precision))
     raise MissingDependency(
         "The TensorRT target is not available in this version of enginekit; build with --target ort."
     )
 
 
-def _gate(loaded: LoadedSource, manifest: Manifest, bundle: Path, options: BuildOptions, say: Progress,
-          timings: dict[str, float]) -> ParityReport:
+def _mixed_options(options: BuildOptions) -> MixedOptions | None:
+    if options.precision not in ("fp16", "bf16"):
+        return None
+    return MixedOptions(
+        precision=options.precision, keep_io_types=not options.native_io, fp32_nodes=list(options.fp32_nodes),
+        fp32_ops=list(options.fp32_ops), range_rules=options.range_rules,
+        max_fp32_nodes=options.fallback_budget, max_iterations=options.fallback_rounds,
+    )
+
+
+def _calibration_feeds(loaded: LoadedSource, options: BuildOptions, cases: list[tuple[str, Feeds]]) -> list[Feeds]:
+    """Range data for AutoCast: --calib, else the --data batches, else the generated min/opt cases
+    (max shapes are left out: AutoCast holds every intermediate of every batch in memory)."""
+    if options.calib is not None:
+        from calibration.data import load_feeds
+
+        batch_dim = next((d for s in loaded.io.inputs for d in s.shape[:1] if isinstance(d, str)), None)
+        batch = min(8, loaded.io.dims[batch_dim].max) if batch_dim in loaded.io.dims else 1
+        return load_feeds(options.calib, loaded.io, tokenizer_dir=loaded.tokenizer_dir, batch_size=batch)[:4]
+    data = [f for label, f in cases if label.startswith("data[")]
+    return data[:4] if data else [f for label, f in cases if label.startswith(("min", "opt"))]
+
+
+def _lowered_io(io: IOSpec, lowered: Path) -> IOSpec:
+    """The io with the lowered graph's dtypes (native FP16/BF16 inputs and outputs)."""
+    from .onnxutil import io_from_onnx
+
+    ins, outs, _, _ = io_from_onnx(onnx.load(str(lowered), load_external_data=False))
+    dt = {t.name: t.dtype for t in ins + outs}
+    return replace(io, inputs=[replace(t, dtype=dt.get(t.name, t.dtype)) for t in io.inputs],
+                   outputs=[replace(t, dtype=dt.get(t.name, t.dtype)) for t in io.outputs])
+
+
+def _as_engine_dtypes(io: IOSpec, fn: Callable[[Feeds], Any]) -> Callable[[Feeds], Any]:
+    dtypes = {s.name: s.dtype for s in io.inputs}
+
+    def call(feeds: Feeds) -> Any:
+        return fn({k: np.asarray(v).astype(dtypes.get(k, np.asarray(v).dtype), copy=False) for k, v in feeds.items()})
+
+    return call
+
+
+def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases: list[tuple[str, Feeds]],
+          options: BuildOptions, say: Progress, timings: dict[str, float]) -> ParityReport:
+    """Gate the engine on its own device. For FP16/BF16 where the engine cannot show low-precision
+    numerics (the CPU provider computes FP16 in FP32; a CUDA engine cannot run without a GPU), the
+    lowered graph also runs through the storage emulation, and must pass too."""
     policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
     if options.skip_parity:
-        report = ParityReport(options.precision, policy, notes=["parity not checked: --skip-parity"])
-        return report.finish()
+        return ParityReport(options.precision, policy, notes=["parity not checked: --skip-parity"]).finish()
     from runtimes import open_runner
 
-    with _timed(timings, "gate", say, "Parity gate: reference vs engine"):
-        cases = gate_cases(manifest.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed)
+    notes = []
+    runner = None
+    try:
         runner = open_runner(bundle, manifest, device=options.device)
+    except IncompatibleEngine as exc:
+        if options.device == "cpu":
+            raise
+        notes.append(f"engine not run here ({str(exc).split('. ')[0]}); run `enginekit parity` on a machine with the GPU")
+    emulated = options.precision in ("fp16", "bf16") and (runner is None or options.device == "cpu")
+    with _timed(timings, "gate", say, "Parity gate: reference vs engine"):
+        emulator = emulated_runner(lowered) if emulated else None
         try:
-            report = run_gate(loaded.reference, runner, cases, policy, options.precision,
+            report = run_gate(reference, _as_engine_dtypes(manifest.io, runner.infer) if runner else None, cases,
+                              policy, options.precision,
+                              emulator=_as_engine_dtypes(manifest.io, emulator) if emulator else None,
                               on_case=lambda label: say(f"Parity gate: {label}"))
         finally:
-            runner.close()
+            if runner is not None:
+                runner.close()
+    if emulated:
+        report.notes.append(f"'{options.precision}-emulated' cases run the lowered graph with FP32 compute and "
+                            f"{options.precision} storage on the CPU (what a GPU computes); "
+                            + ("the CPU engine itself computes FP16 nodes in FP32" if runner else "the engine was not run"))
+    report.notes += notes
     if options.data is None:
         report.notes.append("inputs generated from the input specs (random, seeded); pass --data for real inputs")
     return report
+
+
+def _next_fallback(report: ParityReport, mixed: MixedOptions | None, fp32_path: Path, lowered: Path,
+                   cases: list[tuple[str, Feeds]], io: IOSpec, history: list[dict[str, Any]], say: Progress) -> list[Any]:
+    """After a failed gate: the next nodes to keep in FP32 (recorded in `mixed.excluded` and
+    `history`), or [] when the gate passed, there is no fallback, or its budget is spent."""
+    if report.status != "failed" or mixed is None:
+        return []
+    from .fallback import find_culprits
+
+    entry: dict[str, Any] = {"round": len(history) + 1, "failures": report.failures()[:6], "kept_fp32": [], "stopped": None}
+    history.append(entry)
+    left = mixed.max_fp32_nodes - len(mixed.excluded)
+    if len(history) > mixed.max_iterations or left <= 0:
+        entry["stopped"] = "fallback budget spent (--fallback-budget / rounds)"
+        return []
+    failing = next(c.label for c in report.cases if not c.passed).removeprefix(f"{mixed.precision}-emulated ")
+    feeds = dict(cases)[failing]
+    say(f"Parity fallback round {entry['round']}: locating the nodes that break {mixed.precision} parity")
+    culprits = find_culprits(fp32_path, lowered, shrink(io, feeds), mixed.precision, excluded=set(mixed.excluded), limit=left)
+    if not culprits:
+        culprits = find_culprits(fp32_path, lowered, feeds, mixed.precision, excluded=set(mixed.excluded), limit=left)
+    if not culprits:
+        entry["stopped"] = "no node left to blame: the error is not from low-precision storage"
+        return []
+    for c in culprits:
+        mixed.excluded[c.node] = f"parity fallback round {entry['round']}: {c.reason}"
+        entry["kept_fp32"].append({"node": c.node, "op": c.op, "reason": c.reason})
+    return culprits
 
 
 def _publish(bundle: Path, output: Path) -> None:

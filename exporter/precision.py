@@ -7,6 +7,7 @@ Runtime. FP32 passes through; FP16/BF16 and INT8/FP8 are added by their own modu
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,22 @@ def census(path: Path) -> dict[str, Any]:
     }
 
 
-def lower_precision(onnx_path: Path, precision: str, work_dir: Path) -> Lowered:
-    """Lower `onnx_path` to `precision` under `work_dir`; returns the lowered graph and what it realised."""
+def lower_precision(onnx_path: Path, precision: str, work_dir: Path, *, mixed: Any = None,
+                    calibration: Sequence[Mapping[str, Any]] = ()) -> Lowered:
+    """Lower `onnx_path` to `precision` under `work_dir`; returns the lowered graph and what it realised.
+
+    mixed: MixedOptions for fp16/bf16 (exporter/mixed.py); calibration: feed dicts whose ranges
+    drive the lowering (AutoCast's range analysis for fp16/bf16)."""
     check_precision(precision)
     if precision == "fp32":
         return Lowered(Path(onnx_path), {"requested": "fp32", **census(Path(onnx_path))})
+    if precision in ("fp16", "bf16"):
+        from .mixed import MixedOptions, lower_mixed
+
+        opts = mixed or MixedOptions(precision=precision)
+        out = Path(work_dir) / f"model.{precision}.onnx"
+        return Lowered(out, lower_mixed(Path(onnx_path), out, opts, calibration))
     raise UsageError(
         f"Expected a precision this build supports, found '{precision}': lowering to {precision} is not "
-        "implemented yet in this version of enginekit. Build with --precision fp32."
+        "implemented yet in this version of enginekit. Build with --precision fp32, fp16 or bf16."
     )

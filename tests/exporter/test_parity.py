@@ -61,12 +61,18 @@ def test_nan_already_in_reference_is_not_blamed_on_the_engine():
     assert m.passed and m.ref_nonfinite == 1
 
 
-def test_argmax_agreement_for_logits():
-    ref = np.array([[0.0, 1.0, 0.5], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.9, 0.0]])
-    got = ref.copy()
-    got[3] = [0.8, 0.9, 0.0]  # the last row's winner flips
-    m = compare_output("logits", ref, got, Tolerance(argmax=0.9))
-    assert m.argmax == pytest.approx(0.75) and not m.passed
+def test_argmax_agreement_for_logits_with_ties_excused():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(100, 10))
+    ref[:, 0] += 5.0  # class 0 wins every row decisively...
+    ref[0, 1] = ref[0, 0] - 1e-4  # ...except row 0, a near-tie between classes 0 and 1
+    got = ref + rng.normal(scale=1e-3, size=ref.shape)
+    got[0, 1] = got[0, 0] + 1e-4  # the tie flips: within noise
+    m = compare_output("logits", ref, got, Tolerance(argmax=1.0))
+    assert m.argmax_raw == pytest.approx(0.99) and m.argmax_ties == 1 and m.argmax == 1.0 and m.passed
+    got[1, 3] = got[1, 0] + 1.0  # a decisive flip: margin ~5, far beyond the noise
+    m = compare_output("logits", ref, got, Tolerance(argmax=1.0))
+    assert m.argmax == pytest.approx(0.99) and not m.passed and "1 rows flipped beyond noise" in m.failures[0]
     assert compare_output("hidden", ref, got, Tolerance(argmax=0.9)).argmax is None
 
 

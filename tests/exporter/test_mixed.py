@@ -1,0 +1,137 @@
+"""FP16/BF16 mixed precision: AutoCast lowering, honest low-precision numerics on the CPU, and the
+parity-driven FP32 fallback that repairs what a naive cast breaks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import runtimes
+from exporter.emulate import emulation_model, run_outputs
+from exporter.pipeline import BuildOptions, build
+from runtimes.errors import InvalidInput, ParityError, UsageError
+
+pytest.importorskip("modelopt.onnx.autocast")
+MODELS = Path(__file__).resolve().parents[1] / "models"
+PLANTED = f"py:{MODELS / 'planted.py'}:make"
+
+
+def _fp32_nodes(manifest):
+    return {n["node"]: n["reason"] for n in manifest.precision["realised"]["fp32_nodes"]}
+
+
+def test_cpu_provider_hides_fp16_overflow_and_the_emulation_shows_it():
+    """x*300 squared overflows FP16 (>65504); ORT's CPU provider computes it in FP32 anyway."""
+    g = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+         helper.make_node("Mul", ["h", "k"], ["m"]), helper.make_node("Mul", ["m", "m"], ["sq"]),
+         helper.make_node("Cast", ["sq"], ["y"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [helper.make_tensor("k", TensorProto.FLOAT16, [], np.array([300], np.float16).tobytes(), raw=True)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    x = {"x": np.array([0.1, 1.0, 2.0, -3.0], np.float32)}
+    plain = run_outputs(model, x)["y"]
+    emulated = run_outputs(emulation_model(model), x)["y"]
+    assert np.all(np.isfinite(plain))  # the CPU provider's answer: no overflow
+    assert np.isfinite(emulated[0]) and np.all(np.isinf(emulated[1:]))  # 300² and above: inf in FP16
+
+
+@pytest.mark.parametrize("source", ["bert", "clip", "conv"])
+def test_fp16_families_pass_the_fp16_gate_on_ort_cpu(source, tiny_bert_dir, tiny_clip_dir, tmp_path):
+    spec = {"bert": f"hf:{tiny_bert_dir}", "clip": f"hf:{tiny_clip_dir}", "conv": f"py:{MODELS / 'convnet.py'}:make"}[source]
+    res = build(spec, BuildOptions(precision="fp16", output=tmp_path / "b"))
+    assert res.parity.status == "passed"
+    labels = [c.label for c in res.parity.cases]
+    assert any(lab.startswith("fp16-emulated") for lab in labels) and any(not lab.startswith("fp16-") for lab in labels)
+    realised = res.manifest.precision["realised"]
+    assert realised["nodes_by_dtype"]["float16"] > realised["nodes_by_dtype"].get("float32", 0)
+    assert all(n["reason"] for n in realised["fp32_nodes"])
+    assert [s.dtype for s in res.manifest.io.inputs] == [s.dtype for s in res.manifest.io.inputs if s.dtype != "float16"]
+    lowered_types = {i.data_type for i in onnx.load(str(res.bundle / "model.onnx")).graph.initializer}
+    assert TensorProto.FLOAT16 in lowered_types
+
+
+def test_naive_fp16_fails_and_the_fallback_repairs_it_naming_the_nodes(tmp_path):
+    # No range rules and no fallback: every node in FP16, the planted overflow breaks parity.
+    with pytest.raises(ParityError, match="fp16-emulated"):
+        build(PLANTED, BuildOptions(precision="fp16", range_rules=False, fallback_budget=0, output=tmp_path / "naive"))
+    report = json.loads((tmp_path / "naive.rejected" / "parity.json").read_text())
+    worst = max(o["rel_l2"] for c in report["cases"] for o in c["outputs"] if c["label"].startswith("fp16-emulated"))
+    assert worst > 0.05
+    # The same naive start, with the parity-driven fallback.
+    res = build(PLANTED, BuildOptions(precision="fp16", range_rules=False, output=tmp_path / "fixed"))
+    assert res.parity.status == "passed"
+    kept = _fp32_nodes(res.manifest)
+    ops = {n["op"] for n in res.manifest.precision["realised"]["fp32_nodes"]}
+    assert {"Pow", "ReduceSum", "Sqrt"} <= ops  # the overflow: (300h)² summed, then its square root
+    assert {"Add", "ReduceMean", "Sub"} <= ops  # the cancellation: h + 2000 minus its mean
+    assert all(r.startswith("parity fallback round") for r in kept.values())
+    assert any("exceeds the FP16 maximum" in r for r in kept.values())
+    assert len(res.manifest.precision["fallback"]) >= 2
+    assert res.manifest.precision["realised"]["nodes_by_dtype"]["float16"] >= 4  # the rest stays FP16
+
+
+def test_autocast_range_rules_on_real_data_keep_the_planted_nodes(tmp_path):
+    res = build(PLANTED, BuildOptions(precision="fp16", output=tmp_path / "b"))
+    assert res.parity.status == "passed" and "fallback" not in res.manifest.precision
+    kept = _fp32_nodes(res.manifest)
+    assert any("out of range" in r for r in kept.values())
+    assert {n["op"] for n in res.manifest.precision["realised"]["fp32_nodes"]} >= {"Pow", "ReduceSum", "Sub"}
+
+
+def test_user_forced_fp32_nodes_and_ops(tiny_bert_dir, tmp_path):
+    res = build(f"hf:{tiny_bert_dir}", BuildOptions(precision="fp16", fp32_ops=["LayerNormalization"],
+                                                     output=tmp_path / "b"))
+    kept = [n for n in res.manifest.precision["realised"]["fp32_nodes"] if n["op"] == "LayerNormalization"]
+    assert kept and all(n["reason"] == "user: --fp32-ops" for n in kept)
+
+
+def test_native_fp16_io(tmp_path):
+    res = build(f"py:{MODELS / 'convnet.py'}:make", BuildOptions(precision="fp16", native_io=True, output=tmp_path / "b"))
+    assert res.parity.status == "passed"
+    assert res.manifest.io.inputs[0].dtype == "float16" and res.manifest.io.outputs[0].dtype == "float16"
+    with runtimes.load(res.bundle) as r:
+        out = r.infer({"images": np.ones((2, 3, 32, 32), np.float16)})["output"]
+        assert out.dtype == np.float16
+        with pytest.raises(InvalidInput, match="float32, expected float16"):
+            r.infer({"images": np.ones((2, 3, 32, 32), np.float32)})
+
+
+def test_bf16_lowering_structure_and_honest_not_checked_status(tiny_bert_dir, tmp_path):
+    """BF16 cannot run on ORT's CPU provider: built for CUDA here, its gate is 'not-checked'."""
+    res = build(f"hf:{tiny_bert_dir}", BuildOptions(precision="bf16", device="cuda", output=tmp_path / "b"))
+    model = onnx.load(str(res.bundle / "model.onnx"))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 22
+    assert TensorProto.BFLOAT16 in {i.data_type for i in model.graph.initializer}
+    assert any(n.op_type == "Cast" for n in model.graph.node)
+    assert [i.type.tensor_type.elem_type for i in model.graph.output] == [TensorProto.FLOAT] * 2  # keep_io_types
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert res.parity.status == "not-checked" and not res.parity.passed
+        assert res.manifest.parity["status"] == "not-checked"
+        assert all(c.label.startswith("bf16-emulated") and c.passed for c in res.parity.cases)
+
+
+def test_bf16_refused_where_it_cannot_run(tiny_bert_dir, tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="no BF16 kernels"):
+        build(f"hf:{tiny_bert_dir}", BuildOptions(precision="bf16", output=tmp_path / "cpu"))
+    import runtimes.device as device
+
+    monkeypatch.setattr(device, "gpu_info", lambda: {"name": "Tesla T4", "compute_capability": [7, 5]})
+    with pytest.raises(UsageError, match=r">= 8.0 \(Ampere\).*Tesla T4.*7\.5"):
+        build(f"hf:{tiny_bert_dir}", BuildOptions(precision="bf16", device="cuda", output=tmp_path / "t4"))
+    assert not (tmp_path / "t4").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_fp16_bf16_engines_pass_on_the_cuda_provider(precision, tiny_bert_dir, tiny_clip_dir, tmp_path):
+    for name, spec in {"bert": f"hf:{tiny_bert_dir}", "clip": f"hf:{tiny_clip_dir}"}.items():
+        res = build(spec, BuildOptions(precision=precision, device="cuda", output=tmp_path / name))
+        assert res.parity.status == "passed", res.parity.failures()
+        assert not any("emulated" in c.label for c in res.parity.cases)  # the GPU computes the real thing
