@@ -205,6 +205,7 @@ def build(
     native_io: bool = typer.Option(False, "--native-io", help="fp16/bf16: graph inputs/outputs in the low precision (faster on GPU) instead of FP32."),
     range_rules: bool = typer.Option(True, "--range-rules/--no-range-rules", help="fp16/bf16: AutoCast's weight/activation range rules (off: naive cast, repaired only by the fallback)."),
     fallback_budget: int = typer.Option(64, "--fallback-budget", help="fp16/bf16: most nodes the parity-driven fallback may keep in FP32 (0: off)."),
+    ort_fusions: bool = typer.Option(True, "--ort-fusions/--no-ort-fusions", help="ORT target: fuse attention, skip-LayerNorm and GELU into ORT's own ops."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export, lower, build and gate: writes an engine bundle only if parity passes."""
@@ -215,7 +216,8 @@ def build(
                           tolerances=list(tolerance), shapes=shapes, dynamic=dynamic, opset=opset,
                           exporter=exporter, force=force, skip_parity=skip_parity, calib=calib,
                           fp32_nodes=list(fp32_nodes), fp32_ops=[o.strip() for o in (fp32_ops or "").split(",") if o.strip()],
-                          native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget)
+                          native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget,
+                          ort_fusions=ort_fusions)
     with stages(not as_json) as say:
         result = run_build(source, opts, say)
     if as_json:

@@ -63,6 +63,7 @@ class BuildOptions:
     range_rules: bool = True
     fallback_budget: int = 64
     fallback_rounds: int = 6
+    ort_fusions: bool = True  # ORT target: attention / skip-LayerNorm / GELU fusions (exporter/ortfuse.py)
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -134,6 +135,8 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         cmd += ["--no-range-rules"]
     if options.fallback_budget != 64:
         cmd += ["--fallback-budget", str(options.fallback_budget)]
+    if not options.ort_fusions:
+        cmd += ["--no-ort-fusions"]
     return cmd + ["-o", str(output.resolve()), "--force"]
 
 
@@ -221,7 +224,7 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         with _timed(timings, "build", say, f"Building the {options.target} engine ({options.device})"):
             shutil.rmtree(bundle, ignore_errors=True)
             bundle.mkdir()
-            target = _build_engine(lowered.path, bundle, options, low_precision=mixed is not None)
+            target = _build_engine(lowered.path, bundle, options, low_precision=mixed is not None, work=work)
         io = _lowered_io(loaded.io, lowered.path) if mixed and not mixed.keep_io_types else loaded.io
         manifest = Manifest(
             name=output.name,
@@ -265,11 +268,24 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     return BuildResult(output, manifest, report, timings)
 
 
-def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, *, low_precision: bool = False) -> Any:
+def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, *, low_precision: bool = False,
+                  work: Path | None = None) -> Any:
     if options.target == "ort":
         from runtimes.ort.build import OrtBuildOptions, build_ort_engine
 
-        return build_ort_engine(onnx_path, bundle, OrtBuildOptions(device=options.device, low_precision=low_precision))
+        fusion: dict[str, Any] = {"enabled": options.ort_fusions}
+        if options.ort_fusions and work is not None:
+            from .ortfuse import fuse_for_ort
+
+            fused_path = work / f"{onnx_path.stem}.ort-{options.device}.onnx"
+            try:
+                fusion.update(fuse_for_ort(onnx_path, fused_path, options.device))
+                onnx_path = fused_path
+            except Exception as exc:  # noqa: BLE001 - a fusion bug must not block the (unfused) build
+                fusion["error"] = f"{type(exc).__name__}: {str(exc)[:200]}; built unfused"
+        target = build_ort_engine(onnx_path, bundle, OrtBuildOptions(device=options.device, low_precision=low_precision))
+        target.options["fusions"] = fusion
+        return target
     raise MissingDependency(
         "The TensorRT target is not available in this version of enginekit; build with --target ort."
     )

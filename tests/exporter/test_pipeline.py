@@ -43,6 +43,8 @@ def test_bert_like_encoder(bert_bundle, tiny_bert_dir):
     assert m["io"]["dims"] == {"batch": {"min": 1, "opt": 4, "max": 16}, "sequence": {"min": 1, "opt": 64, "max": 64}}
     assert m["source"]["exporter"] == "torch.onnx.export (dynamo)" and m["target"]["versions"]["onnxruntime"]
     assert set(m["files"]) == {"model.onnx"} and (bert_bundle / "report.html").is_file()
+    # ORT's transformer fusions were applied to the engine (and the gate passed on the fused graph)
+    assert {"Attention", "SkipLayerNormalization"} <= set(m["target"]["options"]["fusions"]["fused_ops"])
     parity = json.loads((bert_bundle / "parity.json").read_text())
     assert parity["status"] == "passed" and all(o["passed"] for c in parity["cases"] for o in c["outputs"])
     _check_bundle_equals_torch(bert_bundle, f"hf:{tiny_bert_dir}")
