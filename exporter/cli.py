@@ -358,6 +358,61 @@ def inspect_cmd(
 
 @app.command()
 @handle_errors
+def bench(
+    bundles: list[Path] = typer.Argument(..., help="Engine bundle folders (same source for a shared baseline)."),
+    baseline: str = typer.Option("eager,compile", "--baseline", help="Torch baselines: eager, compile, both, or none."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Batch sizes, comma-separated."),
+    dtypes: str = typer.Option("fp32,fp16,bf16", "--eager-dtypes", help="Dtypes of the eager baselines (GPU)."),
+    compile_modes: str = typer.Option("default,reduce-overhead", "--compile-modes", help="torch.compile modes (add max-autotune when time allows)."),
+    runs: int = typer.Option(100, "--runs", help="Timed runs per measurement (at least; see --min-seconds)."),
+    min_seconds: float = typer.Option(1.0, "--min-seconds", help="Keep timing at least this long per measurement."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (ORT intra-op and torch), recorded."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Also time CUDA bundles with CUDA graph replay."),
+    profile: bool = typer.Option(False, "--profile", help="Also record where ORT engines spend their time (per op type)."),
+    output: Path = typer.Option(Path("bench-results.json"), "-o", "--output", help="Results JSON (a PNG plot is written beside it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Latency p50/p90/p99, throughput and memory of engines vs PyTorch eager and torch.compile."""
+    _quiet_libraries()
+    import shlex
+
+    from .bench import BenchOptions, run_bench, save
+
+    base = [b.strip() for b in baseline.split(",") if b.strip() and b.strip() != "none"]
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        from runtimes.errors import UsageError
+
+        raise UsageError(f"Expected --batch as comma-separated integers (e.g. 1,8,32), found '{batch}'.") from None
+    opts = BenchOptions(batches=batches, baselines=base, eager_dtypes=[d.strip() for d in dtypes.split(",") if d.strip()],
+                        compile_modes=[m.strip() for m in compile_modes.split(",") if m.strip()], runs=runs,
+                        min_seconds=min_seconds, threads=threads, cuda_graph=cuda_graph, profile=profile)
+    with stages(not as_json) as say:
+        result = run_bench(list(bundles), opts, say)
+    save(result, output, output.with_suffix(".png"), "enginekit " + shlex.join(sys.argv[1:]))
+    if as_json:
+        return _print_json(result)
+    from rich.table import Table
+
+    con = _console()
+    gpu = (result["environment"].get("gpu") or {}).get("name", "CPU")
+    t = Table(title=f"bench on {gpu} (speedup vs torch eager fp32, same batch)", title_justify="left")
+    for col in ("batch", "variant", "p50 ms", "p90 ms", "p99 ms", "samples/s", "memory MiB", "speedup"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in sorted(result["rows"], key=lambda r: (r["batch"], r["p50_ms"])):
+        t.add_row(str(r["batch"]), r["variant"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                  f"{r['throughput']:.1f}", "–" if r["memory_mib"] is None else f"{r['memory_mib']:.0f}",
+                  "–" if r["speedup"] is None else f"{r['speedup']:.2f}×")
+    con.print(t)
+    for note in result["notes"]:
+        con.print(f"[yellow]note:[/] {note}")
+    con.print(f"results: {output} · plot: {output.with_suffix('.png')}")
+    return None
+
+
+@app.command()
+@handle_errors
 def demo(
     output: Path = typer.Option(Path("engines/all-minilm-l6-v2-ort-fp32"), "-o", "--output", help="Bundle folder (replaced)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),

@@ -236,6 +236,13 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
             build_command=build_command(source_text if spec.kind == "py" else str(spec), options, output, io.dims),
             enginekit_version=__version__,
         )
+        if options.target == "ort" and options.device == "cuda" and _has_cuda_provider():
+            from .tune import tune_cuda
+
+            with _timed(timings, "tune", say, "Choosing CUDA provider options by measurement"):
+                tuning = tune_cuda(bundle, manifest)
+            manifest.target.options["cuda_provider_options"] = tuning["chosen"]
+            manifest.target.options["tuning"] = tuning
         report = _gate(reference, manifest, bundle, lowered.path, cases, options, say, timings)
         culprits = _next_fallback(report, mixed, onnx_path, lowered.path, cases, loaded.io, history, say)
         if not culprits:
@@ -289,6 +296,16 @@ def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, *, low_p
     raise MissingDependency(
         "The TensorRT target is not available in this version of enginekit; build with --target ort."
     )
+
+
+def _has_cuda_provider() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    from runtimes.device import gpu_info
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and gpu_info() is not None
 
 
 def _mixed_options(options: BuildOptions) -> MixedOptions | None:

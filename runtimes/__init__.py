@@ -42,12 +42,14 @@ def load(
     device: str | None = None,
     threads: int | None = None,
     verify: bool = True,
+    cuda_graph: bool = False,
 ) -> Runner:
     """Open an engine bundle and return its Runner.
 
     device: None runs where the bundle was built for ('cpu' or 'cuda'); 'cpu' runs an ORT bundle
     built for CUDA on the CPU provider instead. threads: intra-op threads for CPU (default: ORT's
     choice, one per core). verify: check every file's sha256 against the manifest (default True).
+    cuda_graph: replay a captured CUDA graph per input shape (CUDA bundles; default False).
     Raises IncompatibleEngine, with the command that rebuilds it, for a bundle this machine
     cannot run.
     """
@@ -55,17 +57,18 @@ def load(
     manifest = Manifest.read(path)
     if verify:
         verify_files(path, manifest)
-    return open_runner(path, manifest, device=device, threads=threads)
+    return open_runner(path, manifest, device=device, threads=threads, cuda_graph=cuda_graph)
 
 
-def open_runner(bundle: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None) -> Runner:
+def open_runner(bundle: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None,
+                cuda_graph: bool = False) -> Runner:
     """The backend's Runner for an already-read manifest (the build's gate uses it on the staging
     bundle before the manifest is written). Backends are imported here, on first use."""
     backend = manifest.target.backend
     if backend == "ort":
         from .ort.runner import OrtRunner
 
-        return OrtRunner(Path(bundle), manifest, device=device, threads=threads)
+        return OrtRunner(Path(bundle), manifest, device=device, threads=threads, cuda_graph=cuda_graph)
     raise IncompatibleEngine(
         f"Expected a bundle for backend 'ort' or 'trt', found '{backend}' in {bundle}. This enginekit "
         f"cannot run it; rebuild it with: {manifest.rebuild_command}"

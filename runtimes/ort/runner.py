@@ -1,7 +1,21 @@
-"""Run an ONNX Runtime bundle: CPU provider, or CUDA provider through IO binding."""
+"""Run an ONNX Runtime bundle: the CPU provider, or the CUDA provider through IO binding.
+
+CUDA path (what `enginekit bench` and `enginekit serve` run):
+- inputs and outputs live in device buffers preallocated per input shape and bound once
+  (IO binding); `infer` copies inputs into them and results out, `run_prepared` runs on what is
+  already on the device (a benchmark's device-resident case);
+- `cuda_graph=True` replays a captured CUDA graph per input shape. ORT captures only when every
+  node runs on the GPU, and a dynamic-shape graph keeps shape arithmetic on the CPU, so each
+  shape gets its own session with ORT's free-dimension overrides (the dims become constants and
+  the shape subgraph folds away). Sessions per shape cost device memory: at most `max_graphs`.
+- provider options: the bundle's measured choice (manifest target.options.cuda_provider_options,
+  e.g. cuDNN algorithm search, NHWC for conv nets) plus TF32 off for FP32 bundles, so an FP32
+  engine computes FP32 as its gate assumed.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +32,78 @@ def _major(version: str) -> str:
     return version.split(".")[0]
 
 
+class _Slot:
+    """Device buffers for one set of input shapes, bound once to an IO binding."""
+
+    def __init__(self, ort: Any, session: Any, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype],
+                 outputs: list[str], graph_run_options: Any | None):
+        self.session = session
+        self.binding = session.io_binding()
+        self.inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(shapes[n], dtypes[n], "cuda", 0) for n in shapes}
+        for n, v in self.inputs.items():
+            self.binding.bind_ortvalue_input(n, v)
+        self.outputs = outputs
+        self.run_options = graph_run_options
+        self.bound_outputs = False
+        self.ort = ort
+
+    def load(self, feeds: dict[str, np.ndarray]) -> None:
+        for n, arr in feeds.items():
+            self.inputs[n].update_inplace(np.ascontiguousarray(arr))
+
+    def run(self) -> None:
+        if not self.bound_outputs:
+            # First run: ORT allocates the outputs on the device; keep and rebind those very
+            # buffers so later runs (and a captured CUDA graph) write to fixed addresses.
+            for n in self.outputs:
+                self.binding.bind_output(n, "cuda")
+            self.session.run_with_iobinding(self.binding, self.run_options)
+            values = self.binding.get_outputs()
+            self.binding.clear_binding_outputs()
+            for n, v in zip(self.outputs, values):
+                self.binding.bind_ortvalue_output(n, v)
+            self.out_values = values
+            self.bound_outputs = True
+            if self.run_options is None:
+                return
+        self.session.run_with_iobinding(self.binding, self.run_options)
+
+    def fetch(self) -> dict[str, np.ndarray]:
+        return {n: v.numpy() for n, v in zip(self.outputs, self.out_values)}
+
+
+class _CpuSlot:
+    """The same prepare/run/fetch shape on the CPU provider (inputs are host arrays already)."""
+
+    def __init__(self, session: Any, outputs: list[str]):
+        self.session, self.outputs = session, outputs
+        self.feeds: dict[str, np.ndarray] = {}
+        self.values: list[np.ndarray] = []
+
+    def load(self, feeds: dict[str, np.ndarray]) -> None:
+        self.feeds = feeds
+
+    def run(self) -> None:
+        self.values = self.session.run(self.outputs, self.feeds)
+
+    def fetch(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.values))
+
+
 class OrtRunner(Runner):
     """An `onnxruntime.InferenceSession` over the bundle's model.onnx.
 
     device: None → the bundle's device; 'cpu' may run a CUDA bundle on the CPU provider.
     threads: intra-op threads (None: ORT's default, one per physical core).
+    cuda_graph: replay a captured CUDA graph per input shape (CUDA only).
+    provider_options: extra CUDA provider options, over the bundle's recorded ones.
     """
 
-    def __init__(self, bundle: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None):
+    def __init__(self, bundle: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None,
+                 cuda_graph: bool = False, provider_options: dict[str, Any] | None = None, max_graphs: int = 4):
         super().__init__(bundle, manifest)
         ort = require("onnxruntime", extra="cpu", purpose="Running an ONNX Runtime engine")
+        self.ort = ort
         built_with = str(manifest.target.versions.get("onnxruntime", ""))
         if built_with and _major(built_with) != _major(ort.__version__):
             raise IncompatibleEngine(
@@ -48,49 +124,99 @@ class OrtRunner(Runner):
                 "driver; or run it on the CPU with runtimes.load(bundle, device='cpu'); or rebuild it: "
                 f"{manifest.rebuild_command}"
             )
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        providers: list[Any] = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-        model = self.bundle / manifest.target.engine_files[0]
-        try:
-            self.session = ort.InferenceSession(str(model), so, providers=providers)
-        except Exception as exc:  # ORT's pybind exception types
-            raise IncompatibleEngine(
-                f"Expected ONNX Runtime {ort.__version__} to open {model}, but it failed: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
-                f"Rebuild the bundle with this ONNX Runtime: {manifest.rebuild_command}"
-            ) from None
+        self.threads = threads
+        self.cuda_graph = bool(cuda_graph) and self.device == "cuda"
+        self.max_graphs = max_graphs
+        self.cuda_options: dict[str, Any] = {}
+        if self.device == "cuda":
+            self.cuda_options = {"device_id": 0}
+            if manifest.precision.get("requested", "fp32") == "fp32":
+                self.cuda_options["use_tf32"] = 0
+            self.cuda_options.update(manifest.target.options.get("cuda_provider_options", {}))
+            self.cuda_options.update(provider_options or {})
+        self.model_path = self.bundle / manifest.target.engine_files[0]
+        self.session = self._session()
         graph_inputs = {i.name for i in self.session.get_inputs()}
         declared = {s.name for s in manifest.io.inputs}
         if graph_inputs != declared:
             raise IncompatibleEngine(
                 f"Expected the engine's inputs {sorted(declared)} (from the manifest), found "
-                f"{sorted(graph_inputs)} in {model}. The bundle is inconsistent; rebuild it: "
+                f"{sorted(graph_inputs)} in {self.model_path}. The bundle is inconsistent; rebuild it: "
                 f"{manifest.rebuild_command}"
             )
-        self.threads = threads
         self._output_names = [s.name for s in manifest.io.outputs]
+        self._dtypes = {s.name: np.dtype(s.dtype) for s in manifest.io.inputs if s.dtype != "bfloat16"}
+        self._slots: OrderedDict[tuple[Any, ...], _Slot] = OrderedDict()
+
+    def _session(self, dims: dict[str, int] | None = None, graph: bool = False) -> Any:
+        ort = self.ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+        for name, size in (dims or {}).items():
+            so.add_free_dimension_override_by_name(name, int(size))
+        if self.device == "cuda":
+            options = dict(self.cuda_options, **({"enable_cuda_graph": 1} if graph else {}))
+            providers: list[Any] = [(PROVIDERS["cuda"], {k: str(v) for k, v in options.items()}), PROVIDERS["cpu"]]
+        else:
+            providers = [PROVIDERS["cpu"]]
+        try:
+            return ort.InferenceSession(str(self.model_path), so, providers=providers)
+        except Exception as exc:  # ORT's pybind exception types
+            raise IncompatibleEngine(
+                f"Expected ONNX Runtime {ort.__version__} to open {self.model_path}"
+                f"{' for CUDA graph capture at ' + str(dims) if graph else ''}, but it failed: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
+                f"Rebuild the bundle with this ONNX Runtime: {self.manifest.rebuild_command}"
+            ) from None
 
     @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
+    # -- device-resident execution (CUDA) -------------------------------------------------------------
+    def _slot(self, feeds: dict[str, np.ndarray]) -> _Slot:
+        shapes = {n: tuple(np.shape(a)) for n, a in feeds.items()}
+        key = tuple(sorted(shapes.items()))
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._slots.move_to_end(key)
+            return slot
+        session, run_options = self.session, None
+        if self.cuda_graph:
+            dims = {d: size for s in self.manifest.io.inputs for d, size in zip(s.shape, shapes[s.name]) if isinstance(d, str)}
+            session = self._session(dims, graph=True)
+            run_options = self.ort.RunOptions()
+        dtypes = {n: self._dtypes.get(n, np.asarray(feeds[n]).dtype) for n in feeds}
+        slot = _Slot(self.ort, session, shapes, dtypes, self._output_names, run_options)
+        self._slots[key] = slot
+        while len(self._slots) > (self.max_graphs if self.cuda_graph else 16):
+            self._slots.popitem(last=False)
+        return slot
+
+    def prepare(self, feeds: dict[str, Any]) -> _Slot | _CpuSlot:
+        """Validate `feeds` and place them where the engine reads them (device buffers on CUDA);
+        then run_prepared() runs without host transfers, and slot.fetch() returns the outputs."""
+        arrays = self.validate(feeds)
+        slot: _Slot | _CpuSlot = self._slot(arrays) if self.device == "cuda" else _CpuSlot(self.session, self._output_names)
+        slot.load(arrays)
+        return slot
+
+    def run_prepared(self, slot: _Slot | _CpuSlot) -> None:
+        """One inference on prepared inputs; on CUDA the outputs stay on the device."""
+        slot.run()
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.device == "cpu":
             outs = self.session.run(self._output_names, feeds)
             return dict(zip(self._output_names, outs))
-        # CUDA: IO binding copies inputs once and lets ORT allocate outputs on the device; the
-        # device-resident, CUDA-graph path for benchmarks and serving builds on this.
-        binding = self.session.io_binding()
-        for name, arr in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
-        for name in self._output_names:
-            binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding)
-        return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
+        slot = self._slot(feeds)
+        slot.load(feeds)
+        slot.run()
+        return slot.fetch()
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self._slots.clear()
+        self.session = None

@@ -1,0 +1,43 @@
+"""`enginekit bench` on the CPU: the same inputs for every variant, speedups against torch eager FP32,
+results saved as JSON and PNG. (GPU timings come from the lent GPU, not from tests.)"""
+
+import json
+
+from exporter.bench import BenchOptions, batch_feeds, run_bench, save
+from tests.conftest import run_cli
+
+
+def test_bench_rows_speedups_and_files(bert_bundle, tmp_path):
+    opts = BenchOptions(batches=[1, 2, 64], baselines=["eager"], runs=3, warmup=1, min_seconds=0.0)
+    result = run_bench([bert_bundle], opts)
+    rows = result["rows"]
+    assert {r["variant"] for r in rows} == {"torch eager fp32", "ort-cpu fp32"}
+    assert {r["batch"] for r in rows} == {1, 2}  # 64 is outside the bundle's batch range 1..16: skipped
+    for r in rows:
+        assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert abs(r["throughput"] - r["batch"] * 1000 / r["p50_ms"]) < 0.01 * r["throughput"]
+        assert r["speedup"] is not None
+    assert all(r["speedup"] == 1.0 for r in rows if r["variant"] == "torch eager fp32")
+    out = tmp_path / "b.json"
+    save(result, out, out.with_suffix(".png"), "enginekit bench …")
+    assert json.loads(out.read_text())["command"] == "enginekit bench …"
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_batch_feeds_sets_every_batch_dim(bert_bundle):
+    from runtimes.manifest import Manifest
+
+    io = Manifest.read(bert_bundle).io
+    feeds = batch_feeds(io, 3, 0)
+    assert {k: v.shape for k, v in feeds.items()}["input_ids"] == (3, io.dims["sequence"].opt)
+    assert batch_feeds(io, 17, 0) is None
+
+
+def test_bench_cli(bert_bundle, tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_cli("bench", str(bert_bundle), "--baseline", "eager", "--batch", "1", "--runs", "3",
+                   "--min-seconds", "0", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "ort-cpu fp32" in proc.stdout and out.exists() and out.with_suffix(".png").exists()
+    bad = run_cli("bench", str(bert_bundle), "--batch", "one")
+    assert bad.returncode == 2 and "--batch" in bad.stderr and "Traceback" not in bad.stderr
