@@ -93,7 +93,12 @@ def load_hf(spec: SourceSpec) -> LoadedSource:
     if task == "sentence-embedding":
         model, inner, call = _sentence_transformer(location)
     else:
-        auto_cls = getattr(transformers, TASK_AUTO_CLASS[task])
+        # With no explicit #task, load the class the folder was saved from (e.g. CLIPVisionModelWithProjection,
+        # whose projection head AutoModel would drop); an explicit task picks the task's Auto class.
+        archs = getattr(config, "architectures", None) or []
+        saved_cls = getattr(transformers, archs[0], None) if archs and spec.task is None else None
+        auto_cls = saved_cls if saved_cls is not None and hasattr(saved_cls, "from_pretrained") else \
+            getattr(transformers, TASK_AUTO_CLASS[task])
         try:
             model = auto_cls.from_pretrained(location, dtype=torch.float32).eval()
         except (OSError, ValueError, KeyError) as exc:

@@ -214,6 +214,8 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         onnx_path, exporter_name = loaded.onnx_path, "none (onnx: source)"
         opset, onnx_sha = loaded.info.get("opset"), file_sha256(loaded.onnx_path)
     cases = gate_cases(loaded.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed)
+    if options.device == "cuda" and loaded.module is not None and _torch_cuda():
+        loaded.device = "cuda"
     reference = CachedReference(loaded.reference)
     mixed = _mixed_options(options)
     calibration = _calibration_feeds(loaded, options, cases) if mixed else []
@@ -296,6 +298,14 @@ def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, *, low_p
     raise MissingDependency(
         "The TensorRT target is not available in this version of enginekit; build with --target ort."
     )
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def _has_cuda_provider() -> bool:

@@ -71,11 +71,12 @@ class LoadedSource:
     info: dict[str, Any] = field(default_factory=dict)  # task, family, class: recorded in the manifest
     tokenizer_dir: Path | None = None  # where text data is tokenized from
     hf_model: Any | None = None  # the PreTrainedModel, for transformers' own exporter
+    device: str = "cpu"  # where the torch reference runs ("cuda" for GPU builds: strict FP32, no TF32)
 
     def reference(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """FP32 reference outputs for `feeds`: the torch module, or ORT on the source ONNX."""
         if self.module is not None:
-            return run_torch(self.module, self.io, feeds)
+            return run_torch(self.module, self.io, feeds, device=self.device)
         from runtimes._deps import require
 
         ort = require("onnxruntime", extra="cpu", purpose="The reference run of an onnx: source")
@@ -88,14 +89,26 @@ class LoadedSource:
         return dict(zip(names, self._ref_session.run(names, dict(feeds))))
 
 
-def run_torch(module: Any, io: IOSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_torch(module: Any, io: IOSpec, feeds: Mapping[str, np.ndarray], device: str = "cpu") -> dict[str, np.ndarray]:
     import torch
 
-    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in io.inputs)
-    with torch.inference_mode():
-        outs = module(*args)
+    dtypes = {s.name: s.dtype for s in io.inputs}
+    # The reference is FP32 whatever the engine takes (native FP16 I/O casts back here).
+    args = tuple(torch.from_numpy(np.ascontiguousarray(np.asarray(feeds[n]).astype(np.float32)
+                                                       if np.asarray(feeds[n]).dtype.kind == "f" else feeds[n]))
+                 for n in dtypes)
+    if device == "cuda":
+        module.to("cuda")
+        args = tuple(a.to("cuda") for a in args)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # strict FP32 reference
+    try:
+        with torch.inference_mode():
+            outs = module(*args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     names = module.output_names
-    return {n: o.detach().float().numpy() if o.dtype == torch.bfloat16 else o.detach().numpy() for n, o in zip(names, outs)}
+    return {n: (o.detach().float() if o.dtype == torch.bfloat16 else o.detach()).cpu().numpy() for n, o in zip(names, outs)}
 
 
 def named_outputs(out: Any, prefix: str = "output") -> dict[str, Any]:
