@@ -2,8 +2,8 @@
 levels with a real HTTP client, and report throughput, latency percentiles and the batch sizes the
 service formed (from its own /metrics).
 
-    python bench/loadtest.py engines/all-minilm-l6-v2-ort-fp32 --concurrency 1,8,32 --requests 2000 \\
-        --out bench/results/serve_cpu
+    python bench/loadtest.py engines/all-minilm-l6-v2-ort-fp32 --concurrency 1,8,32 --requests 1000 \\
+        --max-batch auto,1 --out bench/results/serve_cpu
 
 Requests are one row each at the sequence lengths of --seq (random token ids from the manifest's value
 hints), JSON or .npz (--format), asking for the smallest output only (?outputs=) so the client's own
@@ -195,7 +195,9 @@ def machine() -> dict[str, Any]:
     import onnxruntime
 
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            # other work on the machine moves these numbers: the 1-minute load average when the run began
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -206,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seq", default="16,32", help="sequence lengths the requests cycle through")
     ap.add_argument("--format", choices=("json", "npz"), default="json")
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
+    ap.add_argument("--max-batch", default="auto", help="comma-separated; one server run each ('auto': the engine's max, "
+                    "1: no batching)")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads in the server")
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
@@ -226,21 +230,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     requests = [make_request(manifest.name, generate_feeds(io_spec, {**sizes, **({seq_dim: L} if seq_dim else {})},
                                                            seed=i), args.format, [smallest])
                 for i, L in enumerate(seqs * 8)]
-    server_cmd = [sys.executable, "-m", "exporter", "serve", str(args.bundle), "--port", "0",
-                  "--max-delay-ms", str(args.max_delay_ms)] + (["--threads", str(args.threads)] if args.threads else [])
-    levels = []
-    with serve_process(server_cmd) as server:
-        run_load(server.url, requests, total=100, concurrency=4)  # warm the client and the server's caches
-        for c in (int(x) for x in args.concurrency.split(",")):
-            before = scrape(server.url)
-            result = run_load(server.url, requests, total=args.requests, concurrency=c)
-            level = {"concurrency": c, **result.summary(), **batch_stats(before, scrape(server.url), manifest.name)}
-            levels.append(level)
-            print(json.dumps(level), flush=True)
-    report = {"command": shlex.join(["python", "bench/loadtest.py", *(argv or sys.argv[1:])]),
-              "server": shlex.join(["enginekit", *server_cmd[3:]]), "bundle": manifest.name,
+    runs, host = [], machine()  # before the load, for its load average
+    for max_batch in args.max_batch.split(","):
+        server_cmd = [sys.executable, "-m", "exporter", "serve", str(args.bundle), "--port", "0",
+                      "--max-delay-ms", str(args.max_delay_ms)]
+        server_cmd += (["--max-batch", max_batch] if max_batch != "auto" else []) + \
+            (["--threads", str(args.threads)] if args.threads else [])
+        levels = []
+        with serve_process(server_cmd) as server:
+            run_load(server.url, requests, total=100, concurrency=4)  # warm the client and the server's caches
+            for c in (int(x) for x in args.concurrency.split(",")):
+                before = scrape(server.url)
+                result = run_load(server.url, requests, total=args.requests, concurrency=c)
+                level = {"concurrency": c, **result.summary(), **batch_stats(before, scrape(server.url), manifest.name)}
+                levels.append(level)
+                print(json.dumps({"max_batch": max_batch, **level}), flush=True)
+        runs.append({"server": shlex.join(["enginekit", *server_cmd[3:]]), "max_batch": max_batch, "levels": levels})
+    report = {"command": shlex.join(["python", "bench/loadtest.py", *(argv or sys.argv[1:])]), "bundle": manifest.name,
+              "bundle_built_by": manifest.rebuild_command,
               "inputs": f"1 row per request, {seq_dim} in {seqs}, {args.format}, ?outputs={smallest}",
-              "machine": machine(), "levels": levels}
+              "machine": host, "runs": runs}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -249,15 +258,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def to_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    rows = "\n".join(f"| {lv['concurrency']} | {lv['requests']} | {lv['failed']} | {lv['throughput_rps']} | {lv['p50_ms']} | "
-                     f"{lv['p99_ms']} | {lv['mean_batch_rows']} |" for lv in report["levels"])
-    return (f"# enginekit serve on the CPU: {report['bundle']}\n\n"
-            f"Produced by `{report['command']}`, which starts `{report['server']}` on 127.0.0.1 and drives it with\n"
-            f"httpx clients in the same machine ({report['inputs']}).\n\n"
+    text = (f"# enginekit serve on the CPU: {report['bundle']}\n\n"
+            f"Produced by `{report['command']}`. It starts the server below on 127.0.0.1 and drives it with httpx\n"
+            f"clients on the same machine ({report['inputs']}). The bundle was built by `{report['bundle_built_by']}`.\n\n"
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
-            f"onnxruntime {m['onnxruntime']}. The load generator shares the cores with the server.\n\n"
-            "| clients | requests | failed | throughput (req/s) | p50 (ms) | p99 (ms) | mean rows per engine run |\n"
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + rows + "\n")
+            f"onnxruntime {m['onnxruntime']}; 1-minute load average {m['load_average_1min']} when it began. The load\n"
+            "generator shares the cores with the server.\n")
+    for run in report["runs"]:
+        rows = "\n".join(f"| {lv['concurrency']} | {lv['requests']} | {lv['failed']} | {lv['throughput_rps']} | "
+                         f"{lv['p50_ms']} | {lv['p99_ms']} | {lv['mean_batch_rows']} |" for lv in run["levels"])
+        text += (f"\n`{run['server']}`\n\n"
+                 "| clients | requests | failed | throughput (req/s) | p50 (ms) | p99 (ms) | mean rows per engine run |\n"
+                 "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + rows + "\n")
+    return text
 
 
 if __name__ == "__main__":
