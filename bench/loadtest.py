@@ -105,7 +105,7 @@ def make_request(model: str, feeds: dict[str, np.ndarray], fmt: str = "json", ou
     query = f"?outputs={','.join(outputs)}" if outputs else ""
     if fmt == "npz":
         buf = io.BytesIO()
-        np.savez(buf, **feeds)
+        np.savez(buf, **feeds)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
         return Request(f"/v2/models/{model}/infer{query}", buf.getvalue(), "application/x-npz")
     body = json.dumps({"inputs": {k: v.tolist() for k, v in feeds.items()}}).encode()
     return Request(f"/v2/models/{model}/infer{query}", body, "application/json")
@@ -192,7 +192,7 @@ def batch_stats(before: dict[str, float], after: dict[str, float], model: str) -
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    import onnxruntime
+    import onnxruntime  # type: ignore[import-untyped]
 
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,

@@ -137,7 +137,7 @@ def parse_config(text: str) -> Any:
     schema = model_config_schema()
     if schema is None:
         return None
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # type: ignore[import-untyped]
 
     try:
         return text_format.Parse(text, schema.ModelConfig())

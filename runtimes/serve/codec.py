@@ -147,7 +147,7 @@ def _check_declared_size(f: Any, member: zipfile.ZipInfo) -> None:
 def encode_outputs(model: str, outputs: Mapping[str, np.ndarray], kind: str) -> bytes:
     if kind == NPZ:
         buf = io.BytesIO()
-        np.savez(buf, **outputs)
+        np.savez(buf, **outputs)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
         return buf.getvalue()
     return json.dumps({"model": model, "outputs": {k: v.tolist() for k, v in outputs.items()}}).encode()
 

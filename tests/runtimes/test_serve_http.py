@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
+import subprocess
 import sys
 import textwrap
 import threading
@@ -28,6 +30,7 @@ from bench.loadtest import (
     serve_process,
 )
 from runtimes.samples import generate_feeds
+from tests.conftest import ROOT
 from tests.runtimes.test_thin import HEAVY
 
 httpx = pytest.importorskip("httpx")
@@ -42,9 +45,18 @@ def runner(bert_bundle):
         yield r
 
 
+def renamed_copy(bundle: Path, dst: Path, name: str) -> Path:
+    shutil.copytree(bundle, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
+    return dst
+
+
 @pytest.fixture(scope="module")
-def server(bert_bundle):
-    with serve_process([ENGINEKIT, "serve", str(bert_bundle), "--port", "0", "--max-delay-ms", "5",
+def server(bert_bundle, tmp_path_factory):
+    """The CLI's server on two bundles: the tiny BERT, and a copy of it named 'bert-copy'."""
+    copy = renamed_copy(bert_bundle, tmp_path_factory.mktemp("serve") / "copy", "bert-copy")
+    with serve_process([ENGINEKIT, "serve", str(bert_bundle), str(copy), "--port", "0", "--max-delay-ms", "5",
                         "--max-body-mb", "1"]) as s:
         yield s
 
@@ -65,15 +77,15 @@ def expect_outputs(want: dict[str, np.ndarray], response) -> str | None:
 
 def test_health_metadata_and_errors_for_routes(server):
     assert httpx.get(f"{server.url}/v2/health/live").json() == {"live": True}
-    assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True, "models": ["bert"]}
+    assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True, "models": ["bert", "bert-copy"]}
     meta = httpx.get(f"{server.url}/v2/models/bert").json()
     assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     assert meta["outputs"][0] == {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "sequence", 32]}
     assert meta["dims"]["batch"] == {"min": 1, "opt": 4, "max": 16}
     assert meta["batching"]["dim"] == "batch" and meta["batching"]["max_batch"] == 16
-    assert httpx.get(f"{server.url}/v2/models").json()["models"][0]["name"] == "bert"
+    assert [m["name"] for m in httpx.get(f"{server.url}/v2/models").json()["models"]] == ["bert", "bert-copy"]
     missing = httpx.get(f"{server.url}/v2/models/nope")
-    assert missing.status_code == 404 and "served models ['bert']" in missing.json()["error"]
+    assert missing.status_code == 404 and "served models ['bert', 'bert-copy']" in missing.json()["error"]
     assert httpx.get(f"{server.url}/v2/models/bert/infer").status_code == 405
     assert httpx.get(f"{server.url}/nowhere").status_code == 404
 
@@ -90,8 +102,8 @@ def test_json_and_npz_answers_equal_direct_runtime_calls(server, runner):
     for i, (batch, seq) in enumerate([(1, 5), (3, 64), (16, 1)]):
         f = feeds(runner, batch, seq, seed=i)
         want = runner.infer(f)
-        for fmt in ("json", "npz"):
-            req = make_request("bert", f, fmt)
+        for fmt, model in (("json", "bert"), ("npz", "bert"), ("json", "bert-copy")):
+            req = make_request(model, f, fmt)
             r = httpx.post(server.url + req.path, content=req.body, headers={"content-type": req.content_type})
             assert expect_outputs(want, r) is None, (fmt, batch, seq, r.text[:300])
             assert r.headers["content-type"].startswith(req.content_type)
@@ -238,3 +250,13 @@ def test_cli_refuses_what_it_cannot_serve(bert_bundle, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("serve", str(bert_bundle), "--port", "0", "--max-batch", "64", timeout=120)
     assert proc.returncode == 2 and "--max-batch between 1 and 16" in proc.stderr
+    proc = run_cli("serve", str(bert_bundle), str(renamed_copy(bert_bundle, tmp_path / "same", "bert")), timeout=120)
+    assert proc.returncode == 2 and "two bundles are named 'bert'" in proc.stderr
+
+
+def test_importing_the_service_needs_none_of_its_server_packages():
+    """`import runtimes.serve` (e.g. for the batcher alone) loads no HTTP stack; create_app/run_server do."""
+    code = ("import sys, runtimes.serve; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('starlette', 'uvicorn', 'prometheus_client', 'onnxruntime', 'torch')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
