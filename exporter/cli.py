@@ -373,7 +373,7 @@ def serve(
     max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests per model before answering 503."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (413 above it)."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
-    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads per engine (default: ORT's choice)."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads per engine (default: ORT's, one per core; 1 serves better on a small shared CPU)."),
 ) -> None:
     """Serve bundles over HTTP with dynamic batching, health, metadata and Prometheus metrics (no torch)."""
     from runtimes.serve import ServeConfig, run_server

@@ -260,3 +260,27 @@ def test_importing_the_service_needs_none_of_its_server_packages():
             "('starlette', 'uvicorn', 'prometheus_client', 'onnxruntime', 'torch')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_not_ready_until_warm_up_is_done(bert_bundle):
+    """In-process (Starlette's TestClient runs the lifespan): /ready and /infer answer 503 while warming up."""
+    from starlette.testclient import TestClient
+
+    from runtimes.serve import Metrics, ServeConfig, create_app, load_models
+
+    config, metrics = ServeConfig(), Metrics()
+    [model] = load_models([bert_bundle], config, metrics)
+    release = threading.Event()
+    model.warm_up = lambda: release.wait(20)  # type: ignore[method-assign]
+    req = make_request("bert", generate_feeds(model.runner.manifest.io, "min"), "json")
+    with TestClient(create_app([model], metrics, config)) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        not_ready = client.get("/v2/health/ready")
+        assert not_ready.status_code == 503 and not_ready.json()["reason"] == "warming up"
+        early = client.post(req.path, content=req.body, headers={"content-type": req.content_type})
+        assert early.status_code == 503 and "warming up" in early.json()["error"]
+        release.set()
+        deadline = time.monotonic() + 20
+        while client.get("/v2/health/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.post(req.path, content=req.body, headers={"content-type": req.content_type}).status_code == 200
