@@ -458,6 +458,53 @@ def demo(
     return None
 
 
+@app.command()
+@handle_errors
+def serve(
+    bundles: list[Path] = typer.Argument(..., help="One or more engine bundle folders (model names must differ)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port; the ready line says which)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Rows per engine run (default: the engine's max batch)."),
+    max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for batch-mates."),
+    max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests per model before answering 503."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (413 above it)."),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads per engine (default: ORT's, one per core; 1 serves better on a small shared CPU)."),
+) -> None:
+    """Serve bundles over HTTP with dynamic batching, health, metadata and Prometheus metrics (no torch)."""
+    from runtimes.serve import ServeConfig, run_server
+
+    run_server(bundles, host=host, port=port, config=ServeConfig(
+        max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)),
+        device=device, threads=threads))
+
+
+@app.command()
+@handle_errors
+def triton(
+    bundle: Path = typer.Argument(..., help="An engine bundle folder."),
+    repo: Path = typer.Option(..., "--repo", help="Triton model repository folder (created if missing)."),
+    name: str | None = typer.Option(None, "--name", help="Model name in the repository (default: the bundle's)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine's max batch)."),
+    max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="Dynamic batching queue delay."),
+    instances: int = typer.Option(1, "--instances", help="Model instances (instance_group count)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Write a Triton Inference Server model (config.pbtxt + 1/model.onnx or model.plan) for scale-out."""
+    from .triton import TritonOptions, export_triton
+
+    result = export_triton(bundle, repo, TritonOptions(name=name, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                                                       instances=instances, force=force))
+    if as_json:
+        return _print_json(result)
+    con = _console()
+    con.print(f"wrote [bold]{result['model_dir']}[/] ({result['platform']}, max_batch_size {result['max_batch_size']})")
+    for note in result["notes"]:
+        con.print(f"[dim]note: {note}[/]")
+    return None
+
+
 def main() -> None:
     """Console-script entry point (`enginekit`, `python -m exporter`)."""
     app(prog_name="enginekit")

@@ -23,9 +23,13 @@ import numpy as np
 
 from .._deps import require
 from ..base import Runner
-from ..errors import IncompatibleEngine
+from ..errors import IncompatibleEngine, InvalidInput
 from ..manifest import Manifest
 from .build import PROVIDERS
+
+
+class _NeverRaised(Exception):
+    """Stands in for ORT's InvalidArgument where an onnxruntime build lacks it."""
 
 
 def _major(version: str) -> str:
@@ -144,6 +148,9 @@ class OrtRunner(Runner):
                 f"{sorted(graph_inputs)} in {self.model_path}. The bundle is inconsistent; rebuild it: "
                 f"{manifest.rebuild_command}"
             )
+        # ORT's exception for argument values it refuses (status INVALID_ARGUMENT)
+        self._invalid_argument: type[Exception] = getattr(
+            getattr(ort.capi, "onnxruntime_pybind11_state", None), "InvalidArgument", _NeverRaised)
         self._output_names = [s.name for s in manifest.io.outputs]
         self._dtypes = {s.name: np.dtype(s.dtype) for s in manifest.io.inputs if s.dtype != "bfloat16"}
         self._slots: OrderedDict[tuple[Any, ...], _Slot] = OrderedDict()
@@ -209,6 +216,18 @@ class OrtRunner(Runner):
         slot.run()
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._run(feeds)
+        except self._invalid_argument as exc:
+            # Names, dtypes and shapes were validated; what ORT still refuses is the values, e.g. a
+            # Gather index (token id) beyond the embedding table. That is the caller's to fix.
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidInput(
+                f"Expected input values engine '{self.manifest.name}' accepts, but ONNX Runtime refused them: "
+                f"{first[:400]}. Check the values' ranges (e.g. token ids below the vocabulary size)."
+            ) from None
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.device == "cpu":
             outs = self.session.run(self._output_names, feeds)
             return dict(zip(self._output_names, outs))

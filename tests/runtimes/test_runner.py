@@ -110,3 +110,12 @@ def test_threads_setting_is_applied(bert_bundle):
     with runtimes.load(bert_bundle, threads=1) as r:
         assert r.threads == 1
         assert r.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_values_the_engine_refuses_are_invalid_input(bert_bundle):
+    """A token id beyond the vocabulary passes the shape checks; ORT's refusal comes back as InvalidInput."""
+    with runtimes.load(bert_bundle) as r:
+        feeds = generate_feeds(r.manifest.io, "min")
+        feeds["input_ids"] = feeds["input_ids"] + 10_000
+        with pytest.raises(InvalidInput, match="ONNX Runtime refused them: .*Gather"):
+            r.infer(feeds)

@@ -1,0 +1,359 @@
+"""The HTTP service: Starlette routes over one DynamicBatcher per loaded bundle, served by uvicorn.
+
+Why Starlette on uvicorn: Starlette is the small ASGI toolkit that FastAPI itself is built on, and
+this service needs none of FastAPI's pydantic models (inputs are checked against the manifest by
+Runner.validate, the one source of truth, and .npz bodies are not JSON schemas anyway). uvicorn is
+the reference ASGI server: on SIGTERM/SIGINT it stops accepting connections, lets requests in flight
+finish (up to `graceful_timeout_s`), then runs the app's shutdown, which drains the batchers. With
+httptools and uvloop installed (the `serve` extra) it uses them.
+
+Endpoints (the paths follow the KServe v2 / Triton HTTP layout, so moving to Triton keeps the URLs):
+
+    GET  /v2/health/live            200 while the process runs
+    GET  /v2/health/ready           200 once every model is loaded and warmed up, else 503
+    GET  /v2/models                 metadata of every model
+    GET  /v2/models/{name}          one model: inputs, outputs, dims, batching, precision, parity
+    POST /v2/models/{name}/infer    JSON or .npz body (see codec.py); ?outputs=a,b selects outputs
+    GET  /metrics                   Prometheus text format
+
+Status codes: 400 unreadable body, 404 unknown model, 413 body too large, 415 other content type,
+422 inputs that do not fit the engine (Runner.validate's message), 503 warming up / queue full /
+shutting down, 500 only for bugs. Every error body is {"error": "<one paragraph>"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._deps import require
+from ..base import Runner
+from ..errors import EnginekitError, InvalidInput, UsageError
+from ..manifest import IOSpec
+from ..samples import SHAPE_POINTS, generate_feeds
+from .batching import DynamicBatcher, Overloaded
+from .codec import RequestError, decode_inputs, encode_outputs, response_kind
+
+log = logging.getLogger("enginekit.serve")
+STATUS_KIND = {400: "bad_request", 404: "unknown_model", 413: "too_large", 415: "unsupported_media_type",
+               422: "invalid_input", 503: "unavailable", 500: "internal"}
+
+
+@dataclass
+class ServeConfig:
+    """Defaults: batches up to the engine's max batch, 2 ms delay budget, 1,024 queued requests per
+    model, 64 MiB bodies, 30 s for in-flight requests at shutdown, the bundle's own device."""
+
+    max_batch: int | None = None
+    max_delay_ms: float = 2.0
+    max_queue: int = 1024
+    max_body_bytes: int = 64 << 20
+    graceful_timeout_s: float = 30.0
+    device: str | None = None
+    threads: int | None = None
+    warmup: bool = True
+
+
+def batch_dim(io: IOSpec) -> str | None:
+    """The named dim at axis 0 of every input and output: the axis requests can be stacked along."""
+    firsts = {s.shape[0] if s.shape else None for s in io.inputs + io.outputs}
+    name = firsts.pop() if len(firsts) == 1 else None
+    return name if isinstance(name, str) and name in io.dims else None
+
+
+class ModelService:
+    """One bundle as served: its runner, a one-thread executor (engine runs never overlap) and its batcher."""
+
+    def __init__(self, runner: Runner, config: ServeConfig, on_batch: Callable[[str, int, int, float], None]):
+        self.runner = runner
+        self.name = runner.manifest.name
+        io = runner.manifest.io
+        self.batch_dim = batch_dim(io)
+        engine_max = io.dims[self.batch_dim].max if self.batch_dim else 1
+        if config.max_batch is not None and not 1 <= config.max_batch <= engine_max:
+            raise UsageError(
+                f"Expected --max-batch between 1 and {engine_max} for '{self.name}' (its built "
+                f"{'range of ' + repr(self.batch_dim) if self.batch_dim else 'static batch'}), found "
+                f"{config.max_batch}. Lower it, or rebuild with a wider range (--shapes batch=MIN:OPT:MAX)."
+            )
+        if config.max_delay_ms < 0:
+            raise UsageError(f"Expected --max-delay-ms >= 0, found {config.max_delay_ms}.")
+        self.max_batch = config.max_batch or engine_max
+        self.max_delay_ms = config.max_delay_ms
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.name}")
+        self.batcher = DynamicBatcher(
+            runner.infer, max_batch=self.max_batch, max_delay_s=config.max_delay_ms / 1000,
+            batched=self.batch_dim is not None, max_queue=config.max_queue, executor=self.executor,
+            on_batch=lambda rows, reqs, secs: on_batch(self.name, rows, reqs, secs),
+        )
+
+    def warm_up(self) -> None:
+        """One run at the min, opt and max shapes: first-run allocations happen here, not in a request."""
+        for point in SHAPE_POINTS:
+            self.runner.infer(generate_feeds(self.runner.manifest.io, point, seed=0))
+
+    def metadata(self) -> dict[str, Any]:
+        m = self.runner.manifest
+        return {
+            "name": self.name,
+            "platform": f"enginekit-{m.target.backend}-{m.target.device}",
+            "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in m.io.inputs],
+            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in m.io.outputs],
+            "dims": {k: {"min": v.min, "opt": v.opt, "max": v.max} for k, v in m.io.dims.items()},
+            "batching": {"dim": self.batch_dim, "max_batch": self.batcher.max_batch, "max_delay_ms": self.max_delay_ms,
+                         "policy": "requests with equal non-batch shapes share an engine run"},
+            "precision": m.precision, "source": m.source.get("spec"),
+            "parity": (m.parity or {}).get("status"), "enginekit_version": m.enginekit_version,
+            "created_at": m.created_at,
+        }
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.runner.close()
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own, so several apps can live in one process."""
+
+    def __init__(self) -> None:
+        prom = require("prometheus_client", extra="serve", purpose="The service's /metrics endpoint")
+        self.prom = prom
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.requests = prom.Counter("enginekit_requests", "Inference requests by model and HTTP status.",
+                                     ["model", "code"], registry=r)
+        self.errors = prom.Counter("enginekit_errors", "Failed inference requests by model and kind.",
+                                   ["model", "kind"], registry=r)
+        self.latency = prom.Histogram("enginekit_request_latency_seconds", "Inference request latency, body read "
+                                      "to response.", ["model"], registry=r,
+                                      buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch_size = prom.Histogram("enginekit_batch_size", "Rows per engine run.", ["model"], registry=r,
+                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batch_requests = prom.Histogram("enginekit_batch_requests", "Requests per engine run.", ["model"],
+                                             registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.engine_seconds = prom.Histogram("enginekit_engine_seconds", "Engine run time per batch.", ["model"],
+                                             registry=r, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
+        self.inflight = prom.Gauge("enginekit_inflight_requests", "Inference requests being handled.", ["model"],
+                                   registry=r)
+
+    def on_batch(self, model: str, rows: int, requests: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(rows)
+        self.batch_requests.labels(model).observe(requests)
+        self.engine_seconds.labels(model).observe(seconds)
+
+
+def load_models(bundles: Sequence[str | os.PathLike[str]], config: ServeConfig, metrics: Metrics) -> list[ModelService]:
+    """Load every bundle with the thin runtime (sha256 and version checks included); names must be unique."""
+    from .. import load
+
+    services: list[ModelService] = []
+    for bundle in bundles:
+        service = ModelService(load(bundle, device=config.device, threads=config.threads), config, metrics.on_batch)
+        if any(s.name == service.name for s in services):
+            raise UsageError(
+                f"Expected distinct model names, but two bundles are named '{service.name}' ({bundle} and an "
+                "earlier one). Serve them from separate processes, or rebuild one with another -o name."
+            )
+        services.append(service)
+    return services
+
+
+def create_app(models: Sequence[ModelService], metrics: Metrics, config: ServeConfig,
+               on_ready: Callable[[], Awaitable[None]] | None = None) -> Any:
+    """The Starlette app serving `models`; warm-up runs in the background and flips readiness."""
+    require("starlette", extra="serve", purpose="enginekit serve")
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    by_name = {m.name: m for m in models}
+    state: dict[str, Any] = {"ready": False, "reason": "warming up"}
+
+    def reply(data: Any, status: int = 200, **headers: str) -> Response:
+        return Response(json.dumps(data), status, media_type="application/json", headers=headers or None)
+
+    async def warm_up() -> None:
+        try:
+            if config.warmup:
+                loop = asyncio.get_running_loop()
+                for m in models:
+                    await loop.run_in_executor(m.executor, m.warm_up)
+            state.update(ready=True, reason="")
+            log.info("ready: %s", ", ".join(by_name))
+            if on_ready is not None:
+                await on_ready()
+        except Exception as exc:  # stay up, not ready, and say why on /v2/health/ready
+            state["reason"] = f"warm-up failed: {exc}"
+            log.exception("warm-up failed")
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        for m in models:
+            m.batcher.start()
+        warming = asyncio.get_running_loop().create_task(warm_up())
+        yield
+        # uvicorn calls this after the requests in flight have finished; drain whatever is queued.
+        state.update(ready=False, reason="shutting down")
+        await warming
+        for m in models:
+            await m.batcher.close()
+            m.close()
+
+    async def live(_request: Request) -> Response:
+        return reply({"live": True})
+
+    async def ready(_request: Request) -> Response:
+        if state["ready"]:
+            return reply({"ready": True, "models": list(by_name)})
+        return reply({"ready": False, "reason": state["reason"]}, 503)
+
+    async def list_models(_request: Request) -> Response:
+        return reply({"models": [m.metadata() for m in models]})
+
+    async def model_metadata(request: Request) -> Response:
+        return reply(_find(by_name, request.path_params["name"]).metadata())
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        return Response(metrics.prom.generate_latest(metrics.registry), media_type=metrics.prom.CONTENT_TYPE_LATEST)
+
+    async def infer(request: Request) -> Response:
+        t0 = time.perf_counter()
+        name = request.path_params["name"]
+        label = name if name in by_name else "unknown"  # no label per arbitrary URL: bounded cardinality
+        metrics.inflight.labels(label).inc()
+        try:
+            response = await _infer(request, name)
+        except Exception as exc:  # every failure becomes an HTTP answer; the process stays up
+            status = _status_of(exc)
+            if status == 500:
+                log.exception("inference on '%s' failed", name)
+            metrics.errors.labels(label, STATUS_KIND.get(status, str(status))).inc()
+            response = reply({"error": str(exc)}, status, **({"Connection": "close"} if status == 413 else {}))
+        finally:
+            metrics.inflight.labels(label).dec()
+        metrics.requests.labels(label, str(response.status_code)).inc()
+        metrics.latency.labels(label).observe(time.perf_counter() - t0)
+        return response
+
+    async def _infer(request: Request, name: str) -> Response:
+        model = _find(by_name, name)
+        if not state["ready"]:
+            raise Overloaded(f"Expected a ready service, but it is {state['reason']}. Poll /v2/health/ready.")
+        body = await _read_body(request, config.max_body_bytes)
+        content_type = request.headers.get("content-type")
+        feeds = model.runner.validate(decode_inputs(body, content_type, model.runner.input_specs(),
+                                                    limit=config.max_body_bytes))
+        wanted = _wanted_outputs(model, request.query_params.get("outputs"))
+        outputs = await model.batcher.submit(feeds)
+        kind = response_kind(request.headers.get("accept"), content_type)
+        return Response(encode_outputs(name, {k: outputs[k] for k in wanted}, kind), media_type=kind)
+
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        return reply({"error": getattr(exc, "detail", str(exc))}, getattr(exc, "status_code", 500))
+
+    async def user_error(_request: Request, exc: Exception) -> Response:  # outside /infer, e.g. unknown model
+        return reply({"error": str(exc)}, _status_of(exc))
+
+    return Starlette(
+        routes=[
+            Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+            Route("/v2/models", list_models), Route("/v2/models/{name}", model_metadata),
+            Route("/v2/models/{name}/infer", infer, methods=["POST"]), Route("/metrics", metrics_endpoint),
+        ],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, EnginekitError: user_error},
+    )
+
+
+def _find(by_name: dict[str, ModelService], name: str) -> ModelService:
+    if name not in by_name:
+        raise RequestError(f"Expected one of the served models {sorted(by_name)}, found '{name[:100]}'. "
+                           "GET /v2/models lists them.", status=404)
+    return by_name[name]
+
+
+def _wanted_outputs(model: ModelService, param: str | None) -> list[str]:
+    names = [s.name for s in model.runner.output_specs()]
+    if not param:
+        return names
+    wanted = [w.strip() for w in param.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise InvalidInput(f"Expected ?outputs= to name outputs of '{model.name}' ({', '.join(names)}), found "
+                           f"{unknown}.")
+    return wanted
+
+
+async def _read_body(request: Any, limit: int) -> bytes:
+    """The body; 413 when it exceeds `limit`. An oversized body is still read (and dropped) up to 8x the
+    limit, because closing a socket with unread data makes the kernel reset the connection, and the
+    client would see a broken connection instead of the 413; beyond that it is cut off."""
+    too_large = RequestError(f"Expected a request body of at most {limit} bytes, but it is larger. Split the "
+                             "batch into smaller requests, or start the service with a larger --max-body-mb.",
+                             status=413)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > 8 * limit:
+        raise too_large
+    body = bytearray()
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen <= limit:
+            body += chunk
+        elif seen > 8 * limit:
+            break
+    if seen > limit:
+        raise too_large
+    return bytes(body)
+
+
+def _status_of(exc: Exception) -> int:
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, InvalidInput):
+        return 422
+    if isinstance(exc, Overloaded):
+        return 503
+    if isinstance(exc, EnginekitError):
+        return 400
+    return 500
+
+
+def run_server(bundles: Sequence[str | os.PathLike[str]], *, host: str = "127.0.0.1", port: int = 8000,
+               config: ServeConfig | None = None, log_level: str = "info") -> None:
+    """Load the bundles (errors surface here, before anything binds), then serve until SIGTERM/SIGINT.
+
+    Prints one line `enginekit serve: ready on http://HOST:PORT (models)` once warmed up; with
+    port 0 the system picks a free port and the line says which.
+    """
+    uvicorn = require("uvicorn", extra="serve", purpose="enginekit serve")
+    config = config or ServeConfig()
+    metrics = Metrics()
+    models = load_models([Path(b) for b in bundles], config, metrics)
+    server: Any = None
+
+    async def announce() -> None:
+        while not server.started:  # warm-up can finish before uvicorn has bound its socket
+            await asyncio.sleep(0.01)
+        bound_host, bound_port = server.servers[0].sockets[0].getsockname()[:2]
+        print(f"enginekit serve: ready on http://{bound_host}:{bound_port} ({', '.join(m.name for m in models)})",
+              flush=True)
+
+    app = create_app(models, metrics, config, on_ready=announce)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                           timeout_graceful_shutdown=config.graceful_timeout_s))
+    server.run()
+
+
+__all__ = ["Metrics", "ModelService", "ServeConfig", "batch_dim", "create_app", "load_models", "run_server"]

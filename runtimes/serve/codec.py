@@ -1,0 +1,162 @@
+"""Request bodies to feed dicts and outputs to response bodies: JSON and .npz (numpy only).
+
+JSON   `{"inputs": {"input_ids": [[101, 2023, 102]], "attention_mask": [[1, 1, 1]], ...}}`; JSON has no
+       dtypes, so numbers take the input's dtype from the manifest: integers fit any numeric input,
+       fractions only float inputs, true/false only bool inputs. Responses are
+       `{"model": NAME, "outputs": {NAME: nested lists}}`; float32 values survive the round trip exactly.
+.npz   `application/x-npz`: numpy's own container (np.savez), one array per input name, with exact
+       dtypes and shapes and no text conversion: the format for large tensors. It is a zip file, so
+       the sizes its members declare are checked against the body limit before anything is
+       unpacked, and pickled object arrays are refused (allow_pickle=False).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import EnginekitError, InvalidInput
+from ..manifest import TensorSpec
+
+JSON = "application/json"
+NPZ = "application/x-npz"
+
+
+class RequestError(EnginekitError):
+    """A request the service cannot read; `status` is the HTTP status it answers with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def media_type(header: str | None) -> str:
+    return (header or "").split(";")[0].strip().lower()
+
+
+def decode_inputs(body: bytes, content_type: str | None, specs: list[TensorSpec], *, limit: int) -> dict[str, Any]:
+    """Feeds from a request body (JSON or .npz); RequestError when the body cannot be read.
+
+    Names, ranks and shapes are not checked here: Runner.validate does that, in one message."""
+    kind = media_type(content_type)
+    if kind in (NPZ, "application/octet-stream"):
+        return _decode_npz(body, limit)
+    if kind in (JSON, ""):
+        return _decode_json(body, {s.name: s for s in specs})
+    raise RequestError(f"Expected Content-Type {JSON} or {NPZ}, found '{kind}'. Send JSON "
+                       "({\"inputs\": {name: nested list}}) or an np.savez body.", status=415)
+
+
+def _decode_json(body: bytes, specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RequestError(f"Expected a JSON body, but it does not parse ({str(exc)[:200]}). Send "
+                           '{"inputs": {"input_name": [[...]], ...}}.') from None
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(inputs, dict):
+        raise RequestError('Expected a JSON object {"inputs": {name: nested list, ...}}, found '
+                           f"{type(inputs if isinstance(doc, dict) else doc).__name__} under the body's 'inputs'. "
+                           f"The engine's inputs are {sorted(specs)}.")
+    feeds: dict[str, Any] = {}
+    problems = []
+    for name, value in inputs.items():
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # ragged lists, too deep
+            problems.append(f"'{name}' is not a rectangular array of numbers ({str(exc)[:120]})")
+            continue
+        spec = specs.get(name)
+        if spec is None:  # leave it to Runner.validate, which names the expected inputs
+            feeds[name] = arr
+            continue
+        converted = _json_to_dtype(arr, spec)
+        if isinstance(converted, str):
+            problems.append(converted)
+        else:
+            feeds[name] = converted
+    if problems:
+        raise InvalidInput(f"Expected JSON numbers that fit each input's dtype, but {'; '.join(problems)}. "
+                           f"The engine expects {'; '.join(s.describe() for s in specs.values())}.")
+    return feeds
+
+
+def _json_to_dtype(arr: np.ndarray, spec: TensorSpec) -> np.ndarray | str:
+    """The array in the spec's dtype, or a sentence saying why JSON's values cannot be that dtype."""
+    want = np.dtype(spec.dtype) if spec.dtype != "bfloat16" else np.dtype("float32")
+    kind = arr.dtype.kind
+    if arr.size == 0:
+        return arr.astype(want)
+    if want.kind == "f" and kind in "iuf":
+        return arr.astype(want)
+    if want.kind in "iu" and kind in "iu":
+        info = np.iinfo(want)
+        if arr.min() < info.min or arr.max() > info.max:
+            return f"'{spec.name}' has values outside the {spec.dtype} range {info.min}..{info.max}"
+        return arr.astype(want)
+    if want.kind == "b" and kind == "b":
+        return arr
+    found = {"f": "fractional numbers", "b": "true/false", "U": "strings", "O": "mixed or huge values"}.get(
+        kind, f"values of kind '{kind}'")
+    return f"'{spec.name}' needs {spec.dtype} values, found {found}"
+
+
+def _decode_npz(body: bytes, limit: int) -> dict[str, Any]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            members = zf.infolist()
+            unpacked = sum(m.file_size for m in members)
+            if unpacked > limit:
+                raise RequestError(f"Expected an .npz body that unpacks to at most {limit} bytes, but its members "
+                                   f"declare {unpacked}. Send smaller requests.", status=413)
+            feeds = {}
+            for m in members:
+                with zf.open(m) as f:
+                    _check_declared_size(f, m)
+                with zf.open(m) as f:
+                    feeds[m.filename.removesuffix(".npy")] = np.lib.format.read_array(f, allow_pickle=False)
+            return feeds
+    except RequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: zipfile and numpy's format readers raise many types
+        raise RequestError(f"Expected an .npz body (np.savez of named arrays, no object arrays), but it cannot "
+                           f"be read ({type(exc).__name__}: {str(exc)[:200]}).") from None
+
+
+def _check_declared_size(f: Any, member: zipfile.ZipInfo) -> None:
+    """numpy allocates the shape an .npy header declares before reading the data, so a 1 kB member
+    could ask for terabytes: the header must not declare more than the member holds."""
+    fmt = np.lib.format
+    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    version = fmt.read_magic(f)
+    if version not in readers:
+        raise RequestError(f"Expected .npy members of format 1.0 or 2.0 (what np.savez writes), found {version} "
+                           f"in '{member.filename}'.")
+    shape, _fortran, dtype = readers[version](f)
+    if math.prod(shape) * dtype.itemsize > member.file_size:
+        raise RequestError(f"Expected '{member.filename}' to hold the data its header declares ({shape} of "
+                           f"{dtype}), but it is only {member.file_size} bytes.")
+
+
+def encode_outputs(model: str, outputs: Mapping[str, np.ndarray], kind: str) -> bytes:
+    if kind == NPZ:
+        buf = io.BytesIO()
+        np.savez(buf, **outputs)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
+        return buf.getvalue()
+    return json.dumps({"model": model, "outputs": {k: v.tolist() for k, v in outputs.items()}}).encode()
+
+
+def response_kind(accept: str | None, request_kind: str | None) -> str:
+    """The response format: what Accept asks for; without a preference, the request's own format."""
+    wanted = [media_type(part) for part in (accept or "").split(",")]
+    if NPZ in wanted:
+        return NPZ
+    if JSON in wanted:
+        return JSON
+    return NPZ if media_type(request_kind) in (NPZ, "application/octet-stream") else JSON
