@@ -93,4 +93,4 @@ class OrtRunner(Runner):
         return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None
