@@ -145,8 +145,10 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     con.print("ONNX Runtime providers: " + ", ".join(report["onnxruntime_providers"] or ["none"]))
     con.print("precision: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["precision_support"].items()))
     con.print("targets: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["targets"].items()))
+    from rich.markup import escape
+
     for note in report["notes"]:
-        con.print(f"[yellow]•[/] {note}")
+        con.print(f"[yellow]•[/] {escape(note)}")  # notes name extras such as 'enginekit[trt]'
 
 
 @app.command()
@@ -199,15 +201,27 @@ def build(
     exporter: str = ExporterOpt,
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     skip_parity: bool = typer.Option(False, "--skip-parity", help="Do not run the gate (recorded as not checked)."),
+    workspace: str | None = typer.Option(None, "--workspace", help="trt: builder workspace limit, e.g. 512MiB, 4GiB (default: all GPU memory)."),
+    opt_level: int | None = typer.Option(None, "--opt-level", help="trt: builder optimization level 0..5 (default 3; 0 ignores the timing cache)."),
+    hardware_compat: str = typer.Option("none", "--hardware-compat", help="trt: none | ampere+ | same-cc (which GPUs the plan runs on)."),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="trt: a plan later TensorRT versions and the lean runtime can run."),
+    exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="trt: leave the lean runtime out of a version-compatible plan."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="trt: timing cache file, read before and updated after the build."),
+    tf32: bool = typer.Option(False, "--tf32", help="trt: allow TF32 in FP32 matmuls and convolutions (off: FP32 means FP32)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export, lower, build and gate: writes an engine bundle only if parity passes."""
     _quiet_libraries()
+    from runtimes.trt.build import TrtBuildOptions, parse_size
+
     from .pipeline import build as run_build
 
+    trt = TrtBuildOptions(workspace=parse_size(workspace) if workspace else None, opt_level=opt_level,
+                          hardware_compat=hardware_compat, version_compatible=version_compatible,
+                          exclude_lean_runtime=exclude_lean_runtime, timing_cache=timing_cache, tf32=tf32)
     opts = _build_options(target=target, device=device, precision=precision, output=output, data=data,
                           tolerances=list(tolerance), shapes=shapes, dynamic=dynamic, opset=opset,
-                          exporter=exporter, force=force, skip_parity=skip_parity)
+                          exporter=exporter, force=force, skip_parity=skip_parity, trt=trt)
     with stages(not as_json) as say:
         result = run_build(source, opts, say)
     if as_json:
