@@ -359,7 +359,7 @@ def build_trt_engine(onnx_path: Path, bundle_dir: Path, options: TrtBuildOptions
     if options.timing_cache:
         _write_atomic(Path(options.timing_cache), cache_bytes)
     say("inspecting the engine")
-    layers = _inspect(logger, plan_bytes, bundle_dir, options.version_compatible)
+    layers = _inspect(logger, plan_bytes, bundle_dir, options)
     return Target(
         backend="trt",
         device="cuda",
@@ -422,20 +422,22 @@ def _progress_monitor(progress: BuildProgress) -> trt_types.IProgressMonitor:
     return Monitor()
 
 
-def _inspect(logger: Any, plan: bytes, bundle_dir: Path, version_compatible: bool) -> dict[str, Any]:
+def _inspect(logger: Any, plan: bytes, bundle_dir: Path, options: TrtBuildOptions) -> dict[str, Any]:
     """Per-layer types from the engine inspector (full TensorRT only), saved as engine_layers.json;
     a summary for the manifest, or why there is none."""
     import tensorrt as trt
 
-    runtime = trt.Runtime(logger)
-    if version_compatible:
-        runtime.engine_host_code_allowed = True  # our own plan, just built
-    engine = runtime.deserialize_cuda_engine(plan)
+    from .compat import PlanInfo
+    from .runner import open_runtime
+
+    info = PlanInfo(trt.__version__, None, "", options.version_compatible, options.exclude_lean_runtime)
+    runtime, _owner = open_runtime(trt, "tensorrt", logger, info)  # our own plan, just built
+    engine = runtime.deserialize_cuda_engine(plan) if runtime is not None else None
     if engine is None:
         return {"available": False, "reason": f"the plan could not be deserialized here: {' | '.join(logger.messages[-2:])}"}
-    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-    (bundle_dir / LAYERS_FILE).write_text(info, encoding="utf-8")
+    text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    (bundle_dir / LAYERS_FILE).write_text(text, encoding="utf-8")
     try:
-        return {"available": True, "file": LAYERS_FILE, **summarize_layers(info)}
+        return {"available": True, "file": LAYERS_FILE, **summarize_layers(text)}
     except (ValueError, AttributeError, TypeError) as exc:
         return {"available": True, "file": LAYERS_FILE, "summary_error": str(exc)}

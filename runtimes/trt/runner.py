@@ -48,6 +48,8 @@ RUNTIME_API = {
     "IExecutionContext": ["set_input_shape", "infer_shapes", "get_tensor_shape", "set_tensor_address",
                           "execute_async_v3"],
 }
+# Used only through the full `tensorrt` module (not checked against the lean one).
+FULL_ONLY_API = {"Runtime": ["load_runtime"]}
 
 
 def import_runtime(name: str) -> Any:
@@ -59,6 +61,42 @@ def import_runtime(name: str) -> Any:
     import tensorrt_lean
 
     return tensorrt_lean
+
+
+def lean_library(major: int) -> str:
+    """The lean runtime library for `load_runtime`: from the tensorrt_lean_libs wheel when it is
+    installed, else the bare name, which the dynamic loader looks up on its search path."""
+    name = f"libnvinfer_lean.so.{major}"
+    try:
+        import tensorrt_lean_libs
+
+        candidate = Path(tensorrt_lean_libs.__file__).parent / name
+        if candidate.is_file():
+            return str(candidate)
+    except (ImportError, OSError):
+        pass
+    return name
+
+
+def open_runtime(trt: Any, module_name: str, logger: Any, plan: PlanInfo) -> tuple[Any, Any]:
+    """(runtime, owner): a Runtime of `trt` ready to deserialize `plan`, and the object to keep
+    alive while it is used. The runtime may load the host code that version-compatible plans
+    carry; for a plan without the lean runtime opened through the full module, it is the lean
+    runtime library loaded by the full one (NVIDIA's documented route), or None when that library
+    cannot be loaded."""
+    owner: trt_types.Runtime = trt.Runtime(logger)
+    runtime = owner
+    if plan.exclude_lean_runtime and module_name == "tensorrt":
+        loaded: trt_types.Runtime | None = owner.load_runtime(lean_library(int(str(trt.__version__).split(".")[0])))
+        if loaded is None:
+            return None, owner
+        runtime = loaded
+    if plan.version_compatible:
+        # Version-compatible plans carry host code (the lean runtime, plugins) that TensorRT
+        # refuses to load unless allowed: this runs code from the bundle, whose sha256
+        # runtimes.load() has checked against the manifest. Load only bundles you trust.
+        runtime.engine_host_code_allowed = True
+    return runtime, owner
 
 
 def make_logger(trt: Any) -> Any:
@@ -160,16 +198,16 @@ class TrtRunner(Runner):
                 tried.append(f"{module_name} {trt.__version__}: {'; '.join(problems)}")
                 continue
             logger = make_logger(trt)
-            runtime: trt_types.Runtime = trt.Runtime(logger)
-            if plan.version_compatible:
-                # Version-compatible plans carry host code (the lean runtime, plugins) that TensorRT
-                # refuses to load unless allowed: this runs code from the bundle, whose sha256
-                # runtimes.load() has checked against the manifest. Load only bundles you trust.
-                runtime.engine_host_code_allowed = True
+            runtime, owner = open_runtime(trt, module_name, logger, plan)
+            if runtime is None:
+                tried.append(f"{module_name} {trt.__version__} could not load the lean runtime library the plan needs "
+                             f"({lean_library(int(str(trt.__version__).split('.')[0]))}; pip install 'enginekit[trt-lean]')")
+                continue
             engine = runtime.deserialize_cuda_engine(blob)
             if engine is not None:
                 self.module_name, self.tensorrt_version = module_name, str(trt.__version__)
-                self._trt, self._logger, self._runtime = trt, logger, runtime  # the engine needs them alive
+                # the engine needs its runtime (and the runtime its owner and logger) alive
+                self._trt, self._logger, self._runtime, self._owner = trt, logger, runtime, owner
                 return engine
             log = " | ".join(logger.messages[-3:]) or "no message"
             tried.append(f"{module_name} {trt.__version__} could not deserialize it (TensorRT: {log})")
@@ -323,5 +361,5 @@ class TrtRunner(Runner):
         self._buffers.clear()
         stream.destroy()
         self.stream = None
-        for attr in ("context", "engine", "_runtime"):
+        for attr in ("context", "engine", "_runtime", "_owner"):
             self.__dict__.pop(attr, None)

@@ -230,6 +230,10 @@ def make_tensorrt(cuda: FakeCuda, version: str = "10.13.0.35", name: str = "tens
         def __init__(self, logger: Any) -> None:
             self.logger, self.engine_host_code_allowed = logger, False
 
+        def load_runtime(self, path: str) -> Any:
+            trt.lean_libraries_loaded.append(path)
+            return Runtime(self.logger)
+
         def deserialize_cuda_engine(self, blob: bytes) -> Any:
             if not bytes(blob).startswith(MAGIC):
                 self.logger.log(Severity.ERROR, "fake: not a plan")
@@ -244,6 +248,7 @@ def make_tensorrt(cuda: FakeCuda, version: str = "10.13.0.35", name: str = "tens
                 return None
             return Engine(header, model_bytes)
 
+    trt.lean_libraries_loaded = []
     for obj in (ILogger, Runtime, TensorIOMode, DataType):
         setattr(trt, obj.__name__, obj)
     if not lean:

@@ -112,8 +112,10 @@ def test_timing_cache_is_carried_to_the_next_build(monkeypatch, bert_onnx, tmp_p
 
 
 def test_lean_runtime_runs_only_version_compatible_plans(monkeypatch, bert_onnx, tmp_path):
-    fake_trt.install(monkeypatch, lean_version="10.13.0.35")
+    fakes = fake_trt.install(monkeypatch, lean_version="10.13.0.35")
     vc = _build(bert_onnx, tmp_path / "vc", version_compatible=True, exclude_lean_runtime=True).bundle
+    # The build's inspector opened the lean-less plan through the full module plus the lean library.
+    assert fakes.trt.lean_libraries_loaded == ["libnvinfer_lean.so.10"]
     plain = _build(bert_onnx, tmp_path / "plain").bundle
     feeds = generate_feeds(runtimes.Manifest.read(vc).io, "opt")
     with runtimes.load(vc) as r:  # excluded lean runtime: the lean module is tried first
