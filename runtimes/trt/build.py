@@ -3,10 +3,11 @@ profile from the recorded dim ranges, a timing cache carried from build to build
 
 Written against TensorRT's own Python API rather than polygraphy's loaders: the parser's errors
 are needed per node (polygraphy logs them as text and raises one message), the builder's defaults
-must be ours (polygraphy's network is weakly typed on TensorRT 10 unless asked, it clears TF32 and
-pins unranged dims to 1), and the runner must work with the lean runtime, which polygraphy
-cannot use. The calls used exist in both TensorRT 10 and 11: mypy checks them against the 10.13
-stubs (typings/), and a test checks that none of the names TensorRT 11 removed appear here.
+must be ours (polygraphy's network is weakly typed on TensorRT 10 unless asked, and it pins a
+dynamic dim without a profile to 1), and the runner must work with the lean runtime, which
+polygraphy's runner cannot use. The calls used exist in both TensorRT 10 and 11: mypy checks
+them against the 10.13 stubs (typings/), and a test checks that none of the names TensorRT 11
+removed appear here.
 
 Precision is not a builder setting: TensorRT 11 removed the FP16/BF16/INT8/FP8 flags, and a
 strongly typed network computes in the types the ONNX graph carries (Cast and Q/DQ nodes put

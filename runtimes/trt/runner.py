@@ -7,21 +7,22 @@ checks them against the real lean module on a GPU).
 
 One inference: validated inputs are copied into device buffers sized for the profile's max
 shapes, input shapes are set, execute_async_v3 runs on a private non-blocking stream, outputs are
-copied back. With cuda_graph=True the first call of each input-shape combination runs plainly and
-then captures a CUDA graph of the engine's work, which later calls of that shape replay.
-A runner is not thread-safe: give each thread its own.
+copied back. With cuda_graph=True, calls with the same input shapes as the call before replay a
+CUDA graph of the engine's work, captured after the first of them ran plainly; a call with other
+shapes runs plainly and captures anew. One graph per runner, because a graph bakes in the
+execution context's state for its shapes (NVIDIA: re-capture when shapes or state change), and
+the context is shared. A runner is not thread-safe: give each thread its own.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..base import Runner
-from ..errors import IncompatibleEngine, MissingDependency
+from ..errors import IncompatibleEngine, InvalidInput, MissingDependency
 from ..manifest import Manifest
 from .compat import PlanInfo, compatibility_problems
 from .cuda import CudaError, DeviceBuffer, Graph, Stream, device_info
@@ -36,7 +37,6 @@ MODULES = {"full": ("tensorrt",), "lean": ("tensorrt_lean",)}
 DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
           "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
-MAX_GRAPHS = 16  # captured shapes kept per runner; the oldest is dropped beyond this
 # Every TensorRT attribute this module touches, by owner. tests/runtimes/test_trt_runner.py checks
 # that the code uses nothing else; the GPU check script checks each exists in tensorrt_lean.
 RUNTIME_API = {
@@ -127,15 +127,15 @@ def widen_bf16(raw: np.ndarray) -> np.ndarray:
 class TrtRunner(Runner):
     """A TensorRT execution context over the bundle's model.plan.
 
-    device: None or 'cuda' (a plan runs only on an NVIDIA GPU). cuda_graph: capture and replay a
-    CUDA graph per input-shape combination (default False). runtime: 'auto' (tensorrt, or
+    device: None or 'cuda' (a plan runs only on an NVIDIA GPU). cuda_graph: replay a captured CUDA
+    graph while the input shapes stay the same (default False). runtime: 'auto' (tensorrt, or
     tensorrt_lean for version-compatible plans), 'full' or 'lean'.
     """
 
     def __init__(self, bundle: Path, manifest: Manifest, *, device: str | None = None, cuda_graph: bool = False,
                  runtime: str = "auto"):
         super().__init__(bundle, manifest)
-        self._graphs: OrderedDict[tuple[tuple[int, ...], ...], Graph] = OrderedDict()
+        self._graph: tuple[tuple[tuple[int, ...], ...], Graph] | None = None  # (input shapes, graph)
         self._buffers: dict[str, DeviceBuffer] = {}
         self.stream: Stream | None = None
         if device not in (None, "cuda"):
@@ -180,12 +180,14 @@ class TrtRunner(Runner):
                 failures.append(f"{name}: {exc}")
         if found:
             return found
-        lean = " (or 'tensorrt_lean', the lean runtime, since the plan is version-compatible)" \
-            if "tensorrt_lean" in names and "tensorrt" in names else ""
+        wanted = " or ".join(f"'{n}'" for n in names)
+        if len(names) > 1:
+            wanted += " (the plan is version-compatible, so the lean runtime can run it)"
+        extra = "trt-lean" if names == ("tensorrt_lean",) else "trt"
         raise MissingDependency(
-            f"Running TensorRT bundle '{self.manifest.name}' needs the Python module '{names[0]}'{lean}, which cannot "
-            f"be imported here ({'; '.join(failures)}). Install TensorRT {self.plan_info.tensorrt} with: pip install "
-            "'enginekit[trt]' (on a Linux machine with an NVIDIA GPU and driver), then run it again."
+            f"Running TensorRT bundle '{self.manifest.name}' needs the Python module {wanted}, which cannot be "
+            f"imported here ({'; '.join(failures)}). Install TensorRT {self.plan_info.tensorrt} with: pip install "
+            f"'enginekit[{extra}]' (on a Linux machine with an NVIDIA GPU and driver), then run it again."
         )
 
     def _deserialize(self, plan: PlanInfo, modules: list[tuple[str, Any]], cc: tuple[int, int]) -> Any:
@@ -296,16 +298,16 @@ class TrtRunner(Runner):
         inputs = {n: np.ascontiguousarray(feeds[n]) for n in self._inputs}
         out_shapes = self._set_shapes({n: a.shape for n, a in inputs.items()})
         moved = [self._ensure(n, s) for n, s in {**{n: a.shape for n, a in inputs.items()}, **out_shapes}.items()]
-        if any(moved):  # a buffer moved: graphs captured with the old address are stale
-            self._drop_graphs()
+        key = tuple(a.shape for a in inputs.values())
+        if any(moved) or (self._graph is not None and self._graph[0] != key):
+            self._drop_graph()  # other shapes, or a buffer moved: the graph no longer fits
         for n, arr in inputs.items():
             if self._dtypes[n] == "bfloat16" and arr.itemsize != 2:
-                raise IncompatibleEngine(f"Input '{n}' is bfloat16 in the plan: pass 2-byte bfloat16 values.")
+                raise InvalidInput(f"Expected 2-byte bfloat16 values for input '{n}' (e.g. ml_dtypes.bfloat16), found "
+                                   f"{arr.dtype} with {arr.itemsize}-byte items. Convert the array.")
             self._buffers[n].upload(arr, stream)
-        key = tuple(a.shape for a in inputs.values())
-        graph = self._graphs.get(key) if self.cuda_graph else None
+        graph = self._graph[1] if self._graph is not None else None
         if graph is not None:
-            self._graphs.move_to_end(key)
             graph.launch(stream)
         elif not self.context.execute_async_v3(stream.handle):
             raise CudaError(f"execute_async_v3 failed for '{self.manifest.name}': "
@@ -322,25 +324,22 @@ class TrtRunner(Runner):
 
     def _capture(self, key: tuple[tuple[int, ...], ...]) -> None:
         """Capture the engine's work for the shapes just run (that run was the warm-up TensorRT
-        needs before capture); on failure keep running without graphs and say why."""
+        needs after a shape change); on failure keep running without graphs and say why."""
         stream = self._live_stream()
         try:
-            self._graphs[key] = Graph(stream, lambda: self.context.execute_async_v3(stream.handle))
-        except CudaError as exc:
-            self.cuda_graph_error = str(exc)
-            return
-        while len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)[1].destroy()
+            self._graph = (key, Graph(stream, lambda: self.context.execute_async_v3(stream.handle)))
+        except Exception as exc:  # noqa: BLE001 - a graph is an optimisation: fall back to plain runs
+            self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
 
     def _live_stream(self) -> Stream:
         if self.stream is None:
             raise RuntimeError(f"the runner of '{self.manifest.name}' is closed; open the bundle again")
         return self.stream
 
-    def _drop_graphs(self) -> None:
-        for graph in self._graphs.values():
-            graph.destroy()
-        self._graphs.clear()
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            self._graph[1].destroy()
+            self._graph = None
 
     def __del__(self) -> None:
         # Device memory is not reclaimed by Python's garbage collector: free it with the runner.
@@ -354,7 +353,7 @@ class TrtRunner(Runner):
         stream = getattr(self, "stream", None)
         if stream is None:  # closed, or __init__ failed before the stream existed
             return
-        self._drop_graphs()
+        self._drop_graph()
         stream.synchronize()
         for buf in self._buffers.values():
             buf.free()

@@ -70,13 +70,14 @@ def test_thin_runtime_runs_the_plan_without_torch(trt_bert):
 
 def test_cuda_graph_replay_equals_the_plain_path(trt_bert):
     io = trt_bert.manifest.io
-    cases = [generate_feeds(io, p, seed=s) for s in (1, 2) for p in ("opt", "max")]
+    cases = [generate_feeds(io, p, seed=s) for p, s in [("opt", 1), ("opt", 2), ("opt", 3), ("max", 1), ("max", 2),
+                                                        ("opt", 4)]]
     with runtimes.load(trt_bert.bundle) as plain, runtimes.load(trt_bert.bundle, cuda_graph=True) as graphed:
         for feeds in cases:
             want, got = plain.infer(feeds), graphed.infer(feeds)
             for name in want:
                 np.testing.assert_array_equal(got[name], want[name])
-        assert graphed.cuda_graph_error is None and len(graphed._graphs) == 2
+        assert graphed.cuda_graph_error is None and graphed._graph is not None
 
 
 def test_conv_net_and_its_timing_cache_on_the_next_build(tmp_path):

@@ -151,8 +151,10 @@ def test_loading_without_tensorrt_is_one_paragraph(tmp_path):
     with pytest.raises(MissingDependency) as err:
         runtimes.load(bundle)
     text = str(err.value)
-    assert "needs the Python module 'tensorrt' (or 'tensorrt_lean'" in text and "enginekit[trt]" in text
-    assert "10.13.0.35" in text and "\n" not in text
+    assert "needs the Python module 'tensorrt' or 'tensorrt_lean' (the plan is version-compatible" in text
+    assert "enginekit[trt]" in text and "10.13.0.35" in text and "\n" not in text
+    with pytest.raises(MissingDependency, match=r"'tensorrt_lean', which .*enginekit\[trt-lean\]"):
+        runtimes.load(bundle, trt_runtime="lean")
 
 
 def test_device_cpu_and_cuda_graphs_for_ort_are_refused(tmp_path, bert_bundle):
