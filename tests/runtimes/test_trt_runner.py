@@ -182,3 +182,15 @@ def test_the_gpu_check_script_reports_as_json_where_it_cannot_pass(tmp_path):
                                      "runner_refuses_a_bad_plan", "cuda_calls"}
     assert proc.returncode == (0 if report["passed"] else 1)
     assert json.loads((tmp_path / "trt_lean_check.json").read_text()) == report
+
+
+def test_importing_the_tensorrt_backend_imports_neither_tensorrt_nor_cuda():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, runtimes.trt.build, runtimes.trt.runner, runtimes.trt.cuda, runtimes.trt.compat; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'tensorrt_lean', 'cuda', 'torch')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
