@@ -145,8 +145,10 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     con.print("ONNX Runtime providers: " + ", ".join(report["onnxruntime_providers"] or ["none"]))
     con.print("precision: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["precision_support"].items()))
     con.print("targets: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["targets"].items()))
+    from rich.markup import escape
+
     for note in report["notes"]:
-        con.print(f"[yellow]•[/] {note}")
+        con.print(f"[yellow]•[/] {escape(note)}")  # notes name extras such as 'enginekit[trt]'
 
 
 @app.command()
@@ -206,18 +208,30 @@ def build(
     range_rules: bool = typer.Option(True, "--range-rules/--no-range-rules", help="fp16/bf16: AutoCast's weight/activation range rules (off: naive cast, repaired only by the fallback)."),
     fallback_budget: int = typer.Option(64, "--fallback-budget", help="fp16/bf16: most nodes the parity-driven fallback may keep in FP32 (0: off)."),
     ort_fusions: bool = typer.Option(True, "--ort-fusions/--no-ort-fusions", help="ORT target: fuse attention, skip-LayerNorm and GELU into ORT's own ops."),
+    workspace: str | None = typer.Option(None, "--workspace", help="trt: builder workspace limit, e.g. 512MiB, 4GiB (default: all GPU memory)."),
+    opt_level: int | None = typer.Option(None, "--opt-level", help="trt: builder optimization level 0..5 (default 3; 0 ignores the timing cache)."),
+    hardware_compat: str = typer.Option("none", "--hardware-compat", help="trt: none | ampere+ | same-cc (which GPUs the plan runs on)."),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="trt: a plan later TensorRT versions and the lean runtime can run."),
+    exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="trt: leave the lean runtime out of a version-compatible plan."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="trt: timing cache file, read before and updated after the build."),
+    tf32: bool = typer.Option(False, "--tf32", help="trt: allow TF32 in FP32 matmuls and convolutions (off: FP32 means FP32)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export, lower, build and gate: writes an engine bundle only if parity passes."""
     _quiet_libraries()
+    from runtimes.trt.build import TrtBuildOptions, parse_size
+
     from .pipeline import build as run_build
 
+    trt = TrtBuildOptions(workspace=parse_size(workspace) if workspace else None, opt_level=opt_level,
+                          hardware_compat=hardware_compat, version_compatible=version_compatible,
+                          exclude_lean_runtime=exclude_lean_runtime, timing_cache=timing_cache, tf32=tf32)
     opts = _build_options(target=target, device=device, precision=precision, output=output, data=data,
                           tolerances=list(tolerance), shapes=shapes, dynamic=dynamic, opset=opset,
                           exporter=exporter, force=force, skip_parity=skip_parity, calib=calib,
                           fp32_nodes=list(fp32_nodes), fp32_ops=[o.strip() for o in (fp32_ops or "").split(",") if o.strip()],
                           native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget,
-                          ort_fusions=ort_fusions)
+                          ort_fusions=ort_fusions, trt=trt)
     with stages(not as_json) as say:
         result = run_build(source, opts, say)
     if as_json:

@@ -10,7 +10,10 @@ from typing import Any
 from runtimes.device import gpu_info, supports
 
 PACKAGES = ("enginekit", "torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "transformers", "polygraphy",
-            "nvidia-modelopt", "tensorrt", "tensorrt-lean-cu13", "cuda-python", "numpy")
+            "nvidia-modelopt", "tensorrt", "tensorrt-lean-cu13", "cuda-python", "cuda-bindings", "numpy")
+# TensorRT's wheels have several distribution names (tensorrt, tensorrt-cu12, tensorrt-cu13, ...):
+# what matters is which modules import.
+TRT_MODULES = ("tensorrt", "tensorrt_lean", "cuda.bindings")
 
 
 def _version(dist: str) -> str | None:
@@ -29,16 +32,17 @@ def doctor_report() -> dict[str, Any]:
         providers = list(ort.get_available_providers())
     except ImportError:
         providers = []
-    try:
-        import tensorrt  # noqa: F401
+    from runtimes._deps import version_of
+    from runtimes.trt.build import tensorrt_unavailable
 
-        trt_ok = True
-    except ImportError:
-        trt_ok = False
+    modules = {m: version_of(m) for m in TRT_MODULES}
+    trt_ok = modules["tensorrt"] is not None
+    trt_build = trt_ok and gpu is not None and tensorrt_unavailable() is None
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": {p: _version(p) for p in PACKAGES},
+        "tensorrt_modules": modules,
         "onnxruntime_providers": providers,
         "gpu": gpu,
         "precision_support": {
@@ -51,9 +55,12 @@ def doctor_report() -> dict[str, Any]:
         "targets": {
             "ort-cpu": "CPUExecutionProvider" in providers,
             "ort-cuda": "CUDAExecutionProvider" in providers and gpu is not None,
-            "trt": trt_ok and gpu is not None and supports("trt11", cc) if trt_ok else False,
+            "trt": bool(trt_build),
+            # the lean runtime runs plans built --version-compatible; it cannot build any
+            "trt-lean-run": modules["tensorrt_lean"] is not None and modules["cuda.bindings"] is not None
+            and gpu is not None,
         },
-        "notes": _notes(gpu, providers, trt_ok),
+        "notes": _notes(gpu, providers, trt_ok) + _trt_notes(modules, cc),
     }
 
 
@@ -70,5 +77,19 @@ def _notes(gpu: dict[str, Any] | None, providers: list[str], trt_ok: bool) -> li
         if "CUDAExecutionProvider" not in providers:
             notes.append("A GPU is present but onnxruntime has no CUDA provider: pip install 'enginekit[gpu]'.")
     if not trt_ok:
-        notes.append("TensorRT is not importable: --target trt needs pip install 'enginekit[trt]' on an NVIDIA machine.")
+        notes.append("TensorRT is not importable: --target trt needs pip install 'enginekit[trt]' on an NVIDIA machine; "
+                     "without it, build --target trt stops after lowering and keeps the ONNX to finish elsewhere.")
+    return notes
+
+
+def _trt_notes(modules: dict[str, str | None], cc: tuple[int, ...] | None) -> list[str]:
+    notes = []
+    if modules["tensorrt"] is None and modules["tensorrt_lean"] is not None:
+        notes.append("Only the TensorRT lean runtime is here: it runs plans built with --version-compatible, and "
+                     "builds nothing.")
+    if (modules["tensorrt"] or modules["tensorrt_lean"]) and modules["cuda.bindings"] is None:
+        notes.append("TensorRT is here but cuda-bindings is not: the TensorRT runner needs it (pip install cuda-bindings).")
+    major = (modules["tensorrt"] or "0").split(".")[0]
+    if cc is not None and major.isdigit() and int(major) >= 11 and not supports("trt11", cc):
+        notes.append(f"TensorRT {major} needs compute capability ≥ 7.5; this GPU has {cc[0]}.{cc[1]}.")
     return notes

@@ -16,6 +16,10 @@ from runtimes.manifest import DimRange, TensorSpec
 # later `enginekit build onnx:model.onnx` (e.g. on a TensorRT machine) reuses them.
 METADATA_DIMS = "enginekit.dims"
 METADATA_VALUES = "enginekit.values"
+# Set on a lowered ONNX kept for a TensorRT machine (exporter/handoff.py): the precision it is
+# already lowered to, and the FP32 ONNX beside it that the parity gate uses as its reference.
+METADATA_LOWERED = "enginekit.lowered"
+METADATA_REFERENCE = "enginekit.reference"
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",

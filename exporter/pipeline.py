@@ -3,11 +3,16 @@
 The bundle is assembled in a hidden sibling folder and renamed into place only after the gate
 passes, so a killed or failed build leaves nothing half-written at the output path. A bundle that
 fails the gate is kept, for inspection, at `<output>.rejected`.
+
+For --target trt, export and lowering run first; where TensorRT or a GPU is missing the build
+stops there, keeps the lowered ONNX at `<output>.lowered/` and names the command that finishes
+it on a TensorRT machine (exporter/handoff.py).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
 import uuid
@@ -20,14 +25,15 @@ from runtimes._version import __version__
 import numpy as np
 import onnx
 
-from runtimes.errors import BuildError, IncompatibleEngine, MissingDependency, ParityError, UsageError
+from runtimes.errors import BuildError, IncompatibleEngine, ParityError, UsageError
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
+from runtimes.trt.build import TrtBuildOptions
 
 from .emulate import emulated_runner
 from .gate import CachedReference, Feeds, gate_cases, run_gate, shrink
 from .mixed import MixedOptions
 from .parity import ParityReport, TolerancePolicy, format_failures
-from .precision import check_precision, lower_precision
+from .precision import Lowered, census, check_precision, lower_precision
 from .report import write_html
 from .shapes import merge_dims
 from .sources import LoadedSource, load_source, model_name, parse_source
@@ -40,7 +46,8 @@ Progress = Callable[[str], None]
 @dataclass
 class BuildOptions:
     """Defaults: ORT on the CPU in FP32, output engines/<model>-<target>-<precision>, dims from the
-    model family (--shapes/--dynamic narrow them), inputs generated at min/opt/max for the gate."""
+    model family (--shapes/--dynamic narrow them), inputs generated at min/opt/max for the gate.
+    trt: TensorRT builder settings (runtimes.trt.build.TrtBuildOptions), for --target trt only."""
 
     target: str = "ort"
     device: str = "cpu"
@@ -64,6 +71,7 @@ class BuildOptions:
     fallback_budget: int = 64
     fallback_rounds: int = 6
     ort_fusions: bool = True  # ORT target: attention / skip-LayerNorm / GELU fusions (exporter/ortfuse.py)
+    trt: TrtBuildOptions = field(default_factory=TrtBuildOptions)
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -75,6 +83,12 @@ class BuildOptions:
             raise UsageError(f"Expected --device cpu or cuda, found '{self.device}'.")
         if self.target == "trt" and self.device != "cuda":
             self.device = "cuda"  # TensorRT only runs on NVIDIA GPUs
+        if self.target != "trt" and not self.trt.is_default():
+            raise UsageError(
+                f"Expected TensorRT options (--workspace, --opt-level, --hardware-compat, --version-compatible, "
+                f"--exclude-lean-runtime, --timing-cache, --tf32) only with --target trt, found them with --target "
+                f"{self.target}. Drop them, or build with --target trt."
+            )
         if self.exporter not in ("auto", "torch", "transformers"):
             raise UsageError(f"Expected --exporter auto, torch or transformers, found '{self.exporter}'.")
         check_precision(self.precision)
@@ -137,6 +151,8 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         cmd += ["--fallback-budget", str(options.fallback_budget)]
     if not options.ort_fusions:
         cmd += ["--no-ort-fusions"]
+    if options.target == "trt":
+        cmd += options.trt.cli_args()
     return cmd + ["-o", str(output.resolve()), "--force"]
 
 
@@ -151,10 +167,6 @@ def build(source_text: str, options: BuildOptions, progress: Progress | None = N
             f"Expected the output folder '{output}' not to exist, but it does. Pass --force to replace it, or "
             "-o to choose another folder; nothing was written."
         )
-    if options.target == "trt":
-        from runtimes._deps import require
-
-        require("tensorrt", extra="trt", purpose="The TensorRT target (--target trt)")
     timings: dict[str, float] = {}
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -222,18 +234,23 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     history: list[dict[str, Any]] = []
     while True:
         with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-            lowered = lower_precision(onnx_path, options.precision, work, mixed=mixed, calibration=calibration)
-        with _timed(timings, "build", say, f"Building the {options.target} engine ({options.device})"):
+            lowered = _lower(loaded, onnx_path, options.precision, work, mixed, calibration)
+        if options.target == "trt":
+            say("Looking for TensorRT and a GPU")
+            _check_tensorrt(loaded, onnx_path, lowered, options, output)
+        stage = f"Building the {options.target} engine ({options.device})"
+        with _timed(timings, "build", say, stage):
             shutil.rmtree(bundle, ignore_errors=True)
             bundle.mkdir()
-            target = _build_engine(lowered.path, bundle, options, low_precision=mixed is not None, work=work)
+            target = _build_engine(lowered.path, bundle, options, loaded.io, output,
+                                   lambda detail: say(f"{stage}: {detail}"), low_precision=mixed is not None, work=work)
         io = _lowered_io(loaded.io, lowered.path) if mixed and not mixed.keep_io_types else loaded.io
         manifest = Manifest(
             name=output.name,
             source={"spec": str(spec), "kind": spec.kind, "exporter": exporter_name, "opset": opset,
                     "onnx_sha256": onnx_sha, **loaded.info},
             io=io,
-            precision={"requested": options.precision, "realised": lowered.realised},
+            precision={"requested": options.precision, "realised": _realised(lowered, target)},
             target=target,
             build_command=build_command(source_text if spec.kind == "py" else str(spec), options, output, io.dims),
             enginekit_version=__version__,
@@ -277,8 +294,45 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     return BuildResult(output, manifest, report, timings)
 
 
-def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, *, low_precision: bool = False,
-                  work: Path | None = None) -> Any:
+def _lower(loaded: LoadedSource, onnx_path: Path, precision: str, work: Path, mixed: MixedOptions | None = None,
+           calibration: list[Feeds] | None = None) -> Lowered:
+    """Lower the graph, unless it is an ONNX that enginekit already lowered (the kept ONNX of a
+    TensorRT build handed over to another machine): lowering it again would change it twice."""
+    already = loaded.info.get("lowered")
+    if not already:
+        return lower_precision(onnx_path, precision, work, mixed=mixed, calibration=calibration or [])
+    if already != precision:
+        raise UsageError(
+            f"Expected --precision {already} for '{onnx_path}', which enginekit already lowered to {already} "
+            f"(its metadata says so), found --precision {precision}. Build it with --precision {already}, or start "
+            "from the FP32 model."
+        )
+    return Lowered(Path(onnx_path), {"requested": precision, "lowered_before": True, **census(Path(onnx_path))})
+
+
+def _check_tensorrt(loaded: LoadedSource, onnx_path: Path, lowered: Lowered, options: BuildOptions,
+                    output: Path) -> None:
+    """Stop a TensorRT build that cannot run here, keeping the lowered ONNX and saying how to
+    finish the build on a machine with TensorRT (exporter/handoff.py)."""
+    from runtimes.trt.build import tensorrt_unavailable
+
+    from .handoff import keep_lowered, kept_folder, tensorrt_missing
+
+    reason = tensorrt_unavailable()
+    if reason is None:
+        return
+    dest = kept_folder(output)
+    if dest.resolve() in Path(lowered.path).resolve().parents:
+        kept = Path(lowered.path)  # building from the kept ONNX itself: it is already there
+    else:
+        reference = loaded.reference_onnx or (Path(onnx_path) if Path(lowered.path) != Path(onnx_path) else None)
+        kept = keep_lowered(Path(lowered.path), reference, loaded.io, options.precision, dest)
+    finish = build_command(f"onnx:{kept.resolve()}", options, output, loaded.io.dims)
+    raise tensorrt_missing(reason, kept, shlex.join(finish))
+
+
+def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, io: IOSpec, output: Path,
+                  progress: Progress, *, low_precision: bool = False, work: Path | None = None) -> Any:
     if options.target == "ort":
         from runtimes.ort.build import OrtBuildOptions, build_ort_engine
 
@@ -295,9 +349,18 @@ def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, *, low_p
         target = build_ort_engine(onnx_path, bundle, OrtBuildOptions(device=options.device, low_precision=low_precision))
         target.options["fusions"] = fusion
         return target
-    raise MissingDependency(
-        "The TensorRT target is not available in this version of enginekit; build with --target ort."
-    )
+    from runtimes.trt.build import TIMING_CACHE_FILE, build_trt_engine
+
+    # The bundle this build replaces (--force) tuned the same graph: its timing cache saves time.
+    return build_trt_engine(onnx_path, bundle, options.trt, io, previous_cache=output / TIMING_CACHE_FILE,
+                            progress=progress)
+
+
+def _realised(lowered: Lowered, target: Any) -> dict[str, Any]:
+    """What the lowering put in the graph, plus what the engine computes in where the backend can
+    say (TensorRT's engine inspector: layers per output type)."""
+    layers = target.options.get("layers") if target.backend == "trt" else None
+    return {**lowered.realised, **({"engine_layers": layers} if layers else {})}
 
 
 def _torch_cuda() -> bool:

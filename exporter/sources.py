@@ -72,6 +72,7 @@ class LoadedSource:
     tokenizer_dir: Path | None = None  # where text data is tokenized from
     hf_model: Any | None = None  # the PreTrainedModel, for transformers' own exporter
     device: str = "cpu"  # where the torch reference runs ("cuda" for GPU builds: strict FP32, no TF32)
+    reference_onnx: Path | None = None  # onnx: sources whose metadata names an FP32 reference beside them
 
     def reference(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """FP32 reference outputs for `feeds`: the torch module, or ORT on the source ONNX."""
@@ -84,7 +85,8 @@ class LoadedSource:
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             so.log_severity_level = 3
-            self._ref_session = ort.InferenceSession(str(self.onnx_path), so, providers=["CPUExecutionProvider"])
+            self._ref_session = ort.InferenceSession(str(self.reference_onnx or self.onnx_path), so,
+                                                     providers=["CPUExecutionProvider"])
         names = [o.name for o in self.io.outputs]
         return dict(zip(names, self._ref_session.run(names, dict(feeds))))
 
@@ -288,7 +290,7 @@ def load_timm(spec: SourceSpec) -> LoadedSource:
 
 # -- onnx:<path> --------------------------------------------------------------------------------------
 def load_onnx_source(spec: SourceSpec) -> LoadedSource:
-    from .onnxutil import io_from_onnx, load_onnx_checked, recorded_dims
+    from .onnxutil import METADATA_LOWERED, METADATA_REFERENCE, io_from_onnx, load_onnx_checked, recorded_dims
 
     path = Path(spec.location)
     model = load_onnx_checked(path)
@@ -298,6 +300,15 @@ def load_onnx_source(spec: SourceSpec) -> LoadedSource:
             if d in recorded or "batch" in d.lower() or d in ("N", "n")}
     io = IOSpec(inputs=inputs, outputs=outputs, dims=dims, values=hints)
     missing = [d for d in dim_names if d not in dims]
-    return LoadedSource(spec, model_name(spec), io, onnx_path=path,
-                        info={"task": "custom", "family": "onnx", "dims_without_range": missing,
-                              "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)})
+    meta = {p.key: p.value for p in model.metadata_props}
+    info = {"task": "custom", "family": "onnx", "dims_without_range": missing,
+            "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)}
+    if meta.get(METADATA_LOWERED):
+        info["lowered"] = meta[METADATA_LOWERED]
+    reference = path.parent / meta[METADATA_REFERENCE] if meta.get(METADATA_REFERENCE) else None
+    if reference is not None and not reference.is_file():
+        raise SourceError(
+            f"Expected the FP32 reference ONNX that '{path}' names in its metadata at '{reference}', found nothing "
+            "there. Copy the whole folder that `enginekit build` kept, not only the model file."
+        )
+    return LoadedSource(spec, model_name(spec), io, onnx_path=path, info=info, reference_onnx=reference)

@@ -43,28 +43,36 @@ def load(
     threads: int | None = None,
     verify: bool = True,
     cuda_graph: bool = False,
+    trt_runtime: str = "auto",
 ) -> Runner:
     """Open an engine bundle and return its Runner.
 
     device: None runs where the bundle was built for ('cpu' or 'cuda'); 'cpu' runs an ORT bundle
     built for CUDA on the CPU provider instead. threads: intra-op threads for CPU (default: ORT's
     choice, one per core). verify: check every file's sha256 against the manifest (default True).
-    cuda_graph: replay a captured CUDA graph per input shape (CUDA bundles; default False).
-    Raises IncompatibleEngine, with the command that rebuilds it, for a bundle this machine
-    cannot run.
+    cuda_graph: replay a captured CUDA graph per input shape (ORT CUDA and TensorRT bundles;
+    default False). trt_runtime: 'auto' (tensorrt, else tensorrt_lean for version-compatible plans),
+    'full' or 'lean'. Raises IncompatibleEngine, with the command that rebuilds it, for a bundle
+    this machine cannot run.
     """
     path = Path(bundle)
     manifest = Manifest.read(path)
     if verify:
         verify_files(path, manifest)
-    return open_runner(path, manifest, device=device, threads=threads, cuda_graph=cuda_graph)
+    return open_runner(path, manifest, device=device, threads=threads, cuda_graph=cuda_graph, trt_runtime=trt_runtime)
 
 
 def open_runner(bundle: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None,
-                cuda_graph: bool = False) -> Runner:
+                cuda_graph: bool = False, trt_runtime: str = "auto") -> Runner:
     """The backend's Runner for an already-read manifest (the build's gate uses it on the staging
     bundle before the manifest is written). Backends are imported here, on first use."""
     backend = manifest.target.backend
+    if backend == "trt":
+        from .trt.runner import TrtRunner
+
+        return TrtRunner(Path(bundle), manifest, device=device, cuda_graph=cuda_graph, runtime=trt_runtime)
+    if cuda_graph:
+        raise UsageError(f"Expected cuda_graph=True only for TensorRT bundles, found backend '{backend}' in {bundle}.")
     if backend == "ort":
         from .ort.runner import OrtRunner
 

@@ -33,12 +33,11 @@ def _has_gpu() -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu = _has_gpu()
-    try:
-        import tensorrt  # noqa: F401
+    # `trt` tests need TensorRT, cuda-bindings and a GPU, not onnxruntime-gpu: the same check that
+    # decides whether `build --target trt` runs here.
+    from runtimes.trt.build import tensorrt_unavailable
 
-        trt = gpu
-    except ImportError:
-        trt = False
+    trt = any("trt" in item.keywords for item in items) and tensorrt_unavailable() is None
     for item in items:
         if "gpu" in item.keywords and not gpu:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and onnxruntime-gpu"))

@@ -62,20 +62,6 @@ def test_export_and_inspect_onnx(tiny_bert_dir, tmp_path):
     assert res.exit_code == 0 and "recorded by enginekit export" in res.output and "Node(s)" in res.output
 
 
-def test_trt_target_without_tensorrt_explains(tiny_bert_dir, tmp_path):
-    pytest.importorskip("onnxruntime")
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
-    proc = run_cli("build", f"hf:{tiny_bert_dir}", "--target", "trt", "-o", str(tmp_path / "t"))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "tensorrt" in proc.stderr and "enginekit[trt]" in proc.stderr
-    assert not (tmp_path / "t").exists()
-
-
 BAD = [
     (["build", "hf:/no/such/model"], "found nothing there"),
     (["build", "{tmp}"], "config.json"),
@@ -86,6 +72,9 @@ BAD = [
     (["build", "{bert}", "-o", "{existing}"], "--force"),
     (["build", "{bert}", "--shapes", "batch=1:x"], "NAME=MIN:OPT:MAX"),
     (["build", "{bert}", "--tolerance", "wat"], "--tolerance"),
+    (["build", "{bert}", "--workspace", "1GiB"], "only with --target trt"),
+    (["build", "{bert}", "--target", "trt", "--workspace", "lots"], "512MiB or 4GiB"),
+    (["build", "{bert}", "--target", "trt", "--exclude-lean-runtime"], "only applies with --version-compatible"),
     (["build", "py:tests.models.convnet:make_unsupported", "-o", "{tmp}/u"], "linalg_eigh"),
     (["parity", "{tmp}/nothing"], "does not exist"),
     (["inspect", "{tmp}/nothing.onnx"], "Expected an engine bundle"),
