@@ -109,7 +109,7 @@ def model_sha256(onnx_path: Path) -> str:
     return h.hexdigest()
 
 
-def _session(path: Path, *, level: str = "all") -> Any:
+def ort_session(path: Path, *, level: str = "all") -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -127,8 +127,8 @@ def cpu_session(path: Path, precision: str, work: Path) -> Any:
     if precision == "int8":
         cpu = work / (Path(path).stem + ".ort-cpu.onnx")
         to_ort_cpu_form(Path(path), cpu)
-        return _session(cpu)
-    return _session(Path(path), level="basic")
+        return ort_session(cpu)
+    return ort_session(Path(path), level="basic")
 
 
 def cached_ranges(prepared: Path, split: DataSplit, method: str, model_sha: str, options: CalibOptions,
@@ -175,7 +175,7 @@ def quantize_model(onnx_path: Path, output: Path, precision: str, io: IOSpec, op
             "found none. INT8/FP8 scales come from real inputs; use --calib random only for a smoke test."
         )
     work.mkdir(parents=True, exist_ok=True)
-    say(f"Calibrating: loading data from {options.data}")
+    say(f"Calibrating: {options.method} ranges from {options.data}, accuracy on held-out samples")
     split = load_split(options.data, io, eval_data=options.eval_data, tokenizer_dir=tokenizer_dir,
                        batch_size=options.batch_size, max_samples=options.max_samples, image_options=options.image,
                        seed=options.seed)
@@ -190,7 +190,7 @@ def quantize_model(onnx_path: Path, output: Path, precision: str, io: IOSpec, op
             f"Expected nodes to quantize ({', '.join(QUANT_OPS)} with a float input) in '{onnx_path}', found none. "
             f"{precision.upper()} would change nothing here; build with --precision fp32 or fp16."
         )
-    reference = run_outputs(_session(Path(onnx_path)), split.evaluation)
+    reference = run_outputs(ort_session(Path(onnx_path)), split.evaluation)
     notes: list[str] = []
     if precision == "fp8":
         notes.append("FP8 accuracy measured on the CPU with Q/DQ emulated by ONNX Runtime (FP8 rounding, FP32 math); "
@@ -219,7 +219,7 @@ def quantize_model(onnx_path: Path, output: Path, precision: str, io: IOSpec, op
     if misses:
         say(f"Calibrating: ranking layers by error on the evaluation split ({', '.join(misses)})")
         sensitivity = rank_sensitivity(prepared, graph.quantized, all_ranges[best], split.evaluation[:2], precision,
-                                       work, lambda p: _session(p))
+                                       work, lambda p: ort_session(p))
         graph, acc, misses = _exclude_until_met(prepared, graph, all_ranges[best], sensitivity, budget, evaluate,
                                                 options, precision, work, say)
     output = Path(output)

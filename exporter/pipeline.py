@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from calibration.images import ImageOptions
 from runtimes._version import __version__
 from runtimes.errors import BuildError, MissingDependency, ParityError, UsageError
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
@@ -50,6 +51,13 @@ class BuildOptions:
     tolerances: list[str] = field(default_factory=list)
     skip_parity: bool = False
     seed: int = 0
+    # int8/fp8: calibration samples (texts, images, .npz feeds, or random[:N] for smoke tests), the
+    # range method (minmax | entropy | percentile | all), the accuracy budget on held-out samples
+    # (--data when given, else every 4th --calib sample), and image preprocessing without an HF config.
+    calib: str | None = None
+    calib_method: str = "percentile"
+    accuracy_budget: str | None = "cosine>=0.99"
+    image: ImageOptions = field(default_factory=ImageOptions)
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -64,6 +72,30 @@ class BuildOptions:
         if self.exporter not in ("auto", "torch", "transformers"):
             raise UsageError(f"Expected --exporter auto, torch or transformers, found '{self.exporter}'.")
         check_precision(self.precision)
+        self._validate_calibration()
+
+    def _validate_calibration(self) -> None:
+        from calibration.budget import parse_budget
+        from calibration.quantize import check_method
+
+        quantized = self.precision in ("int8", "fp8")
+        if quantized and self.calib is None:
+            raise UsageError(
+                f"Expected --calib DATA with --precision {self.precision}: Q/DQ scales come from real inputs (a .txt/"
+                ".jsonl of texts, a folder of images or of .npz feed dicts). --calib random is for smoke tests only."
+            )
+        if self.calib is not None and not quantized:
+            raise UsageError(f"Expected --calib only with --precision int8 or fp8, found --precision {self.precision}.")
+        if self.precision == "fp8" and self.device == "cpu":
+            raise UsageError(
+                "Expected an FP8 build for a GPU (--target trt, or --target ort --device cuda), found --device cpu. "
+                "FP8 tensor cores need compute capability >= 8.9 (Ada, Hopper and newer), and ONNX Runtime's CPU "
+                "provider has no FP8 kernels (its optimizer rejects FP8 Q/DQ graphs). To inspect FP8 accuracy "
+                "here, run `enginekit calibrate MODEL.onnx --precision fp8 --data DATA -o model.fp8.onnx`, "
+                "which emulates the Q/DQ on the CPU."
+            )
+        check_method(self.calib_method, allow_all=True)
+        parse_budget(self.accuracy_budget)
 
 
 @dataclass
@@ -91,6 +123,14 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         cmd += ["--data", str(Path(options.data).resolve())]
     for t in options.tolerances:
         cmd += ["--tolerance", t]
+    if options.calib:
+        calib = options.calib if str(options.calib).startswith("random") else str(Path(options.calib).resolve())
+        cmd += ["--calib", calib, "--calib-method", options.calib_method,
+                "--accuracy-budget", options.accuracy_budget or "none"]
+        img = options.image
+        for flag, value in (("--resize", img.resize), ("--mean", img.mean), ("--std", img.std)):
+            if value is not None:
+                cmd += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return cmd + ["-o", str(output.resolve()), "--force"]
 
 
@@ -168,9 +208,18 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         onnx_path, exporter_name = loaded.onnx_path, "none (onnx: source)"
         opset, onnx_sha = loaded.info.get("opset"), file_sha256(loaded.onnx_path)
     with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-        lowered = lower_precision(onnx_path, options.precision, work)
+        lowered = lower_precision(onnx_path, options.precision, work, _calibration(spec, loaded, options, output, say))
+    engine_onnx = lowered.path
+    if options.precision == "int8" and options.target == "ort" and options.device == "cpu":
+        from calibration.quantize import to_ort_cpu_form
+
+        engine_onnx = work / "model.int8.ort-cpu.onnx"
+        pairs = to_ort_cpu_form(lowered.path, engine_onnx)
+        lowered.realised["ort_cpu_form"] = (
+            f"{pairs} activation Q/DQ pairs stored as uint8 with zero point 128 (the same values as int8 with zero "
+            "point 0): x86 ONNX Runtime has fast integer kernels only for u8 activations")
     with _timed(timings, "build", say, f"Building the {options.target} engine ({options.device})"):
-        target = _build_engine(lowered.path, bundle, options)
+        target = _build_engine(engine_onnx, bundle, options)
     manifest = Manifest(
         name=output.name,
         source={"spec": str(spec), "kind": spec.kind, "exporter": exporter_name, "opset": opset,
@@ -182,7 +231,17 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         enginekit_version=__version__,
     )
     manifest.source["timings_s"] = timings
-    report = _gate(loaded, manifest, bundle, options, say, timings)
+    held_out = None
+    if lowered.calibration is not None:
+        from .quant import measure_speedup
+
+        if options.target == "ort" and options.device == "cpu" and options.precision == "int8":
+            say("Measuring CPU latency: FP32 vs INT8")
+            lowered.calibration.speed = measure_speedup(onnx_path, bundle / target.engine_files[0],
+                                                        lowered.calibration.split.evaluation[0])
+        manifest.calibration = lowered.calibration.manifest_entry()
+        held_out = None if options.data else lowered.calibration.split.evaluation
+    report = _gate(loaded, manifest, bundle, options, say, timings, held_out)
     manifest.parity = report.summary()
     (bundle / "parity.json").write_text(report.to_json() + "\n", encoding="utf-8")
     write_html(report, bundle / "report.html", title=f"Parity: {manifest.name}",
@@ -214,8 +273,24 @@ def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions) -> Any:
     )
 
 
+def _calibration(spec: Any, loaded: LoadedSource, options: BuildOptions, output: Path, say: Progress) -> dict[str, Any] | None:
+    """quantize_model's arguments for int8/fp8: the ranges cache sits next to the bundle, so it
+    survives a --force rebuild; --data, when given, is the held-out evaluation set."""
+    if options.precision not in ("int8", "fp8"):
+        return None
+    from calibration.calibrate import CalibOptions
+
+    processor = loaded.tokenizer_dir
+    if processor is None and spec.kind == "hf" and Path(spec.location).is_dir():
+        processor = Path(spec.location)  # preprocessor_config.json of vision models
+    calib = CalibOptions(data=options.calib, method=options.calib_method, budget=options.accuracy_budget,
+                         eval_data=options.data, cache_dir=output.parent / f"{output.name}.calib", image=options.image,
+                         seed=options.seed)
+    return {"io": loaded.io, "options": calib, "tokenizer_dir": processor, "progress": say}
+
+
 def _gate(loaded: LoadedSource, manifest: Manifest, bundle: Path, options: BuildOptions, say: Progress,
-          timings: dict[str, float]) -> ParityReport:
+          timings: dict[str, float], held_out: list[dict[str, Any]] | None = None) -> ParityReport:
     policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
     if options.skip_parity:
         report = ParityReport(options.precision, policy, notes=["parity not checked: --skip-parity"])
@@ -223,14 +298,17 @@ def _gate(loaded: LoadedSource, manifest: Manifest, bundle: Path, options: Build
     from runtimes import open_runner
 
     with _timed(timings, "gate", say, "Parity gate: reference vs engine"):
-        cases = gate_cases(manifest.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed)
+        cases = gate_cases(manifest.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed,
+                           feeds=held_out, image_options=options.image)
         runner = open_runner(bundle, manifest, device=options.device)
         try:
             report = run_gate(loaded.reference, runner, cases, policy, options.precision,
                               on_case=lambda label: say(f"Parity gate: {label}"))
         finally:
             runner.close()
-    if options.data is None:
+    if held_out:
+        report.notes.append("real inputs: the calibration data's held-out evaluation samples (never calibrated on)")
+    elif options.data is None:
         report.notes.append("inputs generated from the input specs (random, seeded); pass --data for real inputs")
     return report
 
