@@ -51,7 +51,8 @@ class CalibOptions:
     percentile (default) | all. budget: e.g. 'cosine>=0.99' (default), 'top1>=0.98', 'none'.
     eval_data: held-out samples; default every 4th sample of `data`. cache_dir: where ranges are
     cached (None: not cached). max_excluded_fraction: give up when more than this share of the
-    candidate nodes would have to stay in float (default 0.5: INT8 then buys little)."""
+    candidate nodes would have to stay in float (default 0.5: INT8 then buys little). smooth:
+    SmoothQuant alpha in (0, 1] (calibration/smooth.py), None (default) leaves the graph as is."""
 
     data: str | Path | None = None
     method: str = "percentile"
@@ -63,6 +64,7 @@ class CalibOptions:
     image: ImageOptions = field(default_factory=ImageOptions)
     seed: int = 0
     max_excluded_fraction: float = 0.5
+    smooth: float | None = None
 
 
 @dataclass
@@ -135,7 +137,8 @@ def cached_ranges(prepared: Path, split: DataSplit, method: str, model_sha: str,
                   work: Path, say: Progress) -> tuple[dict[str, tuple[float, float]], str]:
     """Ranges for `method`, from the cache when its key matches; returns (ranges, 'hit'|'miss'|'invalidated')."""
     key = {"version": CACHE_VERSION, "model_sha256": model_sha, "data_sha256": split.sha256, "method": method,
-           "percentile": PERCENTILE if method == "percentile" else None, "op_types": list(QUANT_OPS)}
+           "percentile": PERCENTILE if method == "percentile" else None, "op_types": list(QUANT_OPS),
+           "smooth": options.smooth}
     path = Path(options.cache_dir) / f"ranges-{method}.json" if options.cache_dir else None
     status = "miss"
     if path is not None and path.is_file():
@@ -182,6 +185,15 @@ def quantize_model(onnx_path: Path, output: Path, precision: str, io: IOSpec, op
     check_fits(split.calibration + split.evaluation, io, str(options.data))
     prepared = prepare_model(Path(onnx_path), work)
     model_sha = model_sha256(Path(onnx_path))
+    smoothed: list[str] = []
+    if options.smooth:
+        from .smooth import smooth_model
+
+        if not 0.0 < options.smooth <= 1.0:
+            raise UsageError(f"Expected --smooth as an alpha in (0, 1], found {options.smooth}.")
+        say(f"Calibrating: smoothing activation outliers into the weights (alpha {options.smooth})")
+        smoothed = smooth_model(prepared, work / "smoothed.onnx", split.calibration, ort_session, options.smooth)
+        prepared = prepare_model(work / "smoothed.onnx", work, "prepared-smoothed.onnx")
     import onnx
 
     candidates = candidate_nodes(onnx.load(str(prepared), load_external_data=False))
@@ -226,6 +238,8 @@ def quantize_model(onnx_path: Path, output: Path, precision: str, io: IOSpec, op
     output.parent.mkdir(parents=True, exist_ok=True)
     os.replace(graph.path, output)
     graph.path = output
+    graph.smoothed = smoothed
+    graph.smooth_alpha = options.smooth
     return CalibrationResult(graph, split, acc, comparison, [str(r) for r in budget], (not misses) if budget else None,
                              sensitivity, cache, model_sha, None, notes)
 

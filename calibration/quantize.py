@@ -56,6 +56,8 @@ class QuantizedGraph:
     method: str
     quantized: list[str] = field(default_factory=list)  # node names that now read Q/DQ inputs
     excluded: list[str] = field(default_factory=list)  # candidates kept in float on purpose
+    smoothed: list[str] = field(default_factory=list)  # activations divided per channel (calibration/smooth.py)
+    smooth_alpha: float | None = None
 
     def realised(self) -> dict[str, Any]:
         fmt = "int8" if self.precision == "int8" else "float8 E4M3FN"
@@ -68,17 +70,18 @@ class QuantizedGraph:
             "calibration_method": self.method,
             "quantized_nodes": list(self.quantized),
             "excluded_nodes": list(self.excluded),
+            "smoothquant": {"alpha": self.smooth_alpha, "activations": list(self.smoothed)} if self.smoothed else None,
         }
 
 
 # -- preparing the graph ----------------------------------------------------------------------------------
-def prepare_model(onnx_path: Path, work: Path) -> Path:
+def prepare_model(onnx_path: Path, work: Path, name: str = "prepared.onnx") -> Path:
     """A shape-inferred copy of the graph with every node named: the quantizer needs the value
     types of node inputs, and exclusions and reports refer to nodes by name."""
     import onnx
 
     work.mkdir(parents=True, exist_ok=True)
-    inferred = work / "prepared.onnx"
+    inferred = work / name
     try:
         onnx.shape_inference.infer_shapes_path(str(onnx_path), str(inferred))
     except Exception as exc:  # onnx raises InferenceError / ValidationError subclasses
@@ -126,6 +129,11 @@ def compute_ranges(model_path: Path, feeds: Iterable[Feeds], method: str, work: 
     extra: dict[str, Any] = {"symmetric": True} if method != "minmax" else {}
     if method == "percentile":
         extra["percentile"] = PERCENTILE
+    if method == "entropy":
+        # ORT's default 128 bins equal its 128 quantized bins, so only the full range is ever tried
+        # and entropy silently equals minmax; 512 bins give the KL search room (2048, TensorRT's
+        # classic setting, costs ~50 s of pure-Python search on all-MiniLM-L6-v2).
+        extra.update(num_bins=512, num_quantized_bins=128)
     work.mkdir(parents=True, exist_ok=True)
     calibrator = q.create_calibrator(Path(model_path), list(op_types), augmented_model_path=str(work / "augmented.onnx"),
                                      calibrate_method=kinds[method], extra_options=extra)

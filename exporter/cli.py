@@ -118,6 +118,8 @@ BudgetOpt = typer.Option("cosine>=0.99", "--accuracy-budget",
                               "the most sensitive layers stay in float until it holds. 'none': quantize all.")
 ResizeOpt = typer.Option(None, "--resize", help="Images without a preprocessor_config.json: shortest edge before the center crop.")
 MeanOpt = typer.Option(None, "--mean", help="Images without a preprocessor_config.json: per-channel mean of [0,1] pixels, e.g. 0.485,0.456,0.406.")
+SmoothOpt = typer.Option(None, "--smooth", help="SmoothQuant alpha in (0,1]: move activation outliers into the weights before "
+                         "quantizing (helps transformers; e.g. 0.7). Default: off.")
 StdOpt = typer.Option(None, "--std", help="Images without a preprocessor_config.json: per-channel std, e.g. 0.229,0.224,0.225.")
 
 
@@ -232,6 +234,7 @@ def build(
     resize: int | None = ResizeOpt,
     mean: str | None = MeanOpt,
     std: str | None = StdOpt,
+    smooth: float | None = SmoothOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export, lower, build and gate: writes an engine bundle only if parity passes."""
@@ -242,7 +245,7 @@ def build(
                           tolerances=list(tolerance), shapes=shapes, dynamic=dynamic, opset=opset,
                           exporter=exporter, force=force, skip_parity=skip_parity, calib=calib,
                           calib_method=calib_method, accuracy_budget=accuracy_budget,
-                          image=_image_options(resize, mean, std))
+                          image=_image_options(resize, mean, std), smooth=smooth)
     with stages(not as_json) as say:
         result = run_build(source, opts, say)
     if as_json:
@@ -298,6 +301,9 @@ def _print_calibration(con: Any, cal: dict[str, Any], realised: dict[str, Any]) 
                   top1(name, a), "met" if cal["budget_met"] else "–" if cal["budget_met"] is None else "missed")
     con.print(t)
     quantized, excluded = realised.get("quantized_nodes", []), realised.get("excluded_nodes", [])
+    smooth = realised.get("smoothquant")
+    if smooth:
+        con.print(f"smoothquant: {len(smooth['activations'])} activations smoothed (alpha {smooth['alpha']})")
     con.print(f"quantized {len(quantized)} nodes; kept in float {len(excluded)}"
               + (f" (budget {', '.join(cal['budget'])}): {', '.join(excluded)}" if excluded else ""))
     speed = cal.get("speed")
@@ -323,6 +329,7 @@ def calibrate(
     resize: int | None = ResizeOpt,
     mean: str | None = MeanOpt,
     std: str | None = StdOpt,
+    smooth: float | None = SmoothOpt,
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -337,7 +344,7 @@ def calibrate(
 
         raise UsageError(f"Expected --precision int8 or fp8 for calibrate, found '{precision}'.")
     calib = CalibOptions(data=data, method=method, budget=accuracy_budget, eval_data=eval_data,
-                         image=_image_options(resize, mean, std))
+                         image=_image_options(resize, mean, std), smooth=smooth)
     with stages(not as_json) as say:
         result = calibrate_onnx(onnx_file, output, precision=precision, calib=calib,
                                 options=_build_options(shapes=shapes, dynamic=None), processor_dir=processor,

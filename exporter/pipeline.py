@@ -58,6 +58,7 @@ class BuildOptions:
     calib_method: str = "percentile"
     accuracy_budget: str | None = "cosine>=0.99"
     image: ImageOptions = field(default_factory=ImageOptions)
+    smooth: float | None = None  # SmoothQuant alpha (calibration/smooth.py); None: off
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -96,6 +97,8 @@ class BuildOptions:
             )
         check_method(self.calib_method, allow_all=True)
         parse_budget(self.accuracy_budget)
+        if self.smooth is not None and not 0.0 < self.smooth <= 1.0:
+            raise UsageError(f"Expected --smooth as a SmoothQuant alpha in (0, 1] (e.g. 0.7), found {self.smooth}.")
 
 
 @dataclass
@@ -127,6 +130,8 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         calib = options.calib if str(options.calib).startswith("random") else str(Path(options.calib).resolve())
         cmd += ["--calib", calib, "--calib-method", options.calib_method,
                 "--accuracy-budget", options.accuracy_budget or "none"]
+        if options.smooth:
+            cmd += ["--smooth", str(options.smooth)]
         img = options.image
         for flag, value in (("--resize", img.resize), ("--mean", img.mean), ("--std", img.std)):
             if value is not None:
@@ -285,7 +290,7 @@ def _calibration(spec: Any, loaded: LoadedSource, options: BuildOptions, output:
         processor = Path(spec.location)  # preprocessor_config.json of vision models
     calib = CalibOptions(data=options.calib, method=options.calib_method, budget=options.accuracy_budget,
                          eval_data=options.data, cache_dir=output.parent / f"{output.name}.calib", image=options.image,
-                         seed=options.seed)
+                         seed=options.seed, smooth=options.smooth)
     return {"io": loaded.io, "options": calib, "tokenizer_dir": processor, "progress": say}
 
 
