@@ -86,7 +86,9 @@ def load_feeds(
     """Feed dicts from `path` that fit `io` (names and dtypes); DataError when they cannot."""
     kind, items, source = _items(path, io, max_samples)
     notes: list[str] = []
-    return _to_feeds(kind, items, io, source, tokenizer_dir, image_options or ImageOptions(), batch_size, notes)[0]
+    opts = image_options or ImageOptions()
+    kind, items, _ = _decoded(kind, items, io, source, tokenizer_dir, opts, notes)
+    return _to_feeds(kind, items, io, source, tokenizer_dir, batch_size, notes)
 
 
 def load_split(
@@ -107,8 +109,10 @@ def load_split(
     if str(path).startswith("random"):
         return _random_split(str(path), io, notes, seed)
     kind, items, source = _items(path, io, max_samples)
+    kind, items, pre = _decoded(kind, items, io, source, tokenizer_dir, opts, notes)
     if eval_data is not None:
         ekind, eitems, esource = _items(eval_data, io, max_samples)
+        ekind, eitems, _ = _decoded(ekind, eitems, io, esource, tokenizer_dir, opts, notes)
         cal_items, eval_items = items, eitems
     else:
         ekind, esource = kind, source
@@ -120,13 +124,12 @@ def load_split(
         held = [i for i in range(len(items)) if i % EVAL_EVERY == EVAL_EVERY - 1] or [len(items) - 1]
         cal_items = [x for i, x in enumerate(items) if i not in set(held)]
         eval_items = [items[i] for i in held]
-    cal, pre = _to_feeds(kind, cal_items, io, source, tokenizer_dir, opts, batch_size, notes)
-    ev, _ = _to_feeds(ekind, eval_items, io, esource, tokenizer_dir, opts, batch_size, notes)
-    return DataSplit(cal, ev, str(source), kind, (_count(kind, cal_items), _count(ekind, eval_items)), notes, pre)
+    cal = _to_feeds(kind, cal_items, io, source, tokenizer_dir, batch_size, notes)
+    ev = _to_feeds(ekind, eval_items, io, esource, tokenizer_dir, batch_size, notes)
+    described = "images" if pre is not None else "npz" if kind == "rows" else kind
+    return DataSplit(cal, ev, str(source), described, (len(cal_items), len(eval_items)), notes, pre)
 
 
-def _count(kind: str, items: list[Any]) -> int:
-    return sum(int(next(iter(x.values())).shape[0]) for x in items) if kind == "npz-rows" else len(items)
 
 
 def _random_split(spec: str, io: IOSpec, notes: list[str], seed: int) -> DataSplit:
@@ -173,7 +176,11 @@ def _items(path: str | Path, io: IOSpec, max_samples: int | None) -> tuple[str, 
         )
     if path.suffix == ".npz":
         feed = _load_npz(path, io)
-        return "npz-rows", [feed], path
+        firsts = {v.shape[0] if v.ndim else -1 for v in feed.values()}
+        if len(firsts) != 1 or -1 in firsts:
+            return "npz", [feed], path  # no shared batch axis: one sample
+        rows = [{k: v[i:i + 1] for k, v in feed.items()} for i in range(firsts.pop())]
+        return "rows", rows[:max_samples], path
     if path.suffix in TEXT_SUFFIXES:
         return "text", read_texts(path)[:max_samples], path
     raise DataError(
@@ -182,32 +189,29 @@ def _items(path: str | Path, io: IOSpec, max_samples: int | None) -> tuple[str, 
     )
 
 
+def _decoded(kind: str, items: list[Any], io: IOSpec, source: Path, tokenizer_dir: str | Path | None,
+             opts: ImageOptions, notes: list[str]) -> tuple[str, list[Any], dict[str, Any] | None]:
+    """Image files → preprocessed {input: CHW array} samples, decoded all at once so that broken
+    files are counted over the whole folder; other kinds pass through."""
+    if kind != "images":
+        return kind, items, None
+    spec = pixel_input(io, source)
+    pre = preprocessing(spec, opts, Path(tokenizer_dir) if tokenizer_dir else None)
+    arrays, bad = load_images(items, spec, pre, opts, source)
+    if bad:
+        _warn(notes, f"skipped {len(bad)} of {len(items)} images in '{source}' that fail to decode: "
+                     f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
+    return "rows", [{spec.name: a[None].astype(spec.dtype)} for a in arrays], pre.describe()
+
+
 def _to_feeds(kind: str, items: list[Any], io: IOSpec, source: Path, tokenizer_dir: str | Path | None,
-              opts: ImageOptions, batch_size: int, notes: list[str]) -> tuple[list[Feeds], dict[str, Any] | None]:
+              batch_size: int, notes: list[str]) -> list[Feeds]:
     if kind == "text":
-        return list(tokenize(items, io, tokenizer_dir, batch_size=batch_size, source=source, notes=notes)), None
-    if kind == "images":
-        spec = pixel_input(io, source)
-        pre = preprocessing(spec, opts, Path(tokenizer_dir) if tokenizer_dir else None)
-        arrays, bad = load_images(items, spec, pre, opts, source)
-        if bad:
-            _warn(notes, f"skipped {len(bad)} of {len(items)} images in '{source}' that fail to decode: "
-                         f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
-        feeds = [{spec.name: np.ascontiguousarray(np.stack(arrays[i:i + batch_size]).astype(spec.dtype))}
-                 for i in range(0, len(arrays), batch_size)]
-        return feeds, pre.describe()
-    if kind == "npz-rows":
-        return _split_rows(items, batch_size), None
-    return list(items), None
-
-
-def _split_rows(items: list[Feeds], batch_size: int) -> list[Feeds]:
-    out = []
-    for feed in items:
-        n = int(next(iter(feed.values())).shape[0]) if feed else 0
-        for start in range(0, max(n, 1), batch_size):
-            out.append({k: np.ascontiguousarray(v[start:start + batch_size]) for k, v in feed.items()})
-    return out
+        return list(tokenize(items, io, tokenizer_dir, batch_size=batch_size, source=source, notes=notes))
+    if kind == "rows":  # single samples (images, rows of one .npz), batched after the split
+        return [{k: np.ascontiguousarray(np.concatenate([r[k] for r in items[i:i + batch_size]])) for k in items[0]}
+                for i in range(0, len(items), batch_size)]
+    return list(items)
 
 
 def _load_npz(path: Path, io: IOSpec) -> Feeds:

@@ -18,6 +18,8 @@ calibration ranges as INT8.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -138,12 +140,14 @@ def compute_ranges(model_path: Path, feeds: Iterable[Feeds], method: str, work: 
     calibrator = q.create_calibrator(Path(model_path), list(op_types), augmented_model_path=str(work / "augmented.onnx"),
                                      calibrate_method=kinds[method], extra_options=extra)
     count = 0
-    for feed in feeds:
-        calibrator.collect_data(_OneFeed(feed))
-        count += 1
-    if not count:
-        raise BuildError("Expected at least one calibration batch, found none; nothing was quantized.")
-    data = calibrator.compute_data()
+    # The histogram calibrators print progress to stdout, which would corrupt `--json` output.
+    with contextlib.redirect_stdout(io.StringIO()):
+        for feed in feeds:
+            calibrator.collect_data(_OneFeed(feed))
+            count += 1
+        if not count:
+            raise BuildError("Expected at least one calibration batch, found none; nothing was quantized.")
+        data = calibrator.compute_data()
     ranges = {}
     for name, td in data.data.items():
         lo, hi = td.range_value
