@@ -106,6 +106,7 @@ def load_split(
     taken from `eval_data` when given (then all of `path` calibrates)."""
     opts = image_options or ImageOptions()
     notes: list[str] = []
+    batch_size, fixed = _fit_batch(io, batch_size)
     if str(path).startswith("random"):
         return _random_split(str(path), io, notes, seed)
     kind, items, source = _items(path, io, max_samples)
@@ -126,6 +127,8 @@ def load_split(
         eval_items = [items[i] for i in held]
     cal = _to_feeds(kind, cal_items, io, source, tokenizer_dir, batch_size, notes)
     ev = _to_feeds(ekind, eval_items, io, esource, tokenizer_dir, batch_size, notes)
+    if fixed:  # a static batch dim: a short last batch cannot run
+        cal, ev = ([f for f in feeds if _rows(f) == batch_size] or feeds for feeds in (cal, ev))
     described = "images" if pre is not None else "npz" if kind == "rows" else kind
     return DataSplit(cal, ev, str(source), described, (len(cal_items), len(eval_items)), notes, pre)
 
@@ -149,6 +152,20 @@ def _random_split(spec: str, io: IOSpec, notes: list[str], seed: int) -> DataSpl
     ev = [generate_feeds(io, "opt", seed=seed + 5000 + i) for i in range(held)]
     per = _opt_batch(io)
     return DataSplit(cal, ev, spec, "random", (len(cal) * per, len(ev) * per), notes)
+
+
+def _rows(feed: Feeds) -> int:
+    return int(next(iter(feed.values())).shape[0]) if feed else 0
+
+
+def _fit_batch(io: IOSpec, wanted: int) -> tuple[int, bool]:
+    """(batch size to use, whether it is fixed): at most the batch dim's max, or its static size."""
+    first = next((s.shape[0] for s in io.inputs if s.shape), None)
+    if isinstance(first, int):
+        return first, True
+    if first in io.dims:
+        return max(1, min(wanted, io.dims[first].max)), False
+    return wanted, False
 
 
 def _opt_batch(io: IOSpec) -> int:

@@ -84,6 +84,13 @@ def prepare_model(onnx_path: Path, work: Path, name: str = "prepared.onnx") -> P
 
     work.mkdir(parents=True, exist_ok=True)
     inferred = work / name
+    head = onnx.load(str(onnx_path), load_external_data=False)
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in head.graph.initializer):
+        raise BuildError(
+            f"Expected the weights of '{onnx_path}' inside the ONNX file for calibration, found them in external "
+            "data (models over 1 GiB). Quantizing such models is not supported yet in this version of enginekit; "
+            "use --precision fp16 for them."
+        )
     try:
         onnx.shape_inference.infer_shapes_path(str(onnx_path), str(inferred))
     except Exception as exc:  # onnx raises InferenceError / ValidationError subclasses

@@ -420,6 +420,13 @@ def inspect_cmd(
             con.print("  dims " + ", ".join(f"{k}={v['min']}:{v['opt']}:{v['max']}" for k, v in m["io"]["dims"].items()))
         con.print(f"versions: {m['target']['versions']}  providers: {m['target']['providers']}")
         con.print(f"files: " + ", ".join(f"{f} ({b / 1e6:.1f} MB)" for f, b in info["file_bytes"].items()))
+        cal = m.get("calibration")
+        if cal:
+            realised = m["precision"].get("realised", {})
+            con.print(f"calibration: {cal['method']} on {cal['samples']['calibration']} samples ({cal['data']}); "
+                      f"{len(realised.get('quantized_nodes', []))} nodes quantized, "
+                      f"{len(realised.get('excluded_nodes', []))} kept in float; budget {cal['budget'] or 'none'} "
+                      f"{'met' if cal['budget_met'] else 'not set' if cal['budget_met'] is None else 'missed'}")
         p = m.get("parity") or {}
         con.print(f"parity: {p.get('status', 'none')}" + (f"  failures: {p['failures']}" if p.get("failures") else ""))
         con.print(f"rebuild: {' '.join(m['build_command'])}")

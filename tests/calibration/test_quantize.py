@@ -209,3 +209,11 @@ def test_budget_semantics():
     assert check_budget(acc, parse_budget("logits:cosine>=0.99")) == []
     with pytest.raises(UsageError, match="'nope'"):
         check_budget(acc, parse_budget("nope:cosine>=0.9"))
+
+
+def test_fp8_accuracy_is_labelled_as_cpu_emulation(model, tmp_path):
+    res = quantize_model(model, tmp_path / "q8.onnx", "fp8", IO, CalibOptions(data="random:32", budget="cosine>=0.9"),
+                         work=tmp_path / "w")
+    entry = res.manifest_entry()
+    assert res.graph.precision == "fp8" and entry["budget_met"]
+    assert any("emulated" in n for n in entry["notes"]) and any("RANDOM DATA" in n for n in entry["notes"])

@@ -48,6 +48,8 @@ def test_int8_build_records_calibration_and_reuses_its_cache(image_feeds, tmp_pa
     assert "--calib" in m.build_command and "--accuracy-budget" in m.build_command
     with runtimes.load(out) as r:
         assert r.infer({"images": np.ones((2, 3, 32, 32), np.float32)})["output"].shape == (2, 10)
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "calibration: percentile on 9 samples" in shown.output
     again = build(CONV, BuildOptions(output=out, precision="int8", calib=str(image_feeds), force=True,
                                      accuracy_budget="cosine>=0.98"))
     assert again.manifest.calibration["cache"] == {"percentile": "hit"}
