@@ -102,8 +102,9 @@ def minilm(work: Path) -> dict:
     # budget is set on sentence_embedding and the gate's tolerance on token_embeddings is loosened.
     loose_tokens = ["token_embeddings:cosine=0.9,rel_l2=0.5"]
     configs = {
+        # measured, not gated: the gate would (rightly) reject some of these
         "int8 all methods, every MatMul (no budget)": dict(calib_method="all", accuracy_budget="none",
-                                                           tolerances=loose_tokens + ["sentence_embedding:cosine=0.95,rel_l2=0.3"]),
+                                                           tolerances=["cosine=0.5", "rel_l2=1", "argmax=0"]),
         "int8 smoothquant 0.7, all methods, every MatMul (no budget)": dict(calib_method="all", accuracy_budget="none",
                                                                              smooth=0.7, tolerances=loose_tokens),
         "int8 shipped: smoothquant 0.7, all methods, budget sentence_embedding cosine>=0.99": dict(
@@ -235,7 +236,7 @@ def _markdown(name: str, r: dict) -> str:
             continue
         for method, acc in b["comparison"].items():
             for out, a in acc.items():
-                lines.append(f"| {title} | {method}{' (shipped)' if method == b['method'] and not b['excluded'] else ''} "
+                lines.append(f"| {title} | {method} "
                              f"| {out} | {a['cosine_min']:.4f} | {a['cosine_mean']:.4f} | {a.get('top1', float('nan')):.4f} | "
                              f"| | |")
         for out, a in (b["accuracy"] or {}).items():
