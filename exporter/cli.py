@@ -292,7 +292,9 @@ def _print_calibration(con: Any, cal: dict[str, Any], realised: dict[str, Any]) 
     def top1(name: str, a: dict[str, Any]) -> str:
         return f"{a['top1']:.4f}" if "top1" in a and (wants_top1 or name.startswith("logits")) else "–"
 
-    for method, row in cal["comparison"].items():
+    # One method and nothing kept in float: the comparison row would repeat the shipped one.
+    compared = cal["comparison"] if len(cal["comparison"]) > 1 or realised.get("excluded_nodes") else {}
+    for method, row in compared.items():
         for name, a in row["accuracy"].items():
             t.add_row(method, name, f"{a['cosine_min']:.4f}", f"{a['cosine_mean']:.4f}", top1(name, a),
                       "met" if not row["budget_misses"] else "missed")

@@ -18,7 +18,7 @@ from typing import Any
 
 from calibration.images import ImageOptions
 from runtimes._version import __version__
-from runtimes.errors import BuildError, MissingDependency, ParityError, UsageError
+from runtimes.errors import BuildError, IncompatibleEngine, MissingDependency, ParityError, UsageError
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 
 from .gate import gate_cases, run_gate
@@ -95,6 +95,16 @@ class BuildOptions:
                 "here, run `enginekit calibrate MODEL.onnx --precision fp8 --data DATA -o model.fp8.onnx`, "
                 "which emulates the Q/DQ on the CPU."
             )
+        if self.precision == "fp8":
+            from runtimes.device import gpu_info, supports
+
+            gpu = gpu_info()
+            if gpu is not None and not supports("fp8", gpu["compute_capability"]):
+                cc = ".".join(map(str, gpu["compute_capability"]))
+                raise UsageError(
+                    f"Expected a GPU of compute capability >= 8.9 for FP8, found {gpu['name']} ({cc}). Build with "
+                    "--precision int8 (or fp16) for this GPU, or build FP8 on an Ada/Hopper/Blackwell machine."
+                )
         check_method(self.calib_method, allow_all=True)
         parse_budget(self.accuracy_budget)
         if self.smooth is not None and not 0.0 < self.smooth <= 1.0:
@@ -305,7 +315,14 @@ def _gate(loaded: LoadedSource, manifest: Manifest, bundle: Path, options: Build
     with _timed(timings, "gate", say, "Parity gate: reference vs engine"):
         cases = gate_cases(manifest.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed,
                            feeds=held_out, image_options=options.image)
-        runner = open_runner(bundle, manifest, device=options.device)
+        try:
+            runner = open_runner(bundle, manifest, device=options.device)
+        except (IncompatibleEngine, MissingDependency) as exc:
+            if options.precision != "fp8":
+                raise
+            # FP8 needs hardware this machine may lack: the gate says so, it never claims a pass.
+            return ParityReport(options.precision, policy, notes=[f"parity not checked: the FP8 engine cannot run "
+                                                                   f"here ({exc})"]).finish()
         try:
             report = run_gate(loaded.reference, runner, cases, policy, options.precision,
                               on_case=lambda label: say(f"Parity gate: {label}"))

@@ -143,3 +143,16 @@ def test_real_weights_minilm_int8_on_held_out_sentences(minilm_onnx, minilm_dir,
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node]
     integer = ops.count("MatMulIntegerToFloat") + ops.count("QLinearMatMul")
     assert integer == len(res.graph.quantized), (integer, len(res.graph.quantized))
+
+
+def test_fp8_build_where_fp8_cannot_run_is_not_checked_never_passed(image_feeds, tmp_path):
+    from runtimes.device import gpu_info
+
+    if gpu_info() is not None:
+        pytest.skip("a GPU is present: the FP8 gate may run here")
+    res = build(CONV, BuildOptions(output=tmp_path / "fp8", precision="fp8", device="cuda", calib=str(image_feeds),
+                                   accuracy_budget="cosine>=0.95"))
+    assert res.parity.status == "not-checked" and "cannot run here" in res.parity.notes[0]
+    m = json.loads((tmp_path / "fp8" / "manifest.json").read_text())
+    assert m["parity"]["status"] == "not-checked" and m["precision"]["realised"]["activations"].startswith("float8")
+    assert any("emulated" in n for n in m["calibration"]["notes"])  # the budget was measured by CPU emulation
