@@ -306,8 +306,9 @@ def _print_calibration(con: Any, cal: dict[str, Any], realised: dict[str, Any]) 
     smooth = realised.get("smoothquant")
     if smooth:
         con.print(f"smoothquant: {len(smooth['activations'])} activations smoothed (alpha {smooth['alpha']})")
-    con.print(f"quantized {len(quantized)} nodes; kept in float {len(excluded)}"
-              + (f" (budget {', '.join(cal['budget'])}): {', '.join(excluded)}" if excluded else ""))
+    con.print(f"quantized ({len(quantized)}): {', '.join(quantized) or 'none'}")
+    con.print(f"kept in float ({len(excluded)})" + (f": {', '.join(excluded)} (the most sensitive layers, until the "
+                                                    f"budget {', '.join(cal['budget'])} held)" if excluded else ""))
     speed = cal.get("speed")
     if speed:
         con.print(f"CPU latency on a held-out batch {speed['shapes']}: FP32 {speed['fp32_ms']:.2f} ms, INT8 "
