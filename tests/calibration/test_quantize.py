@@ -21,7 +21,7 @@ IO = IOSpec(inputs=[TensorSpec("x", "float32", ("batch", 3, 12, 12))],
 def make_model(path, seed=0):
     """Conv → Relu → Conv → GlobalAveragePool → Flatten → Gemm(transB) → MatMul: logits."""
     rng = np.random.default_rng(seed)
-    w = lambda *s: numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32))  # noqa: E731
+    w = lambda *s: numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32))
     inits = [w(8, 3, 3, 3), w(8), w(16, 8, 3, 3), w(16), w(12, 16), w(12), w(12, 10)]
     for t, name in zip(inits, ["w1", "b1", "w2", "b2", "wg", "bg", "wm"]):
         t.name = name

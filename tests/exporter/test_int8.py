@@ -132,8 +132,9 @@ def test_real_weights_minilm_int8_on_held_out_sentences(minilm_onnx, minilm_dir,
     assert res.budget_met and len(res.graph.quantized) >= 40  # 36 weight + 12 attention MatMuls
     assert res.speed["fp32_ms"] > 0 and res.speed["int8_ms"] > 0
     # The ORT CPU form runs every quantized MatMul as an integer kernel (the speed path).
-    from calibration.quantize import to_ort_cpu_form
     import onnxruntime as ort
+
+    from calibration.quantize import to_ort_cpu_form
 
     to_ort_cpu_form(out, tmp_path / "cpu.onnx")
     so = ort.SessionOptions()
