@@ -313,7 +313,13 @@ def tokenize(texts: list[str], io: IOSpec, tokenizer_dir: str | Path | None, *, 
         )
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError, KeyError) as exc:  # a folder without tokenizer files
+        raise DataError(
+            f"Expected a tokenizer in '{tokenizer_dir}' to turn the texts of '{source}' into token ids, but none "
+            f"loads ({str(exc).strip().splitlines()[0][:200]}). Pass token ids as .npz instead."
+        ) from None
     seq_dim = next((d for s in io.inputs if s.name == "input_ids" for d in s.shape[1:2] if isinstance(d, str)), None)
     max_len = io.dims[seq_dim].max if seq_dim in io.dims else None
     if max_len is not None:

@@ -223,7 +223,7 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         onnx_path, exporter_name = loaded.onnx_path, "none (onnx: source)"
         opset, onnx_sha = loaded.info.get("opset"), file_sha256(loaded.onnx_path)
     with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-        lowered = lower_precision(onnx_path, options.precision, work, _calibration(spec, loaded, options, output, say))
+        lowered = lower_precision(onnx_path, options.precision, work, _calibration(loaded, options, output, say))
     engine_onnx = lowered.path
     if options.precision == "int8" and options.target == "ort" and options.device == "cpu":
         from calibration.quantize import to_ort_cpu_form
@@ -288,20 +288,26 @@ def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions) -> Any:
     )
 
 
-def _calibration(spec: Any, loaded: LoadedSource, options: BuildOptions, output: Path, say: Progress) -> dict[str, Any] | None:
+def _calibration(loaded: LoadedSource, options: BuildOptions, output: Path, say: Progress) -> dict[str, Any] | None:
     """quantize_model's arguments for int8/fp8: the ranges cache sits next to the bundle, so it
     survives a --force rebuild; --data, when given, is the held-out evaluation set."""
     if options.precision not in ("int8", "fp8"):
         return None
     from calibration.calibrate import CalibOptions
 
-    processor = loaded.tokenizer_dir
-    if processor is None and spec.kind == "hf" and Path(spec.location).is_dir():
-        processor = Path(spec.location)  # preprocessor_config.json of vision models
     calib = CalibOptions(data=options.calib, method=options.calib_method, budget=options.accuracy_budget,
                          eval_data=options.data, cache_dir=output.parent / f"{output.name}.calib", image=options.image,
                          seed=options.seed, smooth=options.smooth)
-    return {"io": loaded.io, "options": calib, "tokenizer_dir": processor, "progress": say}
+    return {"io": loaded.io, "options": calib, "tokenizer_dir": _processor_dir(loaded), "progress": say}
+
+
+def _processor_dir(loaded: LoadedSource) -> Path | None:
+    """Where texts are tokenized and images preprocessed from: the tokenizer's folder, or the hf:
+    folder itself (its preprocessor_config.json) for vision models without a tokenizer."""
+    if loaded.tokenizer_dir is not None:
+        return loaded.tokenizer_dir
+    spec = loaded.spec
+    return Path(spec.location) if spec.kind == "hf" and Path(spec.location).is_dir() else None
 
 
 def _gate(loaded: LoadedSource, manifest: Manifest, bundle: Path, options: BuildOptions, say: Progress,
@@ -313,7 +319,7 @@ def _gate(loaded: LoadedSource, manifest: Manifest, bundle: Path, options: Build
     from runtimes import open_runner
 
     with _timed(timings, "gate", say, "Parity gate: reference vs engine"):
-        cases = gate_cases(manifest.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed,
+        cases = gate_cases(manifest.io, data=options.data, tokenizer_dir=_processor_dir(loaded), seed=options.seed,
                            feeds=held_out, image_options=options.image)
         try:
             runner = open_runner(bundle, manifest, device=options.device)
