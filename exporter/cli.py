@@ -111,6 +111,35 @@ OpsetOpt = typer.Option(None, "--opset", help="ONNX opset (default: the exporter
 ExporterOpt = typer.Option("auto", "--exporter", help="auto | torch | transformers (auto: torch.onnx, then transformers' exporter for HF models).")
 
 
+CalibMethodOpt = typer.Option("percentile", "--calib-method", "--method",
+                              help="minmax | entropy | percentile | all (all: compare them, keep the best).")
+BudgetOpt = typer.Option("cosine>=0.99", "--accuracy-budget",
+                         help="[OUTPUT:]METRIC>=VALUE on held-out samples, METRIC cosine (worst sample) or top1; "
+                              "the most sensitive layers stay in float until it holds. 'none': quantize all.")
+ResizeOpt = typer.Option(None, "--resize", help="Images without a preprocessor_config.json: shortest edge before the center crop.")
+MeanOpt = typer.Option(None, "--mean", help="Images without a preprocessor_config.json: per-channel mean of [0,1] pixels, e.g. 0.485,0.456,0.406.")
+SmoothOpt = typer.Option(None, "--smooth", help="SmoothQuant alpha in (0,1]: move activation outliers into the weights before "
+                         "quantizing (helps transformers; e.g. 0.7). Default: off.")
+StdOpt = typer.Option(None, "--std", help="Images without a preprocessor_config.json: per-channel std, e.g. 0.229,0.224,0.225.")
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        from runtimes.errors import UsageError
+
+        raise UsageError(f"Expected {flag} as comma-separated numbers (e.g. 0.485,0.456,0.406), found '{text}'.") from None
+
+
+def _image_options(resize: int | None, mean: str | None, std: str | None) -> Any:
+    from calibration.images import ImageOptions
+
+    return ImageOptions(resize=resize, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+
+
 def _build_options(**kw: Any) -> Any:
     from .pipeline import BuildOptions
     from .shapes import parse_shapes
@@ -201,7 +230,13 @@ def build(
     exporter: str = ExporterOpt,
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     skip_parity: bool = typer.Option(False, "--skip-parity", help="Do not run the gate (recorded as not checked)."),
-    calib: Path | None = typer.Option(None, "--calib", help="Calibration data (same formats as --data): ranges for fp16/bf16."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration data for reduced precision (fp16/bf16: ranges for the lowering; int8/fp8: Q/DQ scales): .txt/.jsonl texts, a folder of images or .npz feeds, or random[:N] (smoke tests only)."),
+    calib_method: str = CalibMethodOpt,
+    accuracy_budget: str = BudgetOpt,
+    resize: int | None = ResizeOpt,
+    mean: str | None = MeanOpt,
+    std: str | None = StdOpt,
+    smooth: float | None = SmoothOpt,
     fp32_nodes: list[str] = typer.Option([], "--fp32-nodes", help="fp16/bf16: keep nodes whose name matches this regex in FP32 (repeatable)."),
     fp32_ops: str | None = typer.Option(None, "--fp32-ops", help="fp16/bf16: op types kept in FP32, comma-separated (e.g. LayerNormalization,Softmax)."),
     native_io: bool = typer.Option(False, "--native-io", help="fp16/bf16: graph inputs/outputs in the low precision (faster on GPU) instead of FP32."),
@@ -231,7 +266,9 @@ def build(
                           exporter=exporter, force=force, skip_parity=skip_parity, calib=calib,
                           fp32_nodes=list(fp32_nodes), fp32_ops=[o.strip() for o in (fp32_ops or "").split(",") if o.strip()],
                           native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget,
-                          ort_fusions=ort_fusions, trt=trt)
+                          ort_fusions=ort_fusions, trt=trt,
+                          calib_method=calib_method, accuracy_budget=accuracy_budget,
+                          image=_image_options(resize, mean, std), smooth=smooth)
     with stages(not as_json) as say:
         result = run_build(source, opts, say)
     if as_json:
@@ -241,6 +278,8 @@ def build(
     con.print(f"bundle [bold]{result.bundle}[/]  ({result.manifest.target.backend} {result.manifest.target.device}, "
               f"{opts.precision})")
     _print_precision(con, result.manifest.precision)
+    if result.manifest.calibration:
+        _print_calibration(con, result.manifest.calibration, result.manifest.precision.get("realised", {}))
     _print_parity(con, result.parity)
     if result.parity.status == "not-checked":
         con.print("[yellow]parity NOT CHECKED on this machine: run `enginekit parity " + str(result.bundle)
@@ -287,6 +326,92 @@ def _print_parity(con: Any, report: Any) -> None:
     con.print(t)
     for note in report.notes:
         con.print(f"[dim]note: {note}[/]")
+
+
+def _print_calibration(con: Any, cal: dict[str, Any], realised: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    samples = cal["samples"]
+    con.print(f"calibration: {cal['method']} ranges from {samples['calibration']} samples of {cal['data']} "
+              f"(cache {cal['cache'].get(cal['method'], '?')}); accuracy on {samples['evaluation']} held-out samples")
+    t = Table(title="accuracy vs FP32 on held-out samples (per sample)", title_justify="left")
+    for col in ("method", "output", "cosine min", "cosine mean", "top-1", "budget"):
+        t.add_column(col, justify="left" if col in ("method", "output", "budget") else "right")
+    # top-1 means something for class scores, not for embeddings: shown for logits* or a top1 budget.
+    wants_top1 = any("top1" in b for b in cal["budget"])
+
+    def top1(name: str, a: dict[str, Any]) -> str:
+        return f"{a['top1']:.4f}" if "top1" in a and (wants_top1 or name.startswith("logits")) else "–"
+
+    # One method and nothing kept in float: the comparison row would repeat the shipped one.
+    compared = cal["comparison"] if len(cal["comparison"]) > 1 or realised.get("excluded_nodes") else {}
+    for method, row in compared.items():
+        for name, a in row["accuracy"].items():
+            t.add_row(method, name, f"{a['cosine_min']:.4f}", f"{a['cosine_mean']:.4f}", top1(name, a),
+                      "met" if not row["budget_misses"] else "missed")
+    for name, a in cal["accuracy"].items():
+        t.add_row(f"[bold]{cal['method']} (shipped)[/]", name, f"{a['cosine_min']:.4f}", f"{a['cosine_mean']:.4f}",
+                  top1(name, a), "met" if cal["budget_met"] else "–" if cal["budget_met"] is None else "missed")
+    con.print(t)
+    quantized, excluded = realised.get("quantized_nodes", []), realised.get("excluded_nodes", [])
+    smooth = realised.get("smoothquant")
+    if smooth:
+        con.print(f"smoothquant: {len(smooth['activations'])} activations smoothed (alpha {smooth['alpha']})")
+    con.print(f"quantized ({len(quantized)}): {', '.join(quantized) or 'none'}")
+    con.print(f"kept in float ({len(excluded)})" + (f": {', '.join(excluded)} (the most sensitive layers, until the "
+                                                    f"budget {', '.join(cal['budget'])} held)" if excluded else ""))
+    speed = cal.get("speed")
+    if speed:
+        con.print(f"CPU latency on a held-out batch {speed['shapes']}: FP32 {speed['fp32_ms']:.2f} ms, INT8 "
+                  f"{speed['int8_ms']:.2f} ms, speedup {speed['speedup']:.2f}×")
+    for note in cal.get("notes", []):
+        con.print(f"[yellow]warning:[/] {note}")
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    onnx_file: Path = typer.Argument(..., help="The FP32 ONNX file to quantize."),
+    data: str = typer.Option(..., "--data", help="Calibration data: .txt/.jsonl texts, a folder of images or .npz feeds, or random[:N]."),
+    output: Path = typer.Option(..., "-o", "--output", help="The Q/DQ ONNX file to write (ranges cached in OUTPUT.calib/)."),
+    precision: str = typer.Option("int8", "--precision", help="int8 | fp8."),
+    method: str = CalibMethodOpt,
+    accuracy_budget: str = BudgetOpt,
+    eval_data: Path | None = typer.Option(None, "--eval-data", help="Held-out samples for accuracy (default: every 4th --data sample)."),
+    processor: Path | None = typer.Option(None, "--processor", help="HF model folder with the tokenizer (texts) or preprocessor_config.json (images)."),
+    shapes: str | None = ShapesOpt,
+    resize: int | None = ResizeOpt,
+    mean: str | None = MeanOpt,
+    std: str | None = StdOpt,
+    smooth: float | None = SmoothOpt,
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Quantize an ONNX graph to Q/DQ INT8/FP8 from real data, within an accuracy budget."""
+    _quiet_libraries()
+    from calibration.calibrate import CalibOptions
+
+    from .quant import calibrate_onnx
+
+    if precision not in ("int8", "fp8"):
+        from runtimes.errors import UsageError
+
+        raise UsageError(f"Expected --precision int8 or fp8 for calibrate, found '{precision}'.")
+    calib = CalibOptions(data=data, method=method, budget=accuracy_budget, eval_data=eval_data,
+                         image=_image_options(resize, mean, std), smooth=smooth)
+    with stages(not as_json) as say:
+        result = calibrate_onnx(onnx_file, output, precision=precision, calib=calib,
+                                options=_build_options(shapes=shapes, dynamic=None), processor_dir=processor,
+                                force=force, progress=say)
+    entry = result.manifest_entry()
+    realised = result.graph.realised()
+    if as_json:
+        return _print_json({"output": str(result.graph.path), "precision": precision, "realised": realised,
+                            "calibration": entry})
+    con = _console()
+    con.print(f"wrote [bold]{result.graph.path}[/] ({precision} Q/DQ)")
+    _print_calibration(con, entry, realised)
+    return None
 
 
 @app.command()
@@ -352,6 +477,13 @@ def inspect_cmd(
             con.print("  dims " + ", ".join(f"{k}={v['min']}:{v['opt']}:{v['max']}" for k, v in m["io"]["dims"].items()))
         con.print(f"versions: {m['target']['versions']}  providers: {m['target']['providers']}")
         con.print(f"files: " + ", ".join(f"{f} ({b / 1e6:.1f} MB)" for f, b in info["file_bytes"].items()))
+        cal = m.get("calibration")
+        if cal:
+            realised = m["precision"].get("realised", {})
+            con.print(f"calibration: {cal['method']} on {cal['samples']['calibration']} samples ({cal['data']}); "
+                      f"{len(realised.get('quantized_nodes', []))} nodes quantized, "
+                      f"{len(realised.get('excluded_nodes', []))} kept in float; budget {cal['budget'] or 'none'} "
+                      f"{'met' if cal['budget_met'] else 'not set' if cal['budget_met'] is None else 'missed'}")
         p = m.get("parity") or {}
         con.print(f"parity: {p.get('status', 'none')}" + (f"  failures: {p['failures']}" if p.get("failures") else ""))
         con.print(f"rebuild: {' '.join(m['build_command'])}")

@@ -5,29 +5,48 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from runtimes.manifest import IOSpec
 from runtimes.samples import SHAPE_POINTS, generate_feeds
 
-from .parity import ParityReport, TolerancePolicy, compare_case
+from .parity import ParityReport, Tolerance, TolerancePolicy, compare_case
 
 Feeds = dict[str, np.ndarray]
+REAL_PREFIXES = ("data[", "eval[")
+# Generated (random) inputs lie outside the ranges INT8/FP8 scales were calibrated on, so clipping
+# there is expected and says nothing about service inputs (all-MiniLM-L6-v2 INT8: cosine 0.994 on
+# held-out sentences, 0.980 on random token ids at the max shape). For quantized engines those
+# cases prove that every shape runs without NaN/Inf against a floor that catches a broken graph;
+# accuracy is gated on the real, held-out samples.
+QUANTIZED_GENERATED = Tolerance(cosine=0.95, argmax=0.8, equal=0.9)
+
+
+def generated_policy(precision: str, policy: TolerancePolicy) -> TolerancePolicy | None:
+    """The policy for generated cases of `precision` (None: the same as for real data)."""
+    if precision not in ("int8", "fp8"):
+        return None
+    return TolerancePolicy(QUANTIZED_GENERATED, dict(policy.per_output))
 
 
 def gate_cases(io: IOSpec, *, data: Path | None = None, tokenizer_dir: Path | None = None, seed: int = 0,
-               max_data_batches: int = 8) -> list[tuple[str, Feeds]]:
-    """Labelled feed dicts: 'data[i]' batches from --data (real inputs), then one generated case per
-    distinct min/opt/max shape, so the dynamic ranges are exercised even when the data is short."""
+               max_data_batches: int = 8, feeds: Sequence[Feeds] | None = None,
+               image_options: Any = None) -> list[tuple[str, Feeds]]:
+    """Labelled feed dicts: 'data[i]' batches from --data (real inputs), or 'eval[i]' for `feeds`
+    (the calibration data's held-out samples), then one generated case per distinct min/opt/max
+    shape, so the dynamic ranges are exercised even when the data is short."""
     cases: list[tuple[str, Feeds]] = []
     if data is not None:
         from calibration.data import load_feeds
 
         batch_dim = next((d for s in io.inputs for d in s.shape[:1] if isinstance(d, str)), None)
         batch = min(8, io.dims[batch_dim].max) if batch_dim in io.dims else 1
-        feeds = load_feeds(data, io, tokenizer_dir=tokenizer_dir, batch_size=batch)
-        cases += [(f"data[{i}]", f) for i, f in enumerate(feeds[:max_data_batches])]
+        loaded = load_feeds(data, io, tokenizer_dir=tokenizer_dir, batch_size=batch, image_options=image_options)
+        cases += [(f"data[{i}]", f) for i, f in enumerate(loaded[:max_data_batches])]
+    elif feeds:
+        cases += [(f"eval[{i}]", f) for i, f in enumerate(feeds[:max_data_batches])]
     seen = set()
     for i, point in enumerate(SHAPE_POINTS):
         key = tuple(sorted((k, r.at(point)) for k, r in io.dims.items()))
@@ -52,14 +71,19 @@ def run_gate(
     """Compare the engine (`engine`: a runner's infer, None when it cannot run here) and, for reduced
     precision on a machine that cannot show it, the emulated low-precision graph (`emulator`)."""
     report = ParityReport(precision, policy)
+    loose = generated_policy(precision, policy)
+    if loose is not None and any(not label.startswith(REAL_PREFIXES) for label, _ in cases):
+        report.notes.append(f"generated inputs are outside the calibrated ranges: checked against a floor "
+                            f"(cosine >= {QUANTIZED_GENERATED.cosine}); {precision} accuracy is gated on real samples")
     for label, feeds in cases:
         if on_case:
             on_case(label)
         ref = reference(feeds)
+        case_policy = policy if label.startswith(REAL_PREFIXES) or loose is None else loose
         if engine is not None:
-            report.cases.append(compare_case(label, feeds, ref, engine(feeds), policy))
+            report.cases.append(compare_case(label, feeds, ref, engine(feeds), case_policy))
         if emulator is not None:
-            report.cases.append(compare_case(f"{precision}-emulated {label}", feeds, ref, emulator(feeds), policy))
+            report.cases.append(compare_case(f"{precision}-emulated {label}", feeds, ref, emulator(feeds), case_policy))
     return report.finish(engine_checked=engine is not None)
 
 

@@ -21,9 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from calibration.images import ImageOptions
 from runtimes._version import __version__
 import numpy as np
 import onnx
+
+from runtimes.errors import BuildError, IncompatibleEngine, MissingDependency, ParityError, UsageError
+from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 
 from runtimes.errors import BuildError, IncompatibleEngine, ParityError, UsageError
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
@@ -62,8 +66,7 @@ class BuildOptions:
     tolerances: list[str] = field(default_factory=list)
     skip_parity: bool = False
     seed: int = 0
-    # Reduced precision (fp16/bf16): range data, forced-FP32 nodes, I/O dtype, the fallback's budget.
-    calib: Path | None = None
+    # fp16/bf16: forced-FP32 nodes, I/O dtype, the fallback's budget (range data: --calib).
     fp32_nodes: list[str] = field(default_factory=list)
     fp32_ops: list[str] = field(default_factory=list)
     native_io: bool = False
@@ -72,6 +75,15 @@ class BuildOptions:
     fallback_rounds: int = 6
     ort_fusions: bool = True  # ORT target: attention / skip-LayerNorm / GELU fusions (exporter/ortfuse.py)
     trt: TrtBuildOptions = field(default_factory=TrtBuildOptions)
+    # Reduced precision: calibration samples (fp16/bf16: AutoCast's range data; int8/fp8: 
+    # Q/DQ scales; texts, images, .npz feeds, or random[:N] for smoke tests), the int8/fp8
+    # range method (minmax | entropy | percentile | all), the accuracy budget on held-out samples
+    # (--data when given, else every 4th --calib sample), and image preprocessing without an HF config.
+    calib: str | None = None
+    calib_method: str = "percentile"
+    accuracy_budget: str | None = "cosine>=0.99"
+    image: ImageOptions = field(default_factory=ImageOptions)
+    smooth: float | None = None  # SmoothQuant alpha (calibration/smooth.py); None: off
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -110,6 +122,46 @@ class BuildOptions:
                     f"{gpu['name']} with compute capability {cc}. Use --precision fp16 on this GPU, or build on a "
                     "newer one (`enginekit doctor` shows what this machine supports)."
                 )
+        self._validate_calibration()
+
+    def _validate_calibration(self) -> None:
+        from calibration.budget import parse_budget
+        from calibration.quantize import check_method
+
+        quantized = self.precision in ("int8", "fp8")
+        if quantized and self.calib is None:
+            raise UsageError(
+                f"Expected --calib DATA with --precision {self.precision}: Q/DQ scales come from real inputs (a .txt/"
+                ".jsonl of texts, a folder of images or of .npz feed dicts). --calib random is for smoke tests only."
+            )
+        if self.calib is not None and self.precision == "fp32":
+            raise UsageError(
+                "Expected --calib with a reduced precision (fp16/bf16: ranges for the mixed-precision lowering; "
+                "int8/fp8: Q/DQ scales), found --precision fp32, which needs no calibration. Use --data for the "
+                "gate's real inputs."
+            )
+        if self.precision == "fp8" and self.device == "cpu":
+            raise UsageError(
+                "Expected an FP8 build for a GPU (--target trt, or --target ort --device cuda), found --device cpu. "
+                "FP8 tensor cores need compute capability >= 8.9 (Ada, Hopper and newer), and ONNX Runtime's CPU "
+                "provider has no FP8 kernels (its optimizer rejects FP8 Q/DQ graphs). To inspect FP8 accuracy "
+                "here, run `enginekit calibrate MODEL.onnx --precision fp8 --data DATA -o model.fp8.onnx`, "
+                "which emulates the Q/DQ on the CPU."
+            )
+        if self.precision == "fp8":
+            from runtimes.device import gpu_info, supports
+
+            gpu = gpu_info()
+            if gpu is not None and not supports("fp8", gpu["compute_capability"]):
+                cc = ".".join(map(str, gpu["compute_capability"]))
+                raise UsageError(
+                    f"Expected a GPU of compute capability >= 8.9 for FP8, found {gpu['name']} ({cc}). Build with "
+                    "--precision int8 (or fp16) for this GPU, or build FP8 on an Ada/Hopper/Blackwell machine."
+                )
+        check_method(self.calib_method, allow_all=True)
+        parse_budget(self.accuracy_budget)
+        if self.smooth is not None and not 0.0 < self.smooth <= 1.0:
+            raise UsageError(f"Expected --smooth as a SmoothQuant alpha in (0, 1] (e.g. 0.7), found {self.smooth}.")
 
 
 @dataclass
@@ -138,7 +190,16 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
     for t in options.tolerances:
         cmd += ["--tolerance", t]
     if options.calib:
-        cmd += ["--calib", str(Path(options.calib).resolve())]
+        calib = options.calib if str(options.calib).startswith("random") else str(Path(options.calib).resolve())
+        cmd += ["--calib", calib]
+        if options.precision in ("int8", "fp8"):
+            cmd += ["--calib-method", options.calib_method, "--accuracy-budget", options.accuracy_budget or "none"]
+        if options.smooth:
+            cmd += ["--smooth", str(options.smooth)]
+        img = options.image
+        for flag, value in (("--resize", img.resize), ("--mean", img.mean), ("--std", img.std)):
+            if value is not None:
+                cmd += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     for n in options.fp32_nodes:
         cmd += ["--fp32-nodes", n]
     if options.fp32_ops:
@@ -225,7 +286,8 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     else:
         onnx_path, exporter_name = loaded.onnx_path, "none (onnx: source)"
         opset, onnx_sha = loaded.info.get("opset"), file_sha256(loaded.onnx_path)
-    cases = gate_cases(loaded.io, data=options.data, tokenizer_dir=loaded.tokenizer_dir, seed=options.seed)
+    cases = gate_cases(loaded.io, data=options.data, tokenizer_dir=_processor_dir(loaded), seed=options.seed,
+                       image_options=options.image)
     if options.device == "cuda" and loaded.module is not None and _torch_cuda():
         loaded.device = "cuda"
     reference = CachedReference(loaded.reference)
@@ -234,16 +296,27 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     history: list[dict[str, Any]] = []
     while True:
         with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-            lowered = _lower(loaded, onnx_path, options.precision, work, mixed, calibration)
+            lowered = _lower(loaded, onnx_path, options.precision, work, mixed, calibration,
+                             quantize=_calibration(loaded, options, output, say))
         if options.target == "trt":
             say("Looking for TensorRT and a GPU")
             _check_tensorrt(loaded, onnx_path, lowered, options, output)
+        engine_onnx = lowered.path
+        if options.precision == "int8" and options.target == "ort" and options.device == "cpu":
+            from calibration.quantize import to_ort_cpu_form
+
+            engine_onnx = work / "model.int8.ort-cpu.onnx"
+            pairs = to_ort_cpu_form(lowered.path, engine_onnx)
+            lowered.realised["ort_cpu_form"] = (
+                f"{pairs} activation Q/DQ pairs stored as uint8 with zero point 128 (the same values as int8 with zero "
+                "point 0): x86 ONNX Runtime has fast integer kernels only for u8 activations")
         stage = f"Building the {options.target} engine ({options.device})"
         with _timed(timings, "build", say, stage):
             shutil.rmtree(bundle, ignore_errors=True)
             bundle.mkdir()
-            target = _build_engine(lowered.path, bundle, options, loaded.io, output,
-                                   lambda detail: say(f"{stage}: {detail}"), low_precision=mixed is not None, work=work)
+            target = _build_engine(engine_onnx, bundle, options, loaded.io, output,
+                                   lambda detail: say(f"{stage}: {detail}"), low_precision=options.precision != "fp32",
+                                   work=work)
         io = _lowered_io(loaded.io, lowered.path) if mixed and not mixed.keep_io_types else loaded.io
         manifest = Manifest(
             name=output.name,
@@ -262,7 +335,22 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
                 tuning = tune_cuda(bundle, manifest)
             manifest.target.options["cuda_provider_options"] = tuning["chosen"]
             manifest.target.options["tuning"] = tuning
+        held_out = None
+        if lowered.calibration is not None:
+            from .quant import measure_speedup
+
+            if options.target == "ort" and options.device == "cpu" and options.precision == "int8":
+                say("Measuring CPU latency: FP32 vs INT8")
+                lowered.calibration.speed = measure_speedup(onnx_path, bundle / target.engine_files[0],
+                                                            lowered.calibration.split.evaluation[0])
+            manifest.calibration = lowered.calibration.manifest_entry()
+            held_out = None if options.data else lowered.calibration.split.evaluation
+            if held_out:  # the gate measures accuracy on the held-out samples, never on the calibration set
+                cases = gate_cases(manifest.io, data=options.data, tokenizer_dir=_processor_dir(loaded),
+                                   seed=options.seed, feeds=held_out, image_options=options.image)
         report = _gate(reference, manifest, bundle, lowered.path, cases, options, say, timings)
+        if held_out:
+            report.notes.append("real inputs: the calibration data's held-out evaluation samples (never calibrated on)")
         culprits = _next_fallback(report, mixed, onnx_path, lowered.path, cases, loaded.io, history, say)
         if not culprits:
             break
@@ -295,12 +383,12 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
 
 
 def _lower(loaded: LoadedSource, onnx_path: Path, precision: str, work: Path, mixed: MixedOptions | None = None,
-           calibration: list[Feeds] | None = None) -> Lowered:
+           calibration: list[Feeds] | None = None, *, quantize: dict[str, Any] | None = None) -> Lowered:
     """Lower the graph, unless it is an ONNX that enginekit already lowered (the kept ONNX of a
     TensorRT build handed over to another machine): lowering it again would change it twice."""
     already = loaded.info.get("lowered")
     if not already:
-        return lower_precision(onnx_path, precision, work, mixed=mixed, calibration=calibration or [])
+        return lower_precision(onnx_path, precision, work, mixed=mixed, calibration=calibration or [], quantize=quantize)
     if already != precision:
         raise UsageError(
             f"Expected --precision {already} for '{onnx_path}', which enginekit already lowered to {already} "
@@ -394,12 +482,13 @@ def _mixed_options(options: BuildOptions) -> MixedOptions | None:
 def _calibration_feeds(loaded: LoadedSource, options: BuildOptions, cases: list[tuple[str, Feeds]]) -> list[Feeds]:
     """Range data for AutoCast: --calib, else the --data batches, else the generated min/opt cases
     (max shapes are left out: AutoCast holds every intermediate of every batch in memory)."""
-    if options.calib is not None:
+    if options.calib is not None and not str(options.calib).startswith("random"):
         from calibration.data import load_feeds
 
         batch_dim = next((d for s in loaded.io.inputs for d in s.shape[:1] if isinstance(d, str)), None)
         batch = min(8, loaded.io.dims[batch_dim].max) if batch_dim in loaded.io.dims else 1
-        return load_feeds(options.calib, loaded.io, tokenizer_dir=loaded.tokenizer_dir, batch_size=batch)[:4]
+        return load_feeds(options.calib, loaded.io, tokenizer_dir=_processor_dir(loaded), batch_size=batch,
+                          image_options=options.image)[:4]
     data = [f for label, f in cases if label.startswith("data[")]
     return data[:4] if data else [f for label, f in cases if label.startswith(("min", "opt"))]
 
@@ -423,11 +512,34 @@ def _as_engine_dtypes(io: IOSpec, fn: Callable[[Feeds], Any]) -> Callable[[Feeds
     return call
 
 
+def _calibration(loaded: LoadedSource, options: BuildOptions, output: Path, say: Progress) -> dict[str, Any] | None:
+    """quantize_model's arguments for int8/fp8: the ranges cache sits next to the bundle, so it
+    survives a --force rebuild; --data, when given, is the held-out evaluation set."""
+    if options.precision not in ("int8", "fp8"):
+        return None
+    from calibration.calibrate import CalibOptions
+
+    calib = CalibOptions(data=options.calib, method=options.calib_method, budget=options.accuracy_budget,
+                         eval_data=options.data, cache_dir=output.parent / f"{output.name}.calib", image=options.image,
+                         seed=options.seed, smooth=options.smooth)
+    return {"io": loaded.io, "options": calib, "tokenizer_dir": _processor_dir(loaded), "progress": say}
+
+
+def _processor_dir(loaded: LoadedSource) -> Path | None:
+    """Where texts are tokenized and images preprocessed from: the tokenizer's folder, or the hf:
+    folder itself (its preprocessor_config.json) for vision models without a tokenizer."""
+    if loaded.tokenizer_dir is not None:
+        return loaded.tokenizer_dir
+    spec = loaded.spec
+    return Path(spec.location) if spec.kind == "hf" and Path(spec.location).is_dir() else None
+
+
 def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases: list[tuple[str, Feeds]],
           options: BuildOptions, say: Progress, timings: dict[str, float]) -> ParityReport:
     """Gate the engine on its own device. For FP16/BF16 where the engine cannot show low-precision
     numerics (the CPU provider computes FP16 in FP32; a CUDA engine cannot run without a GPU), the
-    lowered graph also runs through the storage emulation, and must pass too."""
+    lowered graph also runs through the storage emulation, and must pass too. An engine that cannot
+    run here (FP8 without the hardware, a CUDA engine on a CPU machine) is 'not checked', never passed."""
     policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
     if options.skip_parity:
         return ParityReport(options.precision, policy, notes=["parity not checked: --skip-parity"]).finish()
@@ -437,11 +549,14 @@ def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases
     runner = None
     try:
         runner = open_runner(bundle, manifest, device=options.device)
-    except IncompatibleEngine as exc:
-        if options.device == "cpu":
+    except (IncompatibleEngine, MissingDependency) as exc:
+        if options.device == "cpu" and options.precision != "fp8":
             raise
-        notes.append(f"engine not run here ({str(exc).split('. ')[0]}); run `enginekit parity` on a machine with the GPU")
+        notes.append(f"parity not checked: the {options.precision} engine cannot run here "
+                     f"({str(exc).split('. ')[0]}); run `enginekit parity` on a machine with the GPU")
     emulated = options.precision in ("fp16", "bf16") and (runner is None or options.device == "cpu")
+    if runner is None and not emulated:
+        return ParityReport(options.precision, policy, notes=notes).finish(engine_checked=False)
     with _timed(timings, "gate", say, "Parity gate: reference vs engine"):
         emulator = emulated_runner(lowered) if emulated else None
         try:
@@ -456,8 +571,8 @@ def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases
         report.notes.append(f"'{options.precision}-emulated' cases run the lowered graph with FP32 compute and "
                             f"{options.precision} storage on the CPU (what a GPU computes); "
                             + ("the CPU engine itself computes FP16 nodes in FP32" if runner else "the engine was not run"))
-    report.notes += notes
-    if options.data is None:
+    report.notes = notes + report.notes
+    if options.data is None and not any(label.startswith("eval[") for label, _ in cases):
         report.notes.append("inputs generated from the input specs (random, seeded); pass --data for real inputs")
     return report
 

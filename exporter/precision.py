@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 class Lowered:
     path: Path
     realised: dict[str, Any] = field(default_factory=dict)
+    calibration: Any = None  # int8/fp8: calibration.calibrate.CalibrationResult
 
 
 def check_precision(precision: str) -> str:
@@ -51,11 +52,13 @@ def census(path: Path) -> dict[str, Any]:
 
 
 def lower_precision(onnx_path: Path, precision: str, work_dir: Path, *, mixed: Any = None,
-                    calibration: Sequence[Mapping[str, Any]] = ()) -> Lowered:
+                    calibration: Sequence[Mapping[str, Any]] = (), quantize: dict[str, Any] | None = None) -> Lowered:
     """Lower `onnx_path` to `precision` under `work_dir`; returns the lowered graph and what it realised.
 
     mixed: MixedOptions for fp16/bf16 (exporter/mixed.py); calibration: feed dicts whose ranges
-    drive the lowering (AutoCast's range analysis for fp16/bf16)."""
+    drive AutoCast's range analysis (fp16/bf16); quantize (int8/fp8): keyword arguments of
+    calibration.calibrate.quantize_model (io, options, tokenizer_dir, progress)."""
+
     check_precision(precision)
     if precision == "fp32":
         return Lowered(Path(onnx_path), {"requested": "fp32", **census(Path(onnx_path))})
@@ -65,7 +68,18 @@ def lower_precision(onnx_path: Path, precision: str, work_dir: Path, *, mixed: A
         opts = mixed or MixedOptions(precision=precision)
         out = Path(work_dir) / f"model.{precision}.onnx"
         return Lowered(out, lower_mixed(Path(onnx_path), out, opts, calibration))
+    if precision in ("int8", "fp8"):
+        from calibration.calibrate import quantize_model
+
+        if not quantize:
+            raise UsageError(
+                f"Expected calibration data for --precision {precision}: pass --calib DATA (texts, images or .npz "
+                "feeds the model takes in service)."
+            )
+        out = Path(work_dir) / f"model.{precision}.onnx"
+        result = quantize_model(Path(onnx_path), out, precision, work=Path(work_dir) / "calibration", **(quantize or {}))
+        return Lowered(out, {"requested": precision, **census(out), **result.graph.realised()}, calibration=result)
     raise UsageError(
         f"Expected a precision this build supports, found '{precision}': lowering to {precision} is not "
-        "implemented yet in this version of enginekit. Build with --precision fp32, fp16 or bf16."
+        "implemented in this version of enginekit."
     )
