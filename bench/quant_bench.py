@@ -184,7 +184,7 @@ def _agreement(bundles: dict[str, Path], feeds: list[dict[str, np.ndarray]]) -> 
     conf = (p / p.sum(1, keepdims=True)).max(1) > 0.3
     return {k: {"top1_all": round(float(np.mean(v.argmax(1) == ref.argmax(1))), 4),
                 "top1_confident": round(float(np.mean(v.argmax(1)[conf] == ref.argmax(1)[conf])), 4),
-                "samples": int(len(ref)), "confident": int(conf.sum())} for k, v in logits.items() if k != "fp32"}
+                "samples": len(ref), "confident": int(conf.sum())} for k, v in logits.items() if k != "fp32"}
 
 
 def effnet(work: Path) -> dict:

@@ -152,7 +152,7 @@ def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None]
                 runner = runtimes.load(bundle, threads=options.threads, cuda_graph=graph)
                 try:
                     slot = runner.prepare(feeds)  # type: ignore[attr-defined]
-                    stats = _time(lambda slot=slot: runner.run_prepared(slot), options)  # type: ignore[attr-defined]
+                    stats = _time(lambda slot=slot, runner=runner: runner.run_prepared(slot), options)  # type: ignore[attr-defined]
                     rows.append(_row(variant, "engine", batch, stats, grown()))
                 finally:
                     runner.close()
@@ -253,7 +253,7 @@ def bench_torch(manifest: Manifest, options: BenchOptions, say: Callable[[str], 
                     with torch.inference_mode():
                         stats = timed(lambda fn=fn, args=args: fn(*args))
                     rows.append(_row(variant, "torch", batch, stats, grown(), note))
-                except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+                except Exception as exc:
                     notes.append(f"{variant} at batch {batch} failed: {type(exc).__name__}: {str(exc)[:160]}")
                 finally:
                     del model, fn

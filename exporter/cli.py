@@ -476,7 +476,7 @@ def inspect_cmd(
         if m["io"]["dims"]:
             con.print("  dims " + ", ".join(f"{k}={v['min']}:{v['opt']}:{v['max']}" for k, v in m["io"]["dims"].items()))
         con.print(f"versions: {m['target']['versions']}  providers: {m['target']['providers']}")
-        con.print(f"files: " + ", ".join(f"{f} ({b / 1e6:.1f} MB)" for f, b in info["file_bytes"].items()))
+        con.print("files: " + ", ".join(f"{f} ({b / 1e6:.1f} MB)" for f, b in info["file_bytes"].items()))
         cal = m.get("calibration")
         if cal:
             realised = m["precision"].get("realised", {})

@@ -214,7 +214,7 @@ def _locate_op(ep: Any, op: str) -> str:
     for program in (ep, None):
         try:
             graph = (program or ep.run_decompositions()).graph
-        except Exception:  # noqa: BLE001 - locating is best effort
+        except Exception:
             continue
         for node in graph.nodes:
             if node.op != "call_function":

@@ -19,7 +19,7 @@ def inspect_path(path: Path, *, layers: bool = False) -> dict[str, Any]:
         return {"kind": "bundle", "path": str(path), "manifest": m.to_dict(), "file_bytes": sizes}
     if path.is_file() and path.suffix == ".onnx":
         model = load_onnx_checked(path)
-        inputs, outputs, _, hints = io_from_onnx(model)
+        inputs, outputs, _, _ = io_from_onnx(model)
         out: dict[str, Any] = {
             "kind": "onnx", "path": str(path),
             "inputs": [s.describe() for s in inputs], "outputs": [s.describe() for s in outputs],

@@ -192,5 +192,5 @@ def _modelopt_version() -> str:
         from importlib.metadata import version
 
         return version("nvidia-modelopt")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "?"

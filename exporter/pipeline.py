@@ -21,15 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from calibration.images import ImageOptions
-from runtimes._version import __version__
 import numpy as np
 import onnx
 
+from calibration.images import ImageOptions
+from runtimes._version import __version__
 from runtimes.errors import BuildError, IncompatibleEngine, MissingDependency, ParityError, UsageError
-from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
-
-from runtimes.errors import BuildError, IncompatibleEngine, ParityError, UsageError
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 from runtimes.trt.build import TrtBuildOptions
 
@@ -75,7 +72,7 @@ class BuildOptions:
     fallback_rounds: int = 6
     ort_fusions: bool = True  # ORT target: attention / skip-LayerNorm / GELU fusions (exporter/ortfuse.py)
     trt: TrtBuildOptions = field(default_factory=TrtBuildOptions)
-    # Reduced precision: calibration samples (fp16/bf16: AutoCast's range data; int8/fp8: 
+    # Reduced precision: calibration samples (fp16/bf16: AutoCast's range data; int8/fp8:
     # Q/DQ scales; texts, images, .npz feeds, or random[:N] for smoke tests), the int8/fp8
     # range method (minmax | entropy | percentile | all), the accuracy budget on held-out samples
     # (--data when given, else every 4th --calib sample), and image preprocessing without an HF config.
@@ -315,7 +312,7 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
             shutil.rmtree(bundle, ignore_errors=True)
             bundle.mkdir()
             target = _build_engine(engine_onnx, bundle, options, loaded.io, output,
-                                   lambda detail: say(f"{stage}: {detail}"), low_precision=options.precision != "fp32",
+                                   lambda detail, stage=stage: say(f"{stage}: {detail}"), low_precision=options.precision != "fp32",
                                    work=work)
         io = _lowered_io(loaded.io, lowered.path) if mixed and not mixed.keep_io_types else loaded.io
         manifest = Manifest(
@@ -432,7 +429,7 @@ def _build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, io: IOSp
             try:
                 fusion.update(fuse_for_ort(onnx_path, fused_path, options.device))
                 onnx_path = fused_path
-            except Exception as exc:  # noqa: BLE001 - a fusion bug must not block the (unfused) build
+            except Exception as exc:
                 fusion["error"] = f"{type(exc).__name__}: {str(exc)[:200]}; built unfused"
         target = build_ort_engine(onnx_path, bundle, OrtBuildOptions(device=options.device, low_precision=low_precision))
         target.options["fusions"] = fusion

@@ -237,9 +237,9 @@ def load_py(spec: SourceSpec) -> LoadedSource:
         names = [p.name for p in params][: len(example)]
         names += [f"input_{i}" for i in range(len(names), len(example))]
         example = dict(zip(names, example))
-        call: Callable[[Any, dict[str, Any]], Any] = lambda m, kw: m(*kw.values())  # noqa: E731
+        call: Callable[[Any, dict[str, Any]], Any] = lambda m, kw: m(*kw.values())
     else:
-        call = lambda m, kw: m(**kw)  # noqa: E731
+        call = lambda m, kw: m(**kw)
     if not isinstance(example, Mapping) or not all(isinstance(v, torch.Tensor) for v in example.values()):
         raise SourceError(f"Expected {factory_name}()'s example inputs to be tensors, found {type(example).__name__}.")
     feeds = {k: v.detach().cpu().numpy() for k, v in example.items()}

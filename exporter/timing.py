@@ -22,6 +22,6 @@ def measure(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 50, min_secon
     samples.sort()
 
     def pct(p: float) -> float:
-        return samples[min(len(samples) - 1, int(round(p / 100 * (len(samples) - 1))))]
+        return samples[min(len(samples) - 1, round(p / 100 * (len(samples) - 1)))]
 
     return {"p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "mean_ms": statistics.fmean(samples), "runs": len(samples)}

@@ -126,7 +126,7 @@ def model_config_schema() -> ModuleType | None:
     module = importlib.util.module_from_spec(file_spec)
     try:
         file_spec.loader.exec_module(module)
-    except Exception:  # noqa: BLE001 - e.g. a protobuf runtime too old for its generated code: then not checked
+    except Exception:
         return None
     sys.modules[name] = module
     return module

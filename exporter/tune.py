@@ -37,7 +37,7 @@ def tune_cuda(bundle: Path, manifest: Manifest, *, runs: int = 30) -> dict[str, 
         runner = OrtRunner(bundle, manifest, device="cuda", provider_options=options)
         try:
             slot = runner.prepare(feeds)
-            stats = measure(lambda slot=slot: runner.run_prepared(slot), warmup=5, runs=runs)
+            stats = measure(lambda slot=slot, runner=runner: runner.run_prepared(slot), warmup=5, runs=runs)
         finally:
             runner.close()
         trials.append({"options": options, "p50_ms": round(stats["p50_ms"], 4)})

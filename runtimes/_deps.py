@@ -31,5 +31,5 @@ def version_of(module: str) -> str | None:
     """The module's __version__ if it imports, else None (used by `doctor` and manifests)."""
     try:
         return str(importlib.import_module(module).__version__)
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
+    except Exception:
         return None

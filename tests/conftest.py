@@ -48,8 +48,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with a real (tiny) WordPiece tokenizer, saved like save_pretrained does."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
     import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny-bert")
@@ -63,8 +63,8 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import CLIPConfig, CLIPModel
     import torch
+    from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny-clip")

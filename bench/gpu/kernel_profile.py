@@ -69,7 +69,7 @@ for mode in modes:
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
 
-        def call():
+        def call(fn=fn):
             fn(*args)
             torch.cuda.synchronize()
 

@@ -184,7 +184,7 @@ class DynamicBatcher:
             if len(batch) > 1 and any(v.shape[:1] != (rows,) for v in outputs.values()):
                 raise RuntimeError(f"engine returned outputs whose first axis is not the batch of {rows} rows: "
                                    f"{ {k: v.shape for k, v in outputs.items()} }")
-        except Exception as exc:  # noqa: BLE001 - the error belongs to the requests, not to the worker
+        except Exception as exc:
             if len(batch) == 1:
                 if not batch[0].future.done():
                     batch[0].future.set_exception(exc)

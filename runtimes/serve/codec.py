@@ -124,7 +124,7 @@ def _decode_npz(body: bytes, limit: int) -> dict[str, Any]:
             return feeds
     except RequestError:
         raise
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes: zipfile and numpy's format readers raise many types
+    except Exception as exc:
         raise RequestError(f"Expected an .npz body (np.savez of named arrays, no object arrays), but it cannot "
                            f"be read ({type(exc).__name__}: {str(exc)[:200]}).") from None
 

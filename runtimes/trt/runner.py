@@ -328,7 +328,7 @@ class TrtRunner(Runner):
         stream = self._live_stream()
         try:
             self._graph = (key, Graph(stream, lambda: self.context.execute_async_v3(stream.handle)))
-        except Exception as exc:  # noqa: BLE001 - a graph is an optimisation: fall back to plain runs
+        except Exception as exc:
             self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
 
     def _live_stream(self) -> Stream:
@@ -345,7 +345,7 @@ class TrtRunner(Runner):
         # Device memory is not reclaimed by Python's garbage collector: free it with the runner.
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - during interpreter shutdown CUDA may already be gone
+        except Exception:
             pass
 
     def close(self) -> None:

@@ -93,7 +93,7 @@ def test_ort_cpu_form_computes_the_same_values(model, tmp_path):
     assert to_ort_cpu_form(q.path, tmp_path / "u8.onnx") == 4
     u8 = onnx.load(str(tmp_path / "u8.onnx"))
     zps = {i.name: numpy_helper.to_array(i) for i in u8.graph.initializer if i.name.endswith("128")}
-    assert list(zps.values())[0].dtype == np.uint8
+    assert next(iter(zps.values())).dtype == np.uint8
     data = feeds(2, seed=7)
     a = run_outputs(ort_session(q.path, level="basic"), data)
     b = run_outputs(ort_session(tmp_path / "u8.onnx", level="basic"), data)

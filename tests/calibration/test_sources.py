@@ -78,7 +78,7 @@ def test_broken_images_are_skipped_and_counted_then_fail_when_too_many(tmp_path)
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: (p / "empty").mkdir() or p / "empty", "it is empty"),
-    (lambda p: (p / "docs").mkdir() or (p / "docs" / "a.txt").write_text("x") and p / "docs", "other entries: a.txt"),
+    (lambda p: (p / "docs").mkdir() or ((p / "docs" / "a.txt").write_text("x") and p / "docs"), "other entries: a.txt"),
     (lambda p: p / "nope", "found nothing"),
 ])
 def test_bad_folders(tmp_path, make, message):

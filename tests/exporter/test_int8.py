@@ -103,7 +103,7 @@ def test_bad_int8_inputs_exit_2_and_write_nothing(args, message, image_feeds, tm
     assert res.exit_code == 2, res.output
     assert "error:" in res.output and message in res.output.replace("\n", " ") and "Traceback" not in res.output
     assert not out.exists() and not (tmp_path / "q.onnx").exists()
-    assert not list(tmp_path.glob(".*partial*")) and not (tmp_path / "out.calib").exists() or "fit" in message
+    assert (not list(tmp_path.glob(".*partial*")) and not (tmp_path / "out.calib").exists()) or "fit" in message
 
 
 @pytest.fixture(scope="module")
