@@ -15,7 +15,7 @@ h1{font-size:1.4rem;margin:0 0 .3rem} h2{font-size:1.1rem;margin-top:2rem}
 .badge{display:inline-block;padding:.15rem .6rem;border-radius:.3rem;color:#fff;font-weight:600}
 .passed{background:#1f8a4c}.failed{background:#c0392b}.not-checked{background:#7f8c8d}
 table{border-collapse:collapse;margin:.5rem 0;font-variant-numeric:tabular-nums}
-td,th{border:1px solid #d5dae1;padding:.25rem .55rem;text-align:right} th{background:#f2f4f7}
+td,th{border:1px solid #d5dae1;padding:.25rem .55rem;text-align:right;white-space:nowrap} th{background:#f2f4f7}
 td.l,th.l{text-align:left} tr.bad td{background:#fdecea} .muted{color:#667085}
 .hists{display:flex;flex-wrap:wrap;gap:1.2rem} figure{margin:0} figcaption{font-weight:600}
 """
@@ -42,7 +42,7 @@ def _histogram_svg(counts: list[int], zero: int, width: int = 460, height: int =
         x = pad_l + i * bw
         parts.append(f'<rect x="{x + 1:.1f}" y="{height - pad_b - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" fill="{color}">'
                      f"<title>{'exact 0' if i == 0 else '1e' + label + ' ≤ |err| < 1e' + f'{float(label) + 0.5:g}'}: {c}</title></rect>")
-        if i == 0 or (i - 1) % 4 == 0:
+        if i == 0 or (i > 1 and (i - 1) % 4 == 0):  # the zero bucket, then every 2 decades
             parts.append(f'<text x="{x + bw / 2:.1f}" y="{height - pad_b + 14}" font-size="10" text-anchor="middle" '
                          f'fill="#475467">{"0" if i == 0 else "1e" + label}</text>')
     parts.append(f'<text x="4" y="12" font-size="10" fill="#475467">{top}</text>')
