@@ -134,7 +134,8 @@ def _time(fn: Callable[[], Any], options: BenchOptions) -> dict[str, float]:
     return measure(fn, warmup=options.warmup, runs=options.runs, min_seconds=options.min_seconds)
 
 
-def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None]) -> tuple[list[Row], dict[str, Any]]:
+def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None],
+                 on_row: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, Any]]:
     manifest = Manifest.read(bundle)
     cuda = manifest.target.device == "cuda"
     label = f"{manifest.target.backend}-{manifest.target.device} {manifest.precision.get('requested', 'fp32')}"
@@ -154,6 +155,8 @@ def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None]
                     slot = runner.prepare(feeds)  # type: ignore[attr-defined]
                     stats = _time(lambda slot=slot, runner=runner: runner.run_prepared(slot), options)  # type: ignore[attr-defined]
                     rows.append(_row(variant, "engine", batch, stats, grown()))
+                    if on_row:
+                        on_row(rows[-1])
                 finally:
                     runner.close()
     if options.profile and manifest.target.backend == "ort":
@@ -190,7 +193,8 @@ def profile_ort(bundle: Path, manifest: Manifest, options: BenchOptions) -> dict
             "share": {k: round(v / total, 3) for k, v in top}}
 
 
-def bench_torch(manifest: Manifest, options: BenchOptions, say: Callable[[str], None]) -> tuple[list[Row], list[str]]:
+def bench_torch(manifest: Manifest, options: BenchOptions, say: Callable[[str], None],
+                on_row: Callable[[Row], None] | None = None) -> tuple[list[Row], list[str]]:
     """Torch baselines for the bundle's recorded source, in this process and on the same inputs."""
     import torch
 
@@ -253,6 +257,8 @@ def bench_torch(manifest: Manifest, options: BenchOptions, say: Callable[[str], 
                     with torch.inference_mode():
                         stats = timed(lambda fn=fn, args=args: fn(*args))
                     rows.append(_row(variant, "torch", batch, stats, grown(), note))
+                    if on_row:
+                        on_row(rows[-1])
                 except Exception as exc:
                     notes.append(f"{variant} at batch {batch} failed: {type(exc).__name__}: {str(exc)[:160]}")
                 finally:
@@ -267,42 +273,47 @@ def _copy_to(module: Any, dev: Any, dtype: Any) -> Any:
     return m.to(device=dev, dtype=dtype).eval()
 
 
-def run_bench(bundles: list[Path], options: BenchOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_bench(bundles: list[Path], options: BenchOptions, progress: Callable[[str], None] | None = None,
+              checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every baseline and engine. `checkpoint(partial_result)` is called after each row, so
+    a run cut short (a time limit, a crash in a late compile mode) keeps what it measured."""
     say = progress or (lambda _m: None)
     options.validate()
     manifests = [Manifest.read(b) for b in bundles]
     rows: list[Row] = []
     profiles: dict[str, Any] = {}
     notes: list[str] = []
+    env = environment(manifests)
+
+    def result(partial: bool) -> dict[str, Any]:
+        for batch in options.batches:
+            ref = next((r for r in rows if r.batch == batch and r.variant == "torch eager fp32"), None)
+            for r in rows:
+                if r.batch == batch and ref is not None:
+                    r.speedup = round(ref.p50_ms / r.p50_ms, 3)
+        best_compile = {}
+        for batch in options.batches:
+            comp = [r for r in rows if r.batch == batch and r.variant.startswith("torch.compile")]
+            if comp:
+                best_compile[batch] = min(comp, key=lambda r: r.p50_ms).variant
+        return {"bundles": [str(b) for b in bundles], "environment": env, "options": asdict(options),
+                "rows": [asdict(r) for r in rows], "best_compile": best_compile, "profiles": profiles,
+                "notes": notes, **({"partial": True} if partial else {})}
+
+    def on_row(row: Row) -> None:
+        rows.append(row)
+        if checkpoint:
+            checkpoint(result(partial=True))
+
     if options.baselines:
         sources = {m.source["spec"]: m for m in manifests}
         for m in sources.values():
-            r, n = bench_torch(m, options, say)
-            rows += r
+            _, n = bench_torch(m, options, say, on_row)
             notes += n
     for b in bundles:
-        r, p = bench_engine(b, options, say)
-        rows += r
+        _, p = bench_engine(b, options, say, on_row)
         profiles.update(p)
-    for batch in options.batches:
-        ref = next((r for r in rows if r.batch == batch and r.variant == "torch eager fp32"), None)
-        for r in rows:
-            if r.batch == batch and ref is not None:
-                r.speedup = round(ref.p50_ms / r.p50_ms, 3)
-    best_compile = {}
-    for batch in options.batches:
-        comp = [r for r in rows if r.batch == batch and r.variant.startswith("torch.compile")]
-        if comp:
-            best_compile[batch] = min(comp, key=lambda r: r.p50_ms).variant
-    return {
-        "bundles": [str(b) for b in bundles],
-        "environment": environment(manifests),
-        "options": asdict(options),
-        "rows": [asdict(r) for r in rows],
-        "best_compile": best_compile,
-        "profiles": profiles,
-        "notes": notes,
-    }
+    return result(partial=False)
 
 
 def environment(manifests: list[Manifest]) -> dict[str, Any]:

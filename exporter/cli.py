@@ -535,7 +535,9 @@ def bench(
                         compile_modes=[m.strip() for m in compile_modes.split(",") if m.strip()], runs=runs,
                         min_seconds=min_seconds, threads=threads, cuda_graph=cuda_graph, profile=profile)
     with stages(not as_json) as say:
-        result = run_bench(list(bundles), opts, say)
+        command = "enginekit " + shlex.join(sys.argv[1:])
+        result = run_bench(list(bundles), opts, say,
+                           checkpoint=lambda partial: save(partial, output, None, command))
     save(result, output, output.with_suffix(".png"), "enginekit " + shlex.join(sys.argv[1:]))
     if as_json:
         return _print_json(result)

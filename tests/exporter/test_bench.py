@@ -41,3 +41,11 @@ def test_bench_cli(bert_bundle, tmp_path):
     assert "ort-cpu fp32" in proc.stdout and out.exists() and out.with_suffix(".png").exists()
     bad = run_cli("bench", str(bert_bundle), "--batch", "one")
     assert bad.returncode == 2 and "--batch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_checkpoint_after_every_row(bert_bundle):
+    partials = []
+    opts = BenchOptions(batches=[1, 2], baselines=["eager"], runs=2, warmup=0, min_seconds=0.0)
+    final = run_bench([bert_bundle], opts, checkpoint=partials.append)
+    assert [len(p["rows"]) for p in partials] == [1, 2, 3, 4] and all(p["partial"] for p in partials)
+    assert "partial" not in final and len(final["rows"]) == 4
