@@ -149,7 +149,8 @@ def build_dual_encoder(source_text: str, spec: SourceSpec, options: Any, output:
         for role in ROLES:
             part_opts = replace(options, output=staging / role, force=False, shapes=_part_shapes(options.shapes, role),
                                 dynamic=_part_dynamic(options.dynamic, role),
-                                data=_routed(options.data, role), calib=_routed(options.calib, role))
+                                data=_routed(options.data, role), calib=_routed(options.calib, role),
+                                tolerances=[t for t in options.tolerances if not t.startswith("zero-shot:")])
             parts[role] = build(f"hf:{spec.location}#{PART_TASK[role]}", part_opts,
                                 lambda msg, role=role: say(f"{role} tower: {msg}"))
             part = Manifest.read(staging / role)
