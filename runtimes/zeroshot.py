@@ -27,7 +27,7 @@ bundle/image bundle/text` serves the towers with dynamic batching).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -42,17 +42,17 @@ ROLES = {"image": "image_embeds", "text": "text_embeds"}
 def normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (CLIP compares directions)."""
     x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return cast(np.ndarray, x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
 
 
 def zero_shot_logits(image_embeds: np.ndarray, text_embeds: np.ndarray, logit_scale: float) -> np.ndarray:
     """logits_per_image [images, prompts] = logit_scale × cosine(image, prompt)."""
-    return (logit_scale * normalize(image_embeds) @ normalize(text_embeds).T).astype(np.float32)
+    return cast(np.ndarray, (logit_scale * normalize(image_embeds) @ normalize(text_embeds).T).astype(np.float32))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    return cast(np.ndarray, e / e.sum(axis=-1, keepdims=True))
 
 
 class ZeroShotRunner(Runner):

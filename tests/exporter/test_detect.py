@@ -14,6 +14,7 @@ from exporter.checks import check_bundle
 from exporter.detect import set_outputs
 from exporter.nms import nms
 from exporter.pipeline import BuildOptions, build
+from exporter.shapes import parse_shapes
 from exporter.sources import load_source, parse_source
 from runtimes.samples import generate_feeds
 
@@ -72,7 +73,7 @@ def test_parity_command_rechecks_a_detector_with_matching(detector_bundle, tmp_p
 
 
 def test_fp16_detector_keeps_nms_in_fp32_and_passes_the_detection_gate(tmp_path):
-    res = build(TINY, BuildOptions(precision="fp16", output=tmp_path / "det16"))
+    res = build(TINY, BuildOptions(precision="fp16", output=tmp_path / "det16", shapes=parse_shapes("batch=1:2:4")))
     assert res.parity.status == "passed"
     kept = {n["op"] for n in res.manifest.precision["realised"]["fp32_nodes"]}
     assert "TopK" in kept  # AutoCast itself leaves NonMaxSuppression (no FP16 kernel) in FP32
@@ -84,7 +85,7 @@ def test_fp16_detector_keeps_nms_in_fp32_and_passes_the_detection_gate(tmp_path)
 
 def test_int8_detector_from_calibration_with_a_task_tolerance(tmp_path):
     # Width-4 convolutions quantize coarsely: boxes move by a pixel or two out of ~20 (IoU ~0.85).
-    res = build(TINY, BuildOptions(precision="int8", calib="random:16", output=tmp_path / "det8",
+    res = build(TINY, BuildOptions(precision="int8", calib="random:12", output=tmp_path / "det8", shapes=parse_shapes("batch=1:2:4"),
                                    tolerances=["detections:mean_iou=0.75"]))
     assert res.parity.status == "passed"
     assert res.manifest.calibration["budget"] == ["raw_boxes:cosine>=0.99", "raw_scores:cosine>=0.99"]
