@@ -8,11 +8,13 @@ from pathlib import Path
 import runtimes
 from runtimes.manifest import Manifest
 
+from . import detect
 from .gate import gate_cases, run_gate
-from .parity import ParityReport, TolerancePolicy
+from .parity import ParityReport
 from .pipeline import Progress
 from .report import write_html
 from .sources import load_source, parse_source
+from .taskparity import gate_policy
 
 
 def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | None = None,
@@ -30,11 +32,25 @@ def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | Non
         # The engine's io is the contract: same inputs, dims and value hints as at build time.
         loaded.io = replace(manifest.io)
         precision = manifest.precision.get("requested", "fp32")
-        policy = TolerancePolicy.for_precision(precision, tolerances or [])
+        policy, task = gate_policy(precision, tolerances or [], manifest.source, [o.name for o in manifest.io.outputs])
+        engine, notes = runner.infer, []
+        det = detect.detection(manifest.source)
+        if det and loaded.module is not None:
+            detect.set_outputs(loaded, det.get("outputs", "nms"))  # the reference exports what the engine did
+        hidden = detect.hidden_outputs(manifest.source)
+        if hidden and task is not None:
+            note = "raw head outputs not checked: a TensorRT plan keeps no graph to expose them from"
+            if manifest.target.backend == "ort":
+                engine, note = detect.with_raw_outputs(engine, bundle / manifest.target.engine_files[0], hidden,
+                                                       getattr(runner, "device", "cpu"))
+            if note:
+                notes.append(note)
+                task = replace(task, ungated=task.ungated | set(hidden))
         say("Parity gate: reference vs engine")
         cases = gate_cases(manifest.io, data=data, tokenizer_dir=loaded.tokenizer_dir, seed=seed)
-        report = run_gate(loaded.reference, runner.infer, cases, policy, precision,
-                          on_case=lambda label: say(f"Parity gate: {label}"))
+        report = run_gate(loaded.reference, engine, cases, policy, precision,
+                          on_case=lambda label: say(f"Parity gate: {label}"), task=task)
+        report.notes = notes + report.notes
     finally:
         runner.close()
     if html:

@@ -243,6 +243,7 @@ def build(
     range_rules: bool = typer.Option(True, "--range-rules/--no-range-rules", help="fp16/bf16: AutoCast's weight/activation range rules (off: naive cast, repaired only by the fallback)."),
     fallback_budget: int = typer.Option(64, "--fallback-budget", help="fp16/bf16: most nodes the parity-driven fallback may keep in FP32 (0: off)."),
     ort_fusions: bool = typer.Option(True, "--ort-fusions/--no-ort-fusions", help="ORT target: fuse attention, skip-LayerNorm and GELU into ORT's own ops."),
+    detector_outputs: str = typer.Option("nms", "--detector-outputs", help="Detectors: nms (boxes, scores, classes, count after NMS in the graph) or raw (the head's pre-NMS boxes and scores)."),
     workspace: str | None = typer.Option(None, "--workspace", help="trt: builder workspace limit, e.g. 512MiB, 4GiB (default: all GPU memory)."),
     opt_level: int | None = typer.Option(None, "--opt-level", help="trt: builder optimization level 0..5 (default 3; 0 ignores the timing cache)."),
     hardware_compat: str = typer.Option("none", "--hardware-compat", help="trt: none | ampere+ | same-cc (which GPUs the plan runs on)."),
@@ -266,7 +267,7 @@ def build(
                           exporter=exporter, force=force, skip_parity=skip_parity, calib=calib,
                           fp32_nodes=list(fp32_nodes), fp32_ops=[o.strip() for o in (fp32_ops or "").split(",") if o.strip()],
                           native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget,
-                          ort_fusions=ort_fusions, trt=trt,
+                          ort_fusions=ort_fusions, trt=trt, detector_outputs=detector_outputs,
                           calib_method=calib_method, accuracy_budget=accuracy_budget,
                           image=_image_options(resize, mean, std), smooth=smooth)
     with stages(not as_json) as say:
@@ -324,6 +325,10 @@ def _print_parity(con: Any, report: Any) -> None:
                   f"{w['argmax']:.4f}" if "argmax" in w else "–", str(int(w.get("nan_inf", 0))),
                   "[red]fail[/]" if name in failing else "[green]pass[/]")
     con.print(t)
+    for name, w in report.worst_checks().items():  # task checks: detections matched by IoU, zero-shot rankings
+        bad = any(not k.passed for c in report.cases for k in c.checks if k.name == name)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in w.items())
+        con.print(f"{name}: {shown}  " + ("[red]fail[/]" if bad else "[green]pass[/]"))
     for note in report.notes:
         con.print(f"[dim]note: {note}[/]")
 

@@ -164,9 +164,17 @@ def _torch_export(module: Any, args: tuple[Any, ...], dynamic_shapes: Any, input
             return torch.onnx.export(
                 ep, args, dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
                 opset_version=opset, dynamo=True, verbose=False, optimize=True,
+                custom_translation_table=_translations(),
             )
         except Exception as exc:  # torch.onnx.OnnxExporterError and its causes
             raise _conversion_error(exc, ep, opset) from None
+
+
+def _translations() -> dict[Any, Any]:
+    """ONNX translations of enginekit's own custom ops (NMS in the graph: exporter/nms.py)."""
+    from .nms import onnx_translations
+
+    return onnx_translations()
 
 
 def _condense(exc: BaseException, limit: int = 900) -> str:

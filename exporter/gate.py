@@ -12,7 +12,8 @@ import numpy as np
 from runtimes.manifest import IOSpec
 from runtimes.samples import SHAPE_POINTS, generate_feeds
 
-from .parity import ParityReport, Tolerance, TolerancePolicy, compare_case
+from .parity import CaseReport, ParityReport, Tolerance, TolerancePolicy, compare_case
+from .taskparity import TaskParity
 
 Feeds = dict[str, np.ndarray]
 REAL_PREFIXES = ("data[", "eval[")
@@ -67,9 +68,12 @@ def run_gate(
     *,
     emulator: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
     on_case: Callable[[str], None] | None = None,
+    task: TaskParity | None = None,
 ) -> ParityReport:
     """Compare the engine (`engine`: a runner's infer, None when it cannot run here) and, for reduced
-    precision on a machine that cannot show it, the emulated low-precision graph (`emulator`)."""
+    precision on a machine that cannot show it, the emulated low-precision graph (`emulator`).
+    task: the task's own check per case and the outputs it takes out of element-wise gating
+    (exporter/taskparity.py), e.g. detections matched by IoU after NMS."""
     report = ParityReport(precision, policy)
     loose = generated_policy(precision, policy)
     if loose is not None and any(not label.startswith(REAL_PREFIXES) for label, _ in cases):
@@ -81,10 +85,19 @@ def run_gate(
         ref = reference(feeds)
         case_policy = policy if label.startswith(REAL_PREFIXES) or loose is None else loose
         if engine is not None:
-            report.cases.append(compare_case(label, feeds, ref, engine(feeds), case_policy))
+            report.cases.append(_compare(label, feeds, ref, engine(feeds), case_policy, task))
         if emulator is not None:
-            report.cases.append(compare_case(f"{precision}-emulated {label}", feeds, ref, emulator(feeds), case_policy))
+            report.cases.append(_compare(f"{precision}-emulated {label}", feeds, ref, emulator(feeds), case_policy, task))
     return report.finish(engine_checked=engine is not None)
+
+
+def _compare(label: str, feeds: Feeds, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
+             policy: TolerancePolicy, task: TaskParity | None) -> CaseReport:
+    if task is None:
+        return compare_case(label, feeds, ref, got, policy)
+    case = compare_case(label, feeds, task.elementwise(ref), got, policy)
+    case.checks.append(task.check(ref, got))
+    return case
 
 
 class CachedReference:

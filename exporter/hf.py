@@ -26,6 +26,9 @@ TASK_AUTO_CLASS = {
     "image-classification": "AutoModelForImageClassification",
     "text-generation": "AutoModelForCausalLM",
     "zero-shot-image-classification": "AutoModel",
+    # CLIP's towers with their projection heads, one engine each (exporter/clip.py)
+    "image-embedding": "CLIPVisionModelWithProjection",
+    "text-embedding": "CLIPTextModelWithProjection",
 }
 _ARCH_SUFFIX_TASK = (
     ("ForSequenceClassification", "sequence-classification"),
@@ -89,6 +92,10 @@ def load_hf(spec: SourceSpec) -> LoadedSource:
             f"Expected a task among {sorted(TASK_AUTO_CLASS)}, found '{task}' in 'hf:{location}#{task}'. "
             "Leave #task out to pick it from the model's config."
         )
+    if task in ("image-embedding", "text-embedding"):
+        from .clip import load_tower
+
+        return load_tower(spec, config, folder, task)
     family = family_for(config)
     if task == "sentence-embedding":
         model, inner, call = _sentence_transformer(location)

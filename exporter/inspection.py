@@ -16,6 +16,9 @@ def inspect_path(path: Path, *, layers: bool = False) -> dict[str, Any]:
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         m = Manifest.read(path)
         sizes = {f: (path / f).stat().st_size for f in m.target.engine_files if (path / f).exists()}
+        for part in m.target.options.get("parts", {}).values():  # a zero-shot bundle: one bundle per tower
+            sub = Manifest.read(path / part)
+            sizes.update({f"{part}/{f}": (path / part / f).stat().st_size for f in sub.target.engine_files})
         return {"kind": "bundle", "path": str(path), "manifest": m.to_dict(), "file_bytes": sizes}
     if path.is_file() and path.suffix == ".onnx":
         model = load_onnx_checked(path)

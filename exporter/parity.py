@@ -123,14 +123,30 @@ class OutputMetrics:
 
 
 @dataclass
+class TaskCheck:
+    """A task-level comparison of one case (what users look at, not one tensor): detections matched
+    by IoU (exporter/detparity.py), zero-shot rankings (exporter/taskparity.py). `metrics` holds
+    numbers, `failures` the gated ones that missed their threshold."""
+
+    name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
 class CaseReport:
     label: str
     input_shapes: dict[str, list[int]]
     outputs: list[OutputMetrics]
+    checks: list[TaskCheck] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return all(o.passed for o in self.outputs) and all(c.passed for c in self.checks)
 
 
 @dataclass
@@ -160,7 +176,24 @@ class ParityReport:
         return self
 
     def failures(self) -> list[str]:
-        return [f"{c.label}/{o.name}: {'; '.join(o.failures)}" for c in self.cases for o in c.outputs if o.failures]
+        return [f"{c.label}/{o.name}: {'; '.join(o.failures)}" for c in self.cases for o in [*c.outputs, *c.checks]
+                if o.failures]
+
+    def worst_checks(self) -> dict[str, dict[str, float]]:
+        """Per task check, the worst value of each metric over all cases (the lowest, or the highest for
+        *delta* metrics); counts (*_count, missing, extra, borderline) are summed."""
+        out: dict[str, dict[str, float]] = {}
+        for c in self.cases:
+            for chk in c.checks:
+                w = out.setdefault(chk.name, {})
+                for k, v in chk.metrics.items():
+                    if k.endswith("_count") or k in ("missing", "extra", "borderline"):
+                        w[k] = w.get(k, 0.0) + v  # totals over the cases
+                    elif k not in w:
+                        w[k] = v
+                    else:
+                        w[k] = max(w[k], v) if "delta" in k else min(w[k], v)
+        return out
 
     def worst(self) -> dict[str, dict[str, float]]:
         """Per output, the worst value of each metric over all cases."""
@@ -185,6 +218,7 @@ class ParityReport:
             "precision": self.precision,
             "cases": [c.label for c in self.cases],
             "worst": self.worst(),
+            **({"checks": self.worst_checks()} if any(c.checks for c in self.cases) else {}),
             "failures": self.failures(),
             "notes": list(self.notes),
         }
@@ -197,7 +231,8 @@ class ParityReport:
             "histogram_edges_log10": HIST_EDGES.tolist(),
             "cases": [
                 {"label": c.label, "passed": c.passed, "input_shapes": c.input_shapes,
-                 "outputs": [asdict(o) | {"passed": o.passed} for o in c.outputs]}
+                 "outputs": [asdict(o) | {"passed": o.passed} for o in c.outputs],
+                 **({"checks": [asdict(k) | {"passed": k.passed} for k in c.checks]} if c.checks else {})}
                 for c in self.cases
             ],
             "failures": self.failures(),

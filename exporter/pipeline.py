@@ -30,14 +30,16 @@ from runtimes.errors import BuildError, IncompatibleEngine, MissingDependency, P
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 from runtimes.trt.build import TrtBuildOptions
 
+from . import detect
 from .emulate import emulated_runner
 from .gate import CachedReference, Feeds, gate_cases, run_gate, shrink
 from .mixed import MixedOptions
-from .parity import ParityReport, TolerancePolicy, format_failures
+from .parity import ParityReport, format_failures
 from .precision import Lowered, census, check_precision, lower_precision
 from .report import write_html
 from .shapes import merge_dims
 from .sources import LoadedSource, load_source, model_name, parse_source
+from .taskparity import gate_policy
 
 TARGETS = ("ort", "trt")
 DEVICES = ("cpu", "cuda")
@@ -81,6 +83,7 @@ class BuildOptions:
     accuracy_budget: str | None = "cosine>=0.99"
     image: ImageOptions = field(default_factory=ImageOptions)
     smooth: float | None = None  # SmoothQuant alpha (calibration/smooth.py); None: off
+    detector_outputs: str = "nms"  # detectors: NMS in the graph, or the raw head outputs (exporter/detect.py)
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -209,6 +212,8 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         cmd += ["--fallback-budget", str(options.fallback_budget)]
     if not options.ort_fusions:
         cmd += ["--no-ort-fusions"]
+    if options.detector_outputs != "nms":
+        cmd += ["--detector-outputs", options.detector_outputs]
     if options.target == "trt":
         cmd += options.trt.cli_args()
     return cmd + ["-o", str(output.resolve()), "--force"]
@@ -225,6 +230,10 @@ def build(source_text: str, options: BuildOptions, progress: Progress | None = N
             f"Expected the output folder '{output}' not to exist, but it does. Pass --force to replace it, or "
             "-o to choose another folder; nothing was written."
         )
+    from .clip import build_dual_encoder, is_dual_encoder
+
+    if is_dual_encoder(spec):  # CLIP: one engine per tower in a zero-shot bundle (exporter/clip.py)
+        return build_dual_encoder(source_text, spec, options, output, say)  # type: ignore[no-any-return]
     timings: dict[str, float] = {}
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -273,6 +282,7 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     with _timed(timings, "load", say, f"Loading {spec}"):
         loaded = load_source(spec)
         loaded.io = prepare_dims(loaded, options)
+        detect.set_outputs(loaded, options.detector_outputs)
     if loaded.onnx_path is None:
         from .export import export_onnx
 
@@ -289,6 +299,8 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         loaded.device = "cuda"
     reference = CachedReference(loaded.reference)
     mixed = _mixed_options(options)
+    if mixed and detect.detection(loaded.info):
+        mixed.fp32_ops = sorted(set(mixed.fp32_ops) | set(detect.FP32_OPS))
     calibration = _calibration_feeds(loaded, options, cases) if mixed else []
     history: list[dict[str, Any]] = []
     while True:
@@ -298,12 +310,13 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         if options.target == "trt":
             say("Looking for TensorRT and a GPU")
             _check_tensorrt(loaded, onnx_path, lowered, options, output)
-        engine_onnx = lowered.path
+        hidden = detect.hidden_outputs(loaded.info)  # a detector's raw outputs: for the gate, not shipped
+        engine_onnx = detect.engine_graph(lowered.path, hidden)
         if options.precision == "int8" and options.target == "ort" and options.device == "cpu":
             from calibration.quantize import to_ort_cpu_form
 
+            pairs = to_ort_cpu_form(engine_onnx, work / "model.int8.ort-cpu.onnx")
             engine_onnx = work / "model.int8.ort-cpu.onnx"
-            pairs = to_ort_cpu_form(lowered.path, engine_onnx)
             lowered.realised["ort_cpu_form"] = (
                 f"{pairs} activation Q/DQ pairs stored as uint8 with zero point 128 (the same values as int8 with zero "
                 "point 0): x86 ONNX Runtime has fast integer kernels only for u8 activations")
@@ -315,6 +328,7 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
                                    lambda detail, stage=stage: say(f"{stage}: {detail}"), low_precision=options.precision != "fp32",
                                    work=work)
         io = _lowered_io(loaded.io, lowered.path) if mixed and not mixed.keep_io_types else loaded.io
+        io = detect.engine_io(io, hidden)
         manifest = Manifest(
             name=output.name,
             source={"spec": str(spec), "kind": spec.kind, "exporter": exporter_name, "opset": opset,
@@ -516,7 +530,8 @@ def _calibration(loaded: LoadedSource, options: BuildOptions, output: Path, say:
         return None
     from calibration.calibrate import CalibOptions
 
-    calib = CalibOptions(data=options.calib, method=options.calib_method, budget=options.accuracy_budget,
+    calib = CalibOptions(data=options.calib, method=options.calib_method,
+                         budget=detect.accuracy_budget(loaded.info, options.accuracy_budget),
                          eval_data=options.data, cache_dir=output.parent / f"{output.name}.calib", image=options.image,
                          seed=options.seed, smooth=options.smooth)
     return {"io": loaded.io, "options": calib, "tokenizer_dir": _processor_dir(loaded), "progress": say}
@@ -537,7 +552,7 @@ def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases
     numerics (the CPU provider computes FP16 in FP32; a CUDA engine cannot run without a GPU), the
     lowered graph also runs through the storage emulation, and must pass too. An engine that cannot
     run here (FP8 without the hardware, a CUDA engine on a CPU machine) is 'not checked', never passed."""
-    policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
+    policy, task = gate_policy(options.precision, options.tolerances, manifest.source, [o.name for o in manifest.io.outputs])
     if options.skip_parity:
         return ParityReport(options.precision, policy, notes=["parity not checked: --skip-parity"]).finish()
     from runtimes import open_runner
@@ -557,10 +572,17 @@ def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases
     with _timed(timings, "gate", say, "Parity gate: reference vs engine"):
         emulator = emulated_runner(lowered) if emulated else None
         try:
-            report = run_gate(reference, _as_engine_dtypes(manifest.io, runner.infer) if runner else None, cases,
-                              policy, options.precision,
+            engine = _as_engine_dtypes(manifest.io, runner.infer) if runner else None
+            hidden = detect.hidden_outputs(manifest.source)
+            if engine is not None and hidden:
+                graph = bundle / manifest.target.engine_files[0] if manifest.target.backend == "ort" else lowered
+                engine, note = detect.with_raw_outputs(engine, graph, hidden, options.device)
+                if note and task is not None:
+                    notes.append(note)
+                    task = replace(task, ungated=task.ungated | set(hidden))
+            report = run_gate(reference, engine, cases, policy, options.precision,
                               emulator=_as_engine_dtypes(manifest.io, emulator) if emulator else None,
-                              on_case=lambda label: say(f"Parity gate: {label}"))
+                              on_case=lambda label: say(f"Parity gate: {label}"), task=task)
         finally:
             if runner is not None:
                 runner.close()

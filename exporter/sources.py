@@ -257,8 +257,10 @@ def load_py(spec: SourceSpec) -> LoadedSource:
             dims.setdefault(dim, default)
     io = IOSpec(inputs=specs, outputs=[], dims=dims, values={})
     wrapper = make_wrapper(model.eval(), list(feeds), call, feeds)
+    # A model may describe itself for the manifest (exporter.nms.Detector: task and NMS settings).
+    own = dict(getattr(model, "enginekit_info", None) or {})
     return LoadedSource(spec, model_name(spec), io, module=wrapper,
-                        info={"task": "custom", "family": "py", "class": type(model).__name__})
+                        info={"task": "custom", "family": "py", "class": type(model).__name__, **own})
 
 
 # -- timm:<name> --------------------------------------------------------------------------------------

@@ -152,6 +152,14 @@ def export_triton(bundle: Path, repo: Path, options: TritonOptions | None = None
     bundle, repo = Path(bundle), Path(repo)
     manifest = Manifest.read(bundle)
     verify_files(bundle, manifest)
+    parts = manifest.target.options.get("parts") if manifest.target.backend == "zero-shot" else None
+    if parts:
+        raise UsageError(
+            f"Expected a bundle with one engine, found the zero-shot bundle '{bundle}' with one per tower "
+            f"({', '.join(parts)}). Export each tower as its own Triton model: "
+            + " and ".join(f"enginekit triton {bundle / p} --repo {repo}" for p in parts.values())
+            + " (the similarity is a matrix product on the client)."
+        )
     name = options.name or manifest.name
     if not NAME_OK.match(name):
         raise UsageError(f"Expected a model name of letters, digits, '_', '.', '-' (a folder name for Triton), found "

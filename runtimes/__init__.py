@@ -67,6 +67,11 @@ def open_runner(bundle: Path, manifest: Manifest, *, device: str | None = None, 
     """The backend's Runner for an already-read manifest (the build's gate uses it on the staging
     bundle before the manifest is written). Backends are imported here, on first use."""
     backend = manifest.target.backend
+    if backend == "zero-shot":  # a CLIP bundle: one engine bundle per tower inside (runtimes/zeroshot.py)
+        from .zeroshot import ZeroShotRunner
+
+        return ZeroShotRunner(Path(bundle), manifest, device=device, threads=threads, cuda_graph=cuda_graph,
+                              trt_runtime=trt_runtime)
     if backend == "trt":
         from .trt.runner import TrtRunner
 

@@ -97,6 +97,23 @@ def bert_bundle(tiny_bert_dir: Path, bundles: Path) -> Path:
     return build(f"hf:{tiny_bert_dir}", BuildOptions(output=bundles / "bert")).bundle
 
 
+@pytest.fixture(scope="session")
+def clip_bundle(tiny_clip_dir: Path, bundles: Path) -> Path:
+    """The tiny CLIP as a zero-shot bundle: one engine per tower (exporter/clip.py)."""
+    from exporter.pipeline import BuildOptions, build
+    from exporter.shapes import parse_shapes
+
+    return build(f"hf:{tiny_clip_dir}", BuildOptions(output=bundles / "clip", shapes=parse_shapes("sequence=1:16:16"))).bundle
+
+
+@pytest.fixture(scope="session")
+def detector_bundle(bundles: Path) -> Path:
+    """The tiny YOLOX-style detector (exporter/yolox.py) with NMS in the graph, FP32."""
+    from exporter.pipeline import BuildOptions, build
+
+    return build("py:exporter.yolox:make_tiny", BuildOptions(output=bundles / "det")).bundle
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     """Run the real `enginekit` console script in a subprocess."""
     exe = Path(sys.executable).with_name("enginekit")

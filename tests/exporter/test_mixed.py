@@ -45,13 +45,18 @@ def test_fp16_families_pass_the_fp16_gate_on_ort_cpu(source, tiny_bert_dir, tiny
     spec = {"bert": f"hf:{tiny_bert_dir}", "clip": f"hf:{tiny_clip_dir}", "conv": f"py:{MODELS / 'convnet.py'}:make"}[source]
     res = build(spec, BuildOptions(precision="fp16", output=tmp_path / "b"))
     assert res.parity.status == "passed"
-    labels = [c.label for c in res.parity.cases]
+    bundle, manifest, labels = res.bundle, res.manifest, [c.label for c in res.parity.cases]
+    if source == "clip":  # a zero-shot bundle: each tower was lowered and gated in its own folder
+        assert set(manifest.precision["parts"]) == {"image", "text"}
+        bundle = res.bundle / "image"
+        manifest = runtimes.Manifest.read(bundle)
+        labels = [c["label"] for c in json.loads((bundle / "parity.json").read_text())["cases"]]
     assert any(lab.startswith("fp16-emulated") for lab in labels) and any(not lab.startswith("fp16-") for lab in labels)
-    realised = res.manifest.precision["realised"]
+    realised = manifest.precision["realised"]
     assert realised["nodes_by_dtype"]["float16"] > realised["nodes_by_dtype"].get("float32", 0)
     assert all(n["reason"] for n in realised["fp32_nodes"])
-    assert [s.dtype for s in res.manifest.io.inputs] == [s.dtype for s in res.manifest.io.inputs if s.dtype != "float16"]
-    lowered_types = {i.data_type for i in onnx.load(str(res.bundle / "model.onnx")).graph.initializer}
+    assert [s.dtype for s in manifest.io.inputs] == [s.dtype for s in manifest.io.inputs if s.dtype != "float16"]
+    lowered_types = {i.data_type for i in onnx.load(str(bundle / "model.onnx")).graph.initializer}
     assert TensorProto.FLOAT16 in lowered_types
 
 
