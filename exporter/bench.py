@@ -152,8 +152,8 @@ def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None]
             with memory.track() as grown:
                 runner = runtimes.load(bundle, threads=options.threads, cuda_graph=graph)
                 try:
-                    slot = runner.prepare(feeds)  # type: ignore[attr-defined]
-                    stats = _time(lambda slot=slot, runner=runner: runner.run_prepared(slot), options)  # type: ignore[attr-defined]
+                    slot = runner.prepare(feeds)
+                    stats = _time(lambda slot=slot, runner=runner: runner.run_prepared(slot), options)
                     rows.append(_row(variant, "engine", batch, stats, grown()))
                     if on_row:
                         on_row(rows[-1])

@@ -21,6 +21,15 @@ from .errors import InvalidInput
 from .manifest import DimRange, Manifest, TensorSpec
 
 
+class _Prepared:
+    def __init__(self, feeds: dict[str, np.ndarray]):
+        self.feeds = feeds
+        self.outputs: dict[str, np.ndarray] = {}
+
+    def fetch(self) -> dict[str, np.ndarray]:
+        return self.outputs
+
+
 class Runner(ABC):
     def __init__(self, bundle: Path, manifest: Manifest):
         self.bundle = Path(bundle)
@@ -44,6 +53,16 @@ class Runner(ABC):
 
     @abstractmethod
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def prepare(self, feeds: Mapping[str, Any]) -> Any:
+        """Validate `feeds` once and place them where the engine reads them; `run_prepared` then runs
+        without re-validating or copying (the bench's timed loop). Backends with device buffers
+        override this; the default keeps the validated host arrays."""
+        return _Prepared(self.validate(feeds))
+
+    def run_prepared(self, prepared: Any) -> None:
+        """One inference on prepared inputs (results: prepared.fetch())."""
+        prepared.outputs = self._infer(prepared.feeds)
 
     def close(self) -> None:  # noqa: B027 - backends with resources override it
         """Release the engine's resources; the runner is unusable afterwards."""

@@ -26,6 +26,7 @@ bundle/image bundle/text` serves the towers with dynamic batching).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -112,14 +113,14 @@ class ZeroShotRunner(Runner):
             raise InvalidInput(f"In zero-shot bundle '{self.manifest.name}': {exc}") from None
 
     # -- device-resident runs (enginekit bench): both towers, then the scores on the host ----------
-    def prepare(self, feeds: dict[str, Any]) -> tuple[Any, Any]:
+    def prepare(self, feeds: Mapping[str, Any]) -> tuple[Any, Any]:
         img, txt = self._split(self.validate(feeds))
-        return self.image.prepare(img), self.text.prepare(txt)  # type: ignore[attr-defined]
+        return self.image.prepare(img), self.text.prepare(txt)
 
-    def run_prepared(self, slots: tuple[Any, Any]) -> dict[str, np.ndarray]:
-        self.image.run_prepared(slots[0])  # type: ignore[attr-defined]
-        self.text.run_prepared(slots[1])  # type: ignore[attr-defined]
-        return self._combine(slots[0].fetch()["image_embeds"], slots[1].fetch()["text_embeds"])
+    def run_prepared(self, slots: tuple[Any, Any]) -> None:
+        """Both towers on their prepared inputs (the scores are a host matrix product: see infer)."""
+        self.image.run_prepared(slots[0])
+        self.text.run_prepared(slots[1])
 
     def close(self) -> None:
         self.image.close()

@@ -16,6 +16,7 @@ CUDA path (what `enginekit bench` and `enginekit serve` run):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,7 @@ class OrtRunner(Runner):
             self._slots.popitem(last=False)
         return slot
 
-    def prepare(self, feeds: dict[str, Any]) -> _Slot | _CpuSlot:
+    def prepare(self, feeds: Mapping[str, Any]) -> _Slot | _CpuSlot:
         """Validate `feeds` and place them where the engine reads them (device buffers on CUDA);
         then run_prepared() runs without host transfers, and slot.fetch() returns the outputs."""
         arrays = self.validate(feeds)
