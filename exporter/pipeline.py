@@ -220,8 +220,14 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
 def build(source_text: str, options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     """Build, gate and publish a bundle; raises an EnginekitError subclass on user errors."""
     say = progress or (lambda _msg: None)
-    options.validate()
     spec = parse_source(source_text)
+    # -- issue 8: causal LMs build a generation bundle (exporter/generation.py) ---------------------
+    from .generation import build_generation, is_generation_source
+
+    if is_generation_source(spec):
+        return build_generation(spec, source_text, options, say)
+    # -- end issue 8 ------------------------------------------------------------------------------------
+    options.validate()
     output = Path(options.output) if options.output else default_output(source_text, options)
     if output.exists() and not options.force:
         raise BuildError(
