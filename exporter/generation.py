@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtimes._version import __version__
 from runtimes.errors import BuildError, ParityError, SourceError, UsageError
 from runtimes.generate import GENERATION_FILE, TOKENIZER_FILE
@@ -258,20 +260,45 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
             out[name] = work / f"{name}.int8.onnx"
             realised[name] = quantize_weights(path, out[name])
         return out, realised
+    from .genparity import calibration_feeds
     from .pipeline import _mixed_options
     from .precision import lower_precision
-
-    from .genparity import calibration_feeds
 
     feeds = calibration_feeds(paths, prompts)
     out, realised = {}, {"requested": options.precision}
     for name, path in paths.items():
         sub = work / f"lower-{name}"
         sub.mkdir(exist_ok=True)
-        lowered = lower_precision(path, options.precision, sub, mixed=_mixed_options(options), calibration=feeds[name])
+        safe = path.with_name(f"{name}.maskfill.onnx")
+        clamped = clamp_mask_fill(path, safe)
+        lowered = lower_precision(safe, options.precision, sub, mixed=_mixed_options(options), calibration=feeds[name])
         out[name] = lowered.path
-        realised[name] = lowered.realised
+        realised[name] = {**lowered.realised, "mask_fill_constants_clamped": clamped}
     return out, realised
+
+
+def clamp_mask_fill(path: Path, out: Path) -> int:
+    """Copy of the graph whose mask fill constants (±FLT_MAX, transformers' finfo(float32).min)
+    become ±65504. Cast to FP16 or BF16 they would be -inf, and the masked softmax computes
+    0 * -inf = NaN (every decode step of a Qwen2 came out NaN); -65504 still sends exp() to 0.
+    Only small constants exactly at ±FLT_MAX change; the weights are not read."""
+    import onnx
+    from onnx import numpy_helper
+
+    big = float(np.finfo(np.float32).max)
+    model = onnx.load(str(path), load_external_data=False)
+    count = 0
+    tensors = [init for init in model.graph.initializer]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in tensors:
+        if t.data_type != onnx.TensorProto.FLOAT or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        arr = numpy_helper.to_array(t)
+        if 0 < arr.size <= 16 and np.all(np.abs(arr) == big):
+            t.CopyFrom(numpy_helper.from_array(np.sign(arr).astype(np.float32) * np.float32(65504.0), t.name))
+            count += 1
+    onnx.save(model, str(out))  # beside the original: the same external data file, if any
+    return count
 
 
 def _build_component(name: str, path: Path, exported: GenerationExport, options: Any, bundle: Path,

@@ -84,16 +84,23 @@ def calibration_feeds(paths: dict[str, Path], prompts: list[list[int]]) -> dict[
 
 
 def reference_generate(model: Any, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
-    """transformers' greedy generate() in FP32: the tokens and each step's logits [steps, vocab]."""
+    """transformers' greedy generate() in FP32 for exactly `steps` tokens: the tokens and each
+    step's raw logits [steps, vocab]. No stop token: generate() fills every setting left unset from
+    the model's own generation_config (its eos included), so that one is swapped for the call."""
     import torch
     from transformers import GenerationConfig
 
-    gc = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None,
-                          pad_token_id=model.generation_config.pad_token_id or 0)
+    pad = model.generation_config.pad_token_id
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None,
+                                               pad_token_id=0 if pad is None else pad, output_logits=True,
+                                               return_dict_in_generate=True)
     ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc,
-                             output_logits=True, return_dict_in_generate=True)
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        model.generation_config = saved
     tokens = out.sequences[0, len(prompt):].tolist()
     logits = torch.stack([s[0] for s in out.logits]).float().numpy()
     return tokens, logits

@@ -28,7 +28,10 @@ BLOCK = 32
 def quantize_weights(onnx_path: Path, out_path: Path, *, bits: int = 8, block_size: int = BLOCK) -> dict[str, Any]:
     """MatMuls with constant weights → MatMulNBits (symmetric, `bits`-bit, per block); returns what was done."""
     require("onnxruntime", extra="cpu", purpose="Weight-only INT8 (MatMulNBits)")
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     before = Counter(n.op_type for n in model.graph.node)
