@@ -243,6 +243,7 @@ def build(
     range_rules: bool = typer.Option(True, "--range-rules/--no-range-rules", help="fp16/bf16: AutoCast's weight/activation range rules (off: naive cast, repaired only by the fallback)."),
     fallback_budget: int = typer.Option(64, "--fallback-budget", help="fp16/bf16: most nodes the parity-driven fallback may keep in FP32 (0: off)."),
     ort_fusions: bool = typer.Option(True, "--ort-fusions/--no-ort-fusions", help="ORT target: fuse attention, skip-LayerNorm and GELU into ORT's own ops."),
+    lowering: str = typer.Option("autocast", "--lowering", help="Causal LMs, fp16/bf16: autocast (AutoCast on the FP32 graphs) or native (exported from torch in that dtype; the fast GPU path)."),
     workspace: str | None = typer.Option(None, "--workspace", help="trt: builder workspace limit, e.g. 512MiB, 4GiB (default: all GPU memory)."),
     opt_level: int | None = typer.Option(None, "--opt-level", help="trt: builder optimization level 0..5 (default 3; 0 ignores the timing cache)."),
     hardware_compat: str = typer.Option("none", "--hardware-compat", help="trt: none | ampere+ | same-cc (which GPUs the plan runs on)."),
@@ -266,7 +267,7 @@ def build(
                           exporter=exporter, force=force, skip_parity=skip_parity, calib=calib,
                           fp32_nodes=list(fp32_nodes), fp32_ops=[o.strip() for o in (fp32_ops or "").split(",") if o.strip()],
                           native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget,
-                          ort_fusions=ort_fusions, trt=trt,
+                          ort_fusions=ort_fusions, trt=trt, lowering=lowering,
                           calib_method=calib_method, accuracy_budget=accuracy_budget,
                           image=_image_options(resize, mean, std), smooth=smooth)
     with stages(not as_json) as say:

@@ -178,6 +178,10 @@ def _validate(options: Any) -> None:
             "Expected no --calib with --precision int8 for a causal LM: its INT8 is weight-only (MatMulNBits, scales from "
             "the weights themselves), which needs no calibration data. Drop --calib."
         )
+    if options.lowering not in ("autocast", "native"):
+        raise UsageError(f"Expected --lowering autocast or native, found '{options.lowering}'.")
+    if options.lowering == "native" and options.precision not in ("fp16", "bf16"):
+        raise UsageError(f"Expected --lowering native with --precision fp16 or bf16, found --precision {options.precision}.")
     if options.precision == "int8":
         options = replace(options, precision="fp32")  # the rest of validate() knows Q/DQ INT8 only
     options.validate()
@@ -200,8 +204,11 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     with _timed(timings, "load", say, f"Loading {spec}"):
         model, tokenizer, info = load_causal_lm(spec)
         dims = default_dims(model.config, options.shapes)
-    with _timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"):
-        exported = export_generation(model, work, dims, exporter=options.exporter, opset=options.opset)
+    native = options.lowering == "native"
+    with _timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"
+                + (f" in {options.precision}" if native else "")):
+        exported = export_generation(_in_dtype(model, options.precision) if native else model, work, dims,
+                                     exporter=options.exporter, opset=options.opset)
     prompts = parity_prompts(tokenizer, options.data, model.config, dims)
     with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
         lowered, realised = _lower_all(exported, options, prompts, work)
@@ -251,6 +258,10 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
     paths = {n: c.path for n, c in exported.components.items()}
     if options.precision == "fp32":
         return paths, {"requested": "fp32"}
+    if options.lowering == "native":
+        return paths, {"requested": options.precision, "lowering": f"native: exported from torch in {options.precision} "
+                       "(weights, activations and KV cache; the model's own FP32 upcasts in norms and softmax kept)",
+                       "kv_cache_dtype": exported.cache.dtype}
     if options.precision == "int8":
         from .genquant import quantize_weights
 
@@ -272,9 +283,22 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
         safe = path.with_name(f"{name}.maskfill.onnx")
         clamped = clamp_mask_fill(path, safe)
         lowered = lower_precision(safe, options.precision, sub, mixed=_mixed_options(options), calibration=feeds[name])
+        _drop_shapes(lowered.path)
         out[name] = lowered.path
         realised[name] = {**lowered.realised, "mask_fill_constants_clamped": clamped}
     return out, realised
+
+
+def _drop_shapes(path: Path) -> None:
+    """Remove the intermediate shapes AutoCast's shape inference wrote: it names different sizes
+    by one symbol (unk__18 for 4 query heads and for 2 key-value heads), and ONNX Runtime, planning
+    buffers by those names, then fails ("Shape mismatch attempting to re-use buffer"). ORT infers
+    them itself."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))
 
 
 def clamp_mask_fill(path: Path, out: Path) -> int:
@@ -299,6 +323,15 @@ def clamp_mask_fill(path: Path, out: Path) -> int:
             count += 1
     onnx.save(model, str(out))  # beside the original: the same external data file, if any
     return count
+
+
+def _in_dtype(model: Any, precision: str) -> Any:
+    """A copy of `model` in FP16/BF16 (the FP32 one stays the parity reference)."""
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).to({"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
 
 
 def _build_component(name: str, path: Path, exported: GenerationExport, options: Any, bundle: Path,

@@ -108,6 +108,7 @@ def export_generation(model: Any, work: Path, dims: dict[str, DimRange], *, expo
                       opset: int | None = None) -> GenerationExport:
     """Export `model` (a transformers causal LM in FP32) to work/prefill.onnx and work/decode.onnx."""
     cache = cache_layout(model.config)
+    cache.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     vocab = int(model.get_output_embeddings().weight.shape[0])
     notes: list[str] = []
     if exporter in ("auto", "transformers"):
@@ -270,6 +271,14 @@ def _finalize(model: Any, io: IOSpec, path: Path, cache: CacheLayout) -> int:
     for v, canon in zip(outs[1:], cache_names):
         got = _canonical(v.name, 0, "output") or v.name
         v.name = canon if got.startswith("present") or got == v.name else got
+    if outs[0].dtype not in (None, ir.DataType.FLOAT):
+        # A model exported in FP16/BF16: FP32 logits for sampling on the host and for the gate.
+        cast = ir.node("Cast", [outs[0]], attributes={"to": ir.DataType.FLOAT}, name="enginekit_logits_fp32")
+        graph.append(cast)
+        outs[0].name = "logits_native"
+        cast.outputs[0].name, cast.outputs[0].dtype, cast.outputs[0].shape = "logits", ir.DataType.FLOAT, outs[0].shape
+        graph.outputs[0] = cast.outputs[0]
+        outs[0] = cast.outputs[0]
     # Greedy decoding reads 8 bytes a row instead of the vocabulary.
     argmax = ir.node("ArgMax", [outs[0]], attributes={"axis": -1, "keepdims": 0}, name="enginekit_next_token")
     argmax.outputs[0].name = "next_token"
@@ -284,10 +293,6 @@ def _finalize(model: Any, io: IOSpec, path: Path, cache: CacheLayout) -> int:
     ir.save(model, str(path), external_data=(path.name + ".data") if big else None)
     proto = onnx.load(str(path), load_external_data=False)
     _name_dims(proto, io)
-    # The exporter's intermediate shapes name sizes by symbols that may stand for two different
-    # sizes once the graph is lowered (ORT then reuses a 2-head buffer for a 4-head tensor); ONNX
-    # Runtime and AutoCast infer them again from the inputs.
-    del proto.graph.value_info[:]
     set_metadata(proto, {METADATA_DIMS: "{}", METADATA_VALUES: "{}"})
     onnx.save(proto, str(path))
     try:
@@ -332,6 +337,12 @@ def _name_dims(proto: onnx.ModelProto, io: IOSpec) -> None:
         for d in vi.type.tensor_type.shape.dim:
             if d.dim_param in mapping:
                 d.dim_param = mapping[d.dim_param]
+            elif d.dim_param.isdigit():
+                # A dynamic export names some fixed sizes as symbols ("2"): ONNX Runtime would plan
+                # buffers by the name, and the fusions read sizes only from values.
+                size = int(d.dim_param)
+                d.Clear()
+                d.dim_value = size
     for vi in values:
         spec = specs.get(vi.name)
         if spec is None:

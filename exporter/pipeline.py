@@ -84,6 +84,9 @@ class BuildOptions:
     accuracy_budget: str | None = "cosine>=0.99"
     image: ImageOptions = field(default_factory=ImageOptions)
     smooth: float | None = None  # SmoothQuant alpha (calibration/smooth.py); None: off
+    # issue 8, causal LMs: fp16/bf16 by AutoCast on the FP32 graphs, or "native" (exported from torch
+    # in that dtype: the KV cache too, and the graph ONNX Runtime's GPU fusions match)
+    lowering: str = "autocast"
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -210,6 +213,8 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         cmd += ["--no-range-rules"]
     if options.fallback_budget != 64:
         cmd += ["--fallback-budget", str(options.fallback_budget)]
+    if options.lowering != "autocast":
+        cmd += ["--lowering", options.lowering]
     if not options.ort_fusions:
         cmd += ["--no-ort-fusions"]
     if options.target == "trt":
