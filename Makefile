@@ -14,7 +14,7 @@ STAMP := $(VENV)/.enginekit-installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[cpu,demo,serve,dev,precision,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,demo,serve,dev,precision,bench,llm]"
 	touch $@
 
 install: $(STAMP)

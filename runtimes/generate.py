@@ -129,7 +129,7 @@ class _CudaStep:
     def run(self, host: dict[str, np.ndarray], past: dict[str, Any], want_logits: bool) -> tuple[Any, list[Any]]:
         binding = self.session.io_binding()
         for name, arr in host.items():
-            binding.bind_cpu_input(name, arr)
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
         for name, value in past.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cuda")
