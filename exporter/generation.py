@@ -269,7 +269,7 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
         realised: dict[str, Any] = {"requested": "int8"}
         for name, path in paths.items():
             out[name] = work / f"{name}.int8.onnx"
-            realised[name] = quantize_weights(path, out[name])
+            realised[name] = quantize_weights(path, out[name], device=options.device)
         return out, realised
     from .genparity import calibration_feeds
     from .pipeline import _mixed_options
@@ -336,28 +336,16 @@ def _in_dtype(model: Any, precision: str) -> Any:
 
 def _build_component(name: str, path: Path, exported: GenerationExport, options: Any, bundle: Path,
                      work: Path) -> tuple[Any, list[str], Any]:
-    from runtimes.ort.build import OrtBuildOptions, build_ort_engine
-
-    from .onnxutil import io_from_onnx
-
-    fusion: dict[str, Any] = {"enabled": options.ort_fusions}
-    onnx_path = path
-    if options.ort_fusions:
-        from .ortfuse import fuse_for_ort
-
-        fused = work / f"{name}.ort-{options.device}.onnx"
-        try:
-            fusion.update(fuse_for_ort(path, fused, options.device))
-            onnx_path = fused
-        except Exception as exc:  # noqa: BLE001 - a fusion bug must not block the (unfused) build
-            fusion["error"] = f"{type(exc).__name__}: {str(exc)[:200]}; built unfused"
-    folder = bundle / name
-    folder.mkdir()
-    target = build_ort_engine(onnx_path, folder, OrtBuildOptions(device=options.device,
-                                                                 low_precision=options.precision != "fp32"))
-    target.options["fusions"] = fusion
     import onnx
 
+    from .onnxutil import io_from_onnx
+    from .pipeline import _build_engine
+
+    folder = bundle / name
+    folder.mkdir()
+    # The same ORT build (with fuse_for_ort's fusions) as single-graph bundles, one folder per graph.
+    target = _build_engine(path, folder, options, exported.components[name].io, folder, lambda _m: None,
+                           low_precision=options.precision != "fp32", work=work)
     # The engine's own dtypes (native FP16 I/O, an FP16 cache) over the canonical FP32 ones.
     ins, outs, _, _ = io_from_onnx(onnx.load(str(path), load_external_data=False))
     dt = {t.name: t.dtype for t in ins + outs}

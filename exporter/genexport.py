@@ -154,6 +154,22 @@ def _export_with_transformers(model: Any, opset: int | None) -> dict[str, Any]:
         from transformers.exporters.utils import decompose_prefill_decode
     except ImportError as exc:
         raise ExportError(f"transformers.exporters is not available ({exc}); transformers 5.x has it") from None
+    import logging
+
+    from transformers.exporters import exporter_dynamo
+
+    # Its loggers are named after their files, outside quiet()'s reach: the Dim.AUTO hint is noise here.
+    dynamo_log = getattr(exporter_dynamo, "logger", logging.getLogger("transformers.exporters"))
+    level = dynamo_log.level
+    dynamo_log.setLevel(logging.ERROR)
+    try:
+        return _decompose_and_export(model, opset, OnnxConfig, OnnxExporter, decompose_prefill_decode)
+    finally:
+        dynamo_log.setLevel(level)
+
+
+def _decompose_and_export(model: Any, opset: int | None, OnnxConfig: Any, OnnxExporter: Any,  # noqa: N803
+                          decompose_prefill_decode: Any) -> dict[str, Any]:
     with quiet():
         try:
             stages = decompose_prefill_decode(model, _sample_prompt(model))

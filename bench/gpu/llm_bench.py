@@ -16,6 +16,8 @@ runs past the budget is recorded, not fatal):
  4. transformers eager (BF16, dynamic cache) and 5. transformers with a static cache, whose decode
     steps generate() compiles with torch.compile (transformers 5's own path), same prompts.
 Timing: CUDA is synchronized before every clock read; warm-up runs are not timed.
+`--smoke` runs the same stages on the CPU with a 2-layer model in FP32 (no compile stage): it checks
+the script, not the speed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, n
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=151643,
                   pad_token_id=151643, bos_token_id=151643)
+
+
+SMOKE = dict(QWEN25_15B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=151936)
+DEVICE, PRECISION, SIZES = "cuda", "bf16", QWEN25_15B
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 class Recorder:
@@ -90,19 +104,19 @@ def make_model(folder: Path) -> None:
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(**QWEN25_15B, architectures=["Qwen2ForCausalLM"])
-    with torch.device("cuda"):
+    cfg = transformers.Qwen2Config(**SIZES, architectures=["Qwen2ForCausalLM"])
+    with torch.device(DEVICE):
         model = transformers.Qwen2ForCausalLM(cfg)
-    model.to(torch.bfloat16).eval().save_pretrained(folder)
+    model.to(torch.bfloat16 if PRECISION == "bf16" else torch.float32).eval().save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
 
 
 def build_bundle(folder: Path, bundle: Path) -> dict:
     from exporter.pipeline import BuildOptions, build
     from exporter.shapes import parse_shapes
 
-    opts = BuildOptions(device="cuda", precision="bf16", lowering="native", output=bundle, force=True,
+    opts = BuildOptions(device=DEVICE, precision=PRECISION, lowering="native" if PRECISION != "fp32" else "autocast",
+                        output=bundle, force=True,
                         shapes=parse_shapes(f"batch=1:8:8,sequence=1:{PROMPT}:256,total_sequence=2:256:512"))
     res = build(f"hf:{folder}", opts, progress=lambda m: print("   ", m, flush=True))
     return {"parity": res.parity.summary(), "timings_s": res.timings,
@@ -120,14 +134,14 @@ def prompts(batch: int) -> list[list[int]]:
 def bench_enginekit(bundle: Path, rec: Recorder) -> None:
     from runtimes.generate import SamplingOptions, load_generator
 
-    with load_generator(bundle, device="cuda") as g:
+    with load_generator(bundle, device=DEVICE) as g:
         for b in BATCHES:
             p = prompts(b)
             g.generate_ids(p, SamplingOptions(max_new_tokens=16, stop_token_ids=[]))  # warm-up: ORT's arena, kernels
             runs = [g.generate_ids(p, SamplingOptions(max_new_tokens=NEW, stop_token_ids=[]))[0] for _ in range(RUNS)]
             assert all(len(r.tokens) == NEW for r in runs)
             tps = [(NEW - 1) / (r.decode_ms / 1e3) for r in runs]
-            rec.data["rows"].append({"variant": "enginekit ORT CUDA bf16 (IO binding, GQA)", "batch": b,
+            rec.data["rows"].append({"variant": f"enginekit ORT {DEVICE} {PRECISION} (IO binding, GQA)", "batch": b,
                                      "ttft_ms": round(statistics.median(r.ttft_ms for r in runs), 2),
                                      "decode_tokens_per_s_per_seq": round(statistics.median(tps), 1),
                                      "decode_ms_per_token": round(1e3 / statistics.median(tps), 3),
@@ -138,11 +152,11 @@ def bench_enginekit(bundle: Path, rec: Recorder) -> None:
 def _hf_generate(model, ids, mask, new: int, **kw) -> float:
     import torch
 
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                          do_sample=False, **kw)
-    torch.cuda.synchronize()
+    _sync()
     assert out.shape[1] == ids.shape[1] + new
     return (time.perf_counter() - t) * 1e3
 
@@ -151,13 +165,14 @@ def bench_transformers(folder: Path, rec: Recorder, variant: str) -> None:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).cuda().eval()
+    dtype = torch.bfloat16 if PRECISION == "bf16" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(DEVICE).eval()
     kw = {"cache_implementation": "static"} if variant == "compile" else {}
-    name = ("transformers bf16, static cache + torch.compile (generate's own)" if variant == "compile"
-            else "transformers bf16 eager (dynamic cache)")
+    name = (f"transformers {PRECISION}, static cache + torch.compile (generate's own)" if variant == "compile"
+            else f"transformers {PRECISION} eager (dynamic cache)")
     try:
         for b in BATCHES:
-            ids = torch.tensor(prompts(b), device="cuda")
+            ids = torch.tensor(prompts(b), device=DEVICE)
             mask = torch.ones_like(ids)
             for _ in range(2):  # warm-up (compiles the decode step for this shape)
                 _hf_generate(model, ids, mask, 8 if variant == "eager" else NEW, **kw)
@@ -170,7 +185,8 @@ def bench_transformers(folder: Path, rec: Recorder, variant: str) -> None:
             rec.save()
     finally:
         del model
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
 
 def ratios(rec: Recorder) -> None:
@@ -195,11 +211,15 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--work", default="/tmp/llm-bench")
     ap.add_argument("--budget-s", type=float, default=560.0)
+    ap.add_argument("--smoke", action="store_true", help="CPU, 2 layers, FP32: checks the script only")
     args = ap.parse_args()
+    global DEVICE, PRECISION, SIZES, NEW
+    if args.smoke:
+        DEVICE, PRECISION, SIZES, NEW = "cpu", "fp32", SMOKE, 16
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rec = Recorder(Path(args.out), args.budget_s)
     rec.data["environment"] = environment()
-    rec.data["setup"] = {"model": "Qwen2 config at Qwen2.5-1.5B sizes, random weights", "prompt_tokens": PROMPT,
+    rec.data["setup"] = {"model": "Qwen2 config at Qwen2.5-1.5B sizes, random weights" if not args.smoke else "smoke", "prompt_tokens": PROMPT,
                          "new_tokens": NEW, "runs": RUNS, "batches": BATCHES, "sampling": "greedy, no stop token"}
     work = Path(args.work)
     folder, bundle = work / "qwen2.5-1.5b-random", work / "engines" / "qwen-1.5b-ort-bf16"
@@ -210,7 +230,8 @@ def main() -> None:
     if (bundle / "manifest.json").is_file():
         rec.stage("enginekit", lambda: bench_enginekit(bundle, rec), 40)
     rec.stage("transformers eager", lambda: bench_transformers(folder, rec, "eager"), 60)
-    rec.stage("transformers compile", lambda: bench_transformers(folder, rec, "compile"), 90)
+    if DEVICE == "cuda":
+        rec.stage("transformers compile", lambda: bench_transformers(folder, rec, "compile"), 90)
     ratios(rec)
     print(json.dumps({"rows": rec.data["rows"], "ratios": rec.data.get("ratios")}, indent=1))
 
