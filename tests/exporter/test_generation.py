@@ -118,3 +118,10 @@ def test_smollm2_real_weights_match_transformers(tmp_path):
     with load_generator(res.bundle) as g:
         out = g.generate("The capital of France is", SamplingOptions(max_new_tokens=8))
     assert "Paris" in out.text and out.tokens and np.isfinite(out.ttft_ms)
+
+
+def test_parity_command_reruns_the_token_gate(qwen2_bundle):
+    from exporter.checks import check_bundle
+
+    report = check_bundle(qwen2_bundle)
+    assert report.passed and {o.name for c in report.cases for o in c.outputs} == {"logits", "tokens"}
