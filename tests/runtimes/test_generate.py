@@ -71,3 +71,19 @@ def test_generation_runtime_imports_no_torch(qwen2_bundle):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY: []" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_generation_keeps_the_cache_on_the_gpu(tiny_qwen2_dir, tmp_path):
+    """On a GPU: a native BF16 CUDA bundle (GroupQueryAttention decode) passes its gate for real,
+    and the CUDA loop (IO binding, past OrtValues on the device) gives the CPU loop's tokens."""
+    from exporter.pipeline import BuildOptions, build
+
+    res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "bf16", device="cuda", precision="bf16",
+                                                     lowering="native"))
+    assert res.parity.status == "passed", res.parity.failures()
+    fp32 = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "fp32", device="cuda"))
+    opts = SamplingOptions(max_new_tokens=16, stop_token_ids=[])
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    with load_generator(fp32.bundle, device="cuda") as g, load_generator(fp32.bundle, device="cpu") as c:
+        assert [r.tokens for r in g.generate_ids(prompts, opts)] == [r.tokens for r in c.generate_ids(prompts, opts)]
