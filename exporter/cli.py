@@ -244,6 +244,7 @@ def build(
     fallback_budget: int = typer.Option(64, "--fallback-budget", help="fp16/bf16: most nodes the parity-driven fallback may keep in FP32 (0: off)."),
     ort_fusions: bool = typer.Option(True, "--ort-fusions/--no-ort-fusions", help="ORT target: fuse attention, skip-LayerNorm and GELU into ORT's own ops."),
     detector_outputs: str = typer.Option("nms", "--detector-outputs", help="Detectors: nms (boxes, scores, classes, count after NMS in the graph) or raw (the head's pre-NMS boxes and scores)."),
+    lowering: str = typer.Option("autocast", "--lowering", help="Causal LMs, fp16/bf16: autocast (AutoCast on the FP32 graphs) or native (exported from torch in that dtype; the fast GPU path)."),
     workspace: str | None = typer.Option(None, "--workspace", help="trt: builder workspace limit, e.g. 512MiB, 4GiB (default: all GPU memory)."),
     opt_level: int | None = typer.Option(None, "--opt-level", help="trt: builder optimization level 0..5 (default 3; 0 ignores the timing cache)."),
     hardware_compat: str = typer.Option("none", "--hardware-compat", help="trt: none | ampere+ | same-cc (which GPUs the plan runs on)."),
@@ -268,6 +269,7 @@ def build(
                           fp32_nodes=list(fp32_nodes), fp32_ops=[o.strip() for o in (fp32_ops or "").split(",") if o.strip()],
                           native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget,
                           ort_fusions=ort_fusions, trt=trt, detector_outputs=detector_outputs,
+                          lowering=lowering,
                           calib_method=calib_method, accuracy_budget=accuracy_budget,
                           image=_image_options(resize, mean, std), smooth=smooth)
     with stages(not as_json) as say:
@@ -609,6 +611,47 @@ def demo(
     con.print(f"bundle: [bold]{result['bundle']}[/]  (report: {result['bundle']}/report.html)")
     con.print("next: enginekit inspect " + result["bundle"] + "   ·   enginekit parity " + result["bundle"])
     return None
+
+
+# -- issue 8: text generation from a generation bundle -----------------------------------------------
+@app.command()
+@handle_errors
+def generate(
+    bundle: Path = typer.Argument(..., help="A generation bundle (built from a causal LM)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="The prompt (repeatable: a batch, printed in order)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sampling: keep the smallest set of tokens reaching this probability."),
+    top_k: int = typer.Option(0, "--top-k", help="Sampling: keep the k most likely tokens (0: all)."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling: random seed (repeatable output)."),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU intra-op threads."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (tokens, text, timings)."),
+) -> None:
+    """Generate a continuation of a prompt with a generation bundle (no torch)."""
+    from runtimes.generate import SamplingOptions, load_generator
+
+    opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    with load_generator(bundle, device=device, threads=threads) as gen:
+        if len(prompt) == 1 and stream and not as_json:
+            result = gen.generate(prompt[0], opts, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            sys.stdout.write("\n")
+            results = [result]
+        else:
+            results = gen.generate_batch(prompt, opts)
+    if as_json:
+        return _print_json([{"prompt": p, "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
+                             "ttft_ms": round(r.ttft_ms, 2), "decode_tokens_per_s": round(r.tokens_per_s, 1)}
+                            for p, r in zip(prompt, results)])
+    if not (len(prompt) == 1 and stream):
+        for r in results:
+            sys.stdout.write(r.text + "\n")
+    r = results[0]
+    _console(stderr=True).print(f"[dim]{sum(len(x.tokens) for x in results)} tokens ({r.finish_reason}); first token "
+                                f"{r.ttft_ms:.1f} ms, then {r.tokens_per_s:.1f} tokens/s[/]")
+    return None
+# -- end issue 8 ----------------------------------------------------------------------------------------
 
 
 @app.command()

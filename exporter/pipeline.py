@@ -84,6 +84,9 @@ class BuildOptions:
     image: ImageOptions = field(default_factory=ImageOptions)
     smooth: float | None = None  # SmoothQuant alpha (calibration/smooth.py); None: off
     detector_outputs: str = "nms"  # detectors: NMS in the graph, or the raw head outputs (exporter/detect.py)
+    # issue 8, causal LMs: fp16/bf16 by AutoCast on the FP32 graphs, or "native" (exported from torch
+    # in that dtype: the KV cache too, and the graph ONNX Runtime's GPU fusions match)
+    lowering: str = "autocast"
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -210,6 +213,8 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         cmd += ["--no-range-rules"]
     if options.fallback_budget != 64:
         cmd += ["--fallback-budget", str(options.fallback_budget)]
+    if options.lowering != "autocast":
+        cmd += ["--lowering", options.lowering]
     if not options.ort_fusions:
         cmd += ["--no-ort-fusions"]
     if options.detector_outputs != "nms":
@@ -222,8 +227,14 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
 def build(source_text: str, options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     """Build, gate and publish a bundle; raises an EnginekitError subclass on user errors."""
     say = progress or (lambda _msg: None)
-    options.validate()
     spec = parse_source(source_text)
+    # -- issue 8: causal LMs build a generation bundle (exporter/generation.py) ---------------------
+    from .generation import build_generation, is_generation_source
+
+    if is_generation_source(spec):
+        return build_generation(spec, source_text, options, say)
+    # -- end issue 8 ------------------------------------------------------------------------------------
+    options.validate()
     output = Path(options.output) if options.output else default_output(source_text, options)
     if output.exists() and not options.force:
         raise BuildError(

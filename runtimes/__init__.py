@@ -57,6 +57,12 @@ def load(
     """
     path = Path(bundle)
     manifest = Manifest.read(path)
+    if (path / "generation.json").is_file():  # issue 8: prefill + decode engines, run by a loop
+        raise UsageError(
+            f"Expected a single-engine bundle for runtimes.load, found a generation bundle at '{path}' (prefill and "
+            "decode engines with a KV cache). Run it with runtimes.generate.load_generator(bundle), or "
+            f"`enginekit generate {path} --prompt TEXT`."
+        )
     if verify:
         verify_files(path, manifest)
     return open_runner(path, manifest, device=device, threads=threads, cuda_graph=cuda_graph, trt_runtime=trt_runtime)

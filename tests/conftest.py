@@ -120,3 +120,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "exporter"]
     env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(ROOT))
     return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+# -- issue 8: causal LMs ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.models.causal import tiny_causal_lm
+
+    return tiny_causal_lm(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen2_bundle(tiny_qwen2_dir: Path, bundles: Path) -> Path:
+    """A generation bundle (ORT CPU, FP32) of the tiny Qwen2, built once."""
+    from exporter.pipeline import BuildOptions, build
+
+    return build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=bundles / "qwen2-gen")).bundle

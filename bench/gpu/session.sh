@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the lent H100/H200, step by step (each step is one device `run`, < 10 min).
 # Every step writes its results and log under $OUT; commit them to bench/results/ afterwards.
-#   bash bench/gpu/session.sh probe|build|bench-clip|bench-resnet|tests
+#   bash bench/gpu/session.sh probe|build|bench-clip|bench-resnet|llm|tests
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -39,6 +39,10 @@ bench-resnet)
   $EK bench engines/resnet50-ort-fp16 engines/resnet50-ort-fp32 --batch 1,8,32 \
     --compile-modes default,reduce-overhead,max-autotune --runs 100 --min-seconds 1 --profile \
     -o "$OUT/resnet50.json" 2>&1 | tail -40
+  ;;
+llm)
+  # issue 8: Qwen2.5-1.5B-sized causal LM, BF16: build + token gate + decode speed vs transformers eager / compile
+  python3 bench/gpu/llm_bench.py --out "$OUT" --budget-s 540 2>&1 | tail -60
   ;;
 tests)
   python3 -m pytest -q -m "gpu or trt" -p no:cacheprovider tests 2>&1 | tail -15
