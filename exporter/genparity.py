@@ -106,7 +106,7 @@ def reference_generate(model: Any, prompt: list[int], steps: int) -> tuple[list[
         model.generation_config = saved
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     tokens = out.sequences[0, len(prompt):].tolist()
-    logits = torch.stack([s[0] for s in out.logits]).float().numpy()
+    logits = torch.stack([s[0] for s in out.logits]).float().cpu().numpy()
     return tokens, logits
 
 
