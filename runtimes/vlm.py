@@ -227,9 +227,9 @@ class VisionLanguageGenerator(Generator):
         opts = options or SamplingOptions()
         opts.validate()
         self._check_batch(prompts, opts)
+        if images is not None and len(images) != len(prompts):
+            raise UsageError(f"Expected one list of images per prompt, found {len(images)} for {len(prompts)} prompts.")
         flat = [im for row in (images or []) for im in row]
-        if len(flat) > self.vision.max_images * 64:
-            raise InvalidInput(f"Expected at most {self.vision.max_images * 64} images in one call, found {len(flat)}.")
         ids, mask = self._pad(prompts)
         v = self.vision
         is_image = ids == v.image_token_id

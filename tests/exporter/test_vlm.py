@@ -32,7 +32,11 @@ def test_vlm_bundle_layout_and_gate(vlm_bundle):
     assert any(c.startswith("vision: 3 photos") for c in p["cases"])
 
 
-def test_refusals(tiny_qwen2_vl_dir, tmp_path):
+def test_refusals(tiny_qwen2_vl_dir, tmp_path, vlm_bundle):
+    import runtimes
+
+    with pytest.raises(UsageError, match="load_generator"):
+        runtimes.load(vlm_bundle)
     shapes = parse_shapes(VLM_SHAPES)
     with pytest.raises(UsageError, match="--precision fp32 for a VLM"):
         build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=tmp_path / "fp16", precision="fp16", shapes=shapes))
