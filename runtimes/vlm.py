@@ -102,8 +102,8 @@ def preprocess_image(image: Any, spec: VisionSpec) -> np.ndarray:
             f"(`enginekit generate --resize` does this), or rebuild with --shapes image_height={arr.shape[0]},"
             f"image_width={arr.shape[1]} if those are multiples of {spec.patch_size * spec.merge_size}."
         )
-    x = (arr.astype(np.float64) * spec.rescale_factor).astype(np.float32)
-    x = (x - np.array(spec.image_mean, np.float32)) / np.array(spec.image_std, np.float32)
+    scaled = (arr.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    x = (scaled - np.array(spec.image_mean, np.float32)) / np.array(spec.image_std, np.float32)
     _, gh, gw = spec.grid
     m, p, t = spec.merge_size, spec.patch_size, spec.temporal_patch_size
     x = x.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
