@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from runtimes.errors import EnginekitError
+from runtimes.errors import EnginekitError, UsageError
 
 app = typer.Typer(
     name="enginekit",
@@ -628,18 +628,32 @@ def generate(
     threads: int | None = typer.Option(None, "--threads", help="CPU intra-op threads."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (tokens, text, timings)."),
+    image: list[Path] = typer.Option([], "--image", "-i", help="VLM bundles: an image file (repeatable; each "
+                                     "<image> in the prompt marks where one goes, else they go first)."),
+    resize: bool = typer.Option(False, "--resize", help="VLM bundles: resize images to the bundle's fixed size "
+                                "(PIL bicubic, as transformers' processor resizes) instead of refusing other sizes."),
 ) -> None:
-    """Generate a continuation of a prompt with a generation bundle (no torch)."""
+    """Generate a continuation of a prompt with a generation bundle (no torch); VLM bundles take --image."""
     from runtimes.generate import SamplingOptions, load_generator
+    from runtimes.vlm import VisionLanguageGenerator
 
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     with load_generator(bundle, device=device, threads=threads) as gen:
-        if len(prompt) == 1 and stream and not as_json:
-            result = gen.generate(prompt[0], opts, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        single = len(prompt) == 1 and stream and not as_json
+        kwargs: dict[str, Any] = {}
+        if image:
+            if not isinstance(gen, VisionLanguageGenerator):
+                raise UsageError(f"Expected --image only with a VLM bundle, found a causal-LM bundle at '{bundle}'. "
+                                 "Drop --image, or build the VLM (enginekit build hf:QWEN2_VL_DIR).")
+            pictures = [_read_image(p, gen.vision.image_size if resize else None) for p in image]
+            kwargs = {"images": pictures} if single else {"images": [pictures] * len(prompt)}  # the same for each
+        if single:
+            result = gen.generate(prompt[0], opts, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                                  **kwargs)
             sys.stdout.write("\n")
             results = [result]
         else:
-            results = gen.generate_batch(prompt, opts)
+            results = gen.generate_batch(prompt, opts, **kwargs)
     if as_json:
         return _print_json([{"prompt": p, "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
                              "ttft_ms": round(r.ttft_ms, 2), "decode_tokens_per_s": round(r.tokens_per_s, 1)}
@@ -651,6 +665,21 @@ def generate(
     _console(stderr=True).print(f"[dim]{sum(len(x.tokens) for x in results)} tokens ({r.finish_reason}); first token "
                                 f"{r.ttft_ms:.1f} ms, then {r.tokens_per_s:.1f} tokens/s[/]")
     return None
+
+
+def _read_image(path: Path, size: tuple[int, int] | None) -> Any:
+    """An image file as an HxWx3 uint8 array (resized to size = (height, width) when given)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UsageError(f"Expected --image to be a readable image file, found '{path}' ({exc}).") from None
+    if size is not None and rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.BICUBIC)
+    return np.asarray(rgb)
 # -- end issue 8 ----------------------------------------------------------------------------------------
 
 

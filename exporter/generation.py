@@ -30,7 +30,7 @@ from runtimes.errors import BuildError, ParityError, SourceError, UsageError
 from runtimes.generate import GENERATION_FILE, TOKENIZER_FILE
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 
-from .genexport import COMPONENTS, GenerationExport, export_generation
+from .genexport import GenerationExport, export_generation
 from .sources import SourceSpec
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -61,6 +61,10 @@ def is_generation_source(spec: SourceSpec) -> bool:
         return True
     if spec.task not in (None, "text-generation"):
         return False
+    from .vlm import vlm_model_type
+
+    if vlm_model_type(spec) is not None:
+        return True
     cfg = Path(spec.location) / "config.json"
     if not cfg.is_file():
         return False
@@ -131,9 +135,10 @@ def default_dims(config: Any, shapes: dict[str, DimRange]) -> dict[str, DimRange
 def build_generation(spec: SourceSpec, source_text: str, options: Any, progress: Any = None) -> Any:
     """Build, gate and publish a generation bundle (pipeline.build's path for causal LMs)."""
     from .pipeline import BuildResult, _publish, default_output
+    from .vlm import vlm_model_type
 
     say = progress or (lambda _m: None)
-    _validate(options)
+    _validate(options, vlm_model_type(spec))
     output = Path(options.output) if options.output else default_output(source_text, options)
     if output.exists() and not options.force:
         raise BuildError(
@@ -165,7 +170,13 @@ def build_generation(spec: SourceSpec, source_text: str, options: Any, progress:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _validate(options: Any) -> None:
+def _validate(options: Any, vlm: str | None = None) -> None:
+    if vlm and (options.precision != "fp32" or options.target != "ort"):
+        raise UsageError(
+            f"Expected --target ort --precision fp32 for a VLM ({vlm}), found --target {options.target} --precision "
+            f"{options.precision}: VLM bundles are built and gated in FP32 on ONNX Runtime only in this version "
+            "(reduced precisions are not lowered or gated for the vision engine yet). Drop --precision/--target."
+        )
     if options.target != "ort":
         raise UsageError(
             f"Expected --target ort for a causal LM, found --target {options.target}: generation bundles (prefill + "
@@ -197,31 +208,55 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
                 timings: dict[str, float]) -> tuple[Manifest, Any]:
     from .genparity import parity_prompts, token_gate
     from .pipeline import build_command
+    from .vlm import vlm_model_type
 
     work, bundle = staging / "work", staging / "bundle"
     work.mkdir()
     bundle.mkdir()
+    vlm = vlm_model_type(spec) is not None
     with _timed(timings, "load", say, f"Loading {spec}"):
-        model, tokenizer, info = load_causal_lm(spec)
-        dims = default_dims(model.config, options.shapes)
+        if vlm:
+            from .vlm import load_vlm, split_vision_shapes, vision_spec
+
+            model, tokenizer, processor, info = load_vlm(spec)
+            text_shapes, vision_shapes = split_vision_shapes(options.shapes)
+            dims = default_dims(model.config, text_shapes)
+            vision = vision_spec(model, tokenizer, processor, vision_shapes)
+            info["image_size"] = list(vision.image_size)  # fixed per bundle; the runtime refuses others
+        else:
+            model, tokenizer, info = load_causal_lm(spec)
+            dims = default_dims(model.config, options.shapes)
     native = options.lowering == "native"
     with _timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"
-                + (f" in {options.precision}" if native else "")):
+                + (f" in {options.precision}" if native else "") + (" and the vision engine" if vlm else "")):
         exported = export_generation(_in_dtype(model, options.precision) if native else model, work, dims,
-                                     exporter=options.exporter, opset=options.opset)
-    prompts = parity_prompts(tokenizer, options.data, model.config, dims)
+                                     exporter=options.exporter, opset=options.opset, vlm=vlm)
+        if vlm:
+            from .genexport import GraphExport
+            from .vlm import DEFAULT_IMAGES, export_vision
+
+            images = options.shapes.get("images") or DEFAULT_IMAGES
+            vision_io = export_vision(model, vision, work / "vision.onnx", images, opset=options.opset)
+            exported.components["vision"] = GraphExport(work / "vision.onnx", vision_io)
+    prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
     with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
         lowered, realised = _lower_all(exported, options, prompts, work)
     components: dict[str, Any] = {}
     engine_files: list[str] = []
     target = None
     with _timed(timings, "build", say, f"Building the ort engines ({options.device})"):
-        for name in COMPONENTS:
+        for name in exported.components:
             target, files, io = _build_component(name, lowered[name], exported, options, bundle, work)
             components[name] = {"file": files[0], "io": io.to_dict(), "fusions": target.options.get("fusions")}
             engine_files += files
     assert target is not None
-    extra = _write_side_files(bundle, model, tokenizer, exported, components)
+    more: dict[str, Any] = {}
+    if vlm:
+        from .vlm import write_embeddings
+
+        more = {"model_type": info["model_type"], "vision": {**vision.to_dict(), "file": components["vision"]["file"]},
+                "embeddings": {"file": write_embeddings(model, bundle), "dtype": "float32"}}
+    extra = _write_side_files(bundle, model, tokenizer, exported, components, more)
     target = replace(target, engine_files=engine_files, options={**target.options, "generation": {
         n: {"file": c["file"], "fusions": c["fusions"]} for n, c in components.items()}})
     decode_io = IOSpec.from_dict(components["decode"]["io"])
@@ -238,7 +273,12 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     manifest.files = {f: file_sha256(bundle / f) for f in engine_files + extra}
     manifest.write(bundle)
     with _timed(timings, "gate", say, "Token parity: engines vs transformers generate() (FP32)"):
-        report = token_gate(model, tokenizer, bundle, prompts, options, lowered, say)
+        if vlm:
+            from .vlmparity import vlm_gate
+
+            report = vlm_gate(model, tokenizer, processor, bundle, options, say)
+        else:
+            report = token_gate(model, tokenizer, bundle, prompts, options, lowered, say)
     manifest.source["timings_s"] = timings
     manifest.parity = report.summary()
     (bundle / "parity.json").write_text(report.to_json() + "\n", encoding="utf-8")
@@ -356,8 +396,9 @@ def _build_component(name: str, path: Path, exported: GenerationExport, options:
 
 
 def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: GenerationExport,
-                      components: dict[str, Any]) -> list[str]:
-    """tokenizer.json (when the source has one) and generation.json; returns their names."""
+                      components: dict[str, Any], more: dict[str, Any] | None = None) -> list[str]:
+    """tokenizer.json (when the source has one) and generation.json (+ `more`: a VLM's vision spec
+    and embedding table, whose file is listed too); returns their names."""
     files = []
     tok_name = None
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer is not None else None
@@ -384,8 +425,11 @@ def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: Genera
         "pad_token_id": int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0),
         "bos_token_id": gen.bos_token_id if gen.bos_token_id is not None else getattr(model.config, "bos_token_id", None),
         "chat_template": getattr(tokenizer, "chat_template", None) if tokenizer is not None else None,
+        **(more or {}),
     }
     (bundle / GENERATION_FILE).write_text(json.dumps(spec, indent=2, default=str) + "\n", encoding="utf-8")
     files.append(GENERATION_FILE)
+    if more and "embeddings" in more:
+        files.append(more["embeddings"]["file"])
     return files
 

@@ -105,13 +105,26 @@ def component_io(name: str, cache: CacheLayout, vocab: int, dims: dict[str, DimR
 
 
 def export_generation(model: Any, work: Path, dims: dict[str, DimRange], *, exporter: str = "auto",
-                      opset: int | None = None) -> GenerationExport:
-    """Export `model` (a transformers causal LM in FP32) to work/prefill.onnx and work/decode.onnx."""
+                      opset: int | None = None, vlm: bool = False) -> GenerationExport:
+    """Export `model` (a transformers causal LM in FP32) to work/prefill.onnx and work/decode.onnx.
+    vlm: the language decoder of a Qwen2-VL (exporter/vlm.py): inputs_embeds [batch, seq, hidden]
+    instead of input_ids, and M-RoPE position_ids [3, batch, seq]."""
     cache = cache_layout(model.config)
     cache.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     vocab = int(model.get_output_embeddings().weight.shape[0])
+    embeds = int(model.get_input_embeddings().weight.shape[1]) if vlm else None
     notes: list[str] = []
-    if exporter in ("auto", "transformers"):
+    graphs = None
+    if vlm:
+        # transformers 5.23's decompose_for_generation splits a Qwen2-VL into its text model (hidden
+        # states, no LM head) and a decode stage of the whole model taking input_ids, and finds no image
+        # encoder (get_encoder("image") is not the visual tower): not the two decoder graphs on
+        # inputs_embeds wanted here, so the generic wrapper exports them.
+        if exporter == "transformers":
+            raise ExportError("--exporter transformers cannot export a VLM's decoder on inputs_embeds (transformers' "
+                              "decomposition of Qwen2-VL has no such stages); use --exporter auto")
+        notes.append("decoder: generic wrapper on inputs_embeds (transformers' decomposition has no such stages)")
+    elif exporter in ("auto", "transformers"):
         try:
             graphs = _export_with_transformers(model, opset)
             used = "transformers.exporters (decompose_for_generation + OnnxExporter)"
@@ -119,16 +132,13 @@ def export_generation(model: Any, work: Path, dims: dict[str, DimRange], *, expo
             if exporter == "transformers":
                 raise
             notes.append(f"transformers' exporter failed ({str(exc)[:300]}); exported with the generic wrapper")
-            graphs = None
-    else:
-        graphs = None
     if graphs is None:
-        graphs = _export_with_wrapper(model, cache, opset)
+        graphs = _export_with_wrapper(model, cache, opset, embeds=embeds)
         used = "torch.onnx.export (dynamo) of a generic KV-cache wrapper"
     out: dict[str, GraphExport] = {}
     opset_used = 0
     for name in COMPONENTS:
-        io = component_io(name, cache, vocab, dims)
+        io = component_io(name, cache, vocab, dims, embeds=embeds, mrope=vlm)
         path = Path(work) / f"{name}.onnx"
         opset_used = _finalize(graphs[name], io, path, cache)
         out[name] = GraphExport(path, io)
@@ -195,7 +205,10 @@ def _decompose_and_export(model: Any, opset: int | None, OnnxConfig: Any, OnnxEx
 
 
 # -- the generic wrapper ---------------------------------------------------------------------------------
-def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None) -> dict[str, Any]:
+def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
+                         embeds: int | None = None) -> dict[str, Any]:
+    """embeds: the graphs take inputs_embeds of that width and 3-row M-RoPE positions, and run the
+    VLM's language model (model.model.language_model) and LM head, not the whole model."""
     import torch
     from transformers import DynamicCache
 
@@ -204,14 +217,20 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None) -> d
             super().__init__()
             self.lm, self.with_past = lm, with_past
 
-        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
+        def forward(self, first: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
             kv = DynamicCache(config=self.lm.config)
             for i in range(len(past) // 2):
                 kv.update(past[2 * i], past[2 * i + 1], i)
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=kv, use_cache=True, logits_to_keep=1, return_dict=True)
+            if embeds:
+                out = self.lm.model.language_model(inputs_embeds=first, attention_mask=attention_mask,
+                                                   position_ids=position_ids, past_key_values=kv, use_cache=True)
+                logits = self.lm.lm_head(out.last_hidden_state[:, -1:])
+            else:
+                out = self.lm(input_ids=first, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=kv, use_cache=True, logits_to_keep=1, return_dict=True)
+                logits = out.logits
             flat = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-            return (out.logits, *flat)
+            return (logits, *flat)
 
     b, s, p = _TRACE_BATCH, _TRACE_PROMPT, _TRACE_PROMPT + 2
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -219,31 +238,36 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None) -> d
     for name in COMPONENTS:
         decode = name == "decode"
         q = 1 if decode else s
-        ids = torch.randint(0, 16, (b, q))
+        first = torch.randn(b, q, embeds) if embeds else torch.randint(0, 16, (b, q))
         total = p + q if decode else q
         mask = torch.ones(b, total, dtype=torch.int64)
         pos = torch.arange(total - q, total).expand(b, q).contiguous()
+        if embeds:
+            pos = pos.expand(3, b, q).contiguous()
         past = [torch.randn(b, cache.kv_heads, p, cache.head_dim) for _ in range(2 * cache.layers)] if decode else []
         seq = torch.export.Dim("sequence", min=1, max=1 << 16)
         past_dim = torch.export.Dim("past_sequence", min=1, max=1 << 16)
-        shapes: list[Any] = [{0: batch, **({} if decode else {1: seq})},
-                             {0: batch, 1: (past_dim + 1) if decode else seq}, {0: batch, **({} if decode else {1: seq})}]
+        tokens = {0: batch, **({} if decode else {1: seq})}
+        shapes: list[Any] = [tokens, {0: batch, 1: (past_dim + 1) if decode else seq},
+                             {1: batch, **({} if decode else {2: seq})} if embeds else tokens]
         if past:
             shapes.append(tuple({0: batch, 2: past_dim} for _ in past))  # the *past varargs: one nested entry
         with quiet():
             try:
-                ep = torch.export.export(Step(model, decode).eval(), (ids, mask, pos, *past),
+                ep = torch.export.export(Step(model, decode).eval(), (first, mask, pos, *past),
                                          dynamic_shapes=tuple(shapes), strict=False,
                                          prefer_deferred_runtime_asserts_over_guards=True)
-                names = ["input_ids", "attention_mask", "position_ids"] + (cache.names("past_key_values") if decode else [])
-                graphs[name] = torch.onnx.export(ep, (ids, mask, pos, *past), dynamo=True, opset_version=opset,
+                names = ["inputs_embeds" if embeds else "input_ids", "attention_mask", "position_ids"]
+                names += cache.names("past_key_values") if decode else []
+                graphs[name] = torch.onnx.export(ep, (first, mask, pos, *past), dynamo=True, opset_version=opset,
                                                  input_names=names, output_names=["logits", *cache.names("present")],
                                                  optimize=False, verbose=False).model
             except Exception as exc:  # torch.export / torch.onnx raise many types
+                what = "the wrapper" if embeds else "both transformers' exporter and the generic wrapper"
                 raise ExportError(
-                    f"Expected the causal LM to export as {name} graph with its KV cache as inputs and outputs, but "
-                    f"both transformers' exporter and the generic wrapper failed: {_condense(exc, 600)} Report this "
-                    "model; --exporter transformers shows transformers' own error."
+                    f"Expected the {'VLM decoder' if embeds else 'causal LM'} to export as {name} graph with its KV "
+                    f"cache as inputs and outputs, but {what} failed: {_condense(exc, 600)} Report this model; "
+                    "--exporter transformers shows transformers' own error."
                 ) from None
     return graphs
 
@@ -305,7 +329,15 @@ def _finalize(model: Any, io: IOSpec, path: Path, cache: CacheLayout) -> int:
     inputs = sorted(graph.inputs, key=lambda v: order[v.name])
     graph.inputs.clear()
     graph.inputs.extend(inputs)
-    big = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None) > (1 << 30)
+    return save_checked(model, io, path)
+
+
+def save_checked(model: Any, io: IOSpec, path: Path) -> int:
+    """Save an onnx_ir model (weights as external data past 1 GiB), give its dims the canonical
+    names, run the ONNX checker; returns the opset."""
+    import onnx_ir as ir
+
+    big = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > (1 << 30)
     ir.save(model, str(path), external_data=(path.name + ".data") if big else None)
     proto = onnx.load(str(path), load_external_data=False)
     _name_dims(proto, io)

@@ -83,10 +83,12 @@ def calibration_feeds(paths: dict[str, Path], prompts: list[list[int]]) -> dict[
     return feeds
 
 
-def reference_generate(model: Any, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+def reference_generate(model: Any, prompt: list[int], steps: int,
+                       extra: dict[str, Any] | None = None) -> tuple[list[int], np.ndarray]:
     """transformers' greedy generate() in FP32 for exactly `steps` tokens: the tokens and each
     step's raw logits [steps, vocab]. No stop token: generate() fills every setting left unset from
-    the model's own generation_config (its eos included), so that one is swapped for the call."""
+    the model's own generation_config (its eos included), so that one is swapped for the call.
+    extra: more generate() inputs (a VLM's pixel_values, image_grid_thw, mm_token_type_ids)."""
     import torch
     from transformers import GenerationConfig
 
@@ -101,7 +103,8 @@ def reference_generate(model: Any, prompt: list[int], steps: int) -> tuple[list[
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # strict FP32 on a GPU
     try:
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 **{k: v.to(device) for k, v in (extra or {}).items()})
     finally:
         model.generation_config = saved
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
@@ -272,6 +275,14 @@ def check_generation_bundle(bundle: Path, *, reference: str | None = None, data:
     manifest = Manifest.read(bundle)
     spec = parse_source(reference or manifest.source["spec"])
     say(f"Loading reference {spec}")
+    if manifest.source.get("family") == "vlm":
+        from .vlm import load_vlm
+        from .vlmparity import vlm_gate
+
+        model, tokenizer, processor, _ = load_vlm(spec)
+        options = SimpleNamespace(precision=manifest.precision.get("requested", "fp32"), skip_parity=False,
+                                  tolerances=list(tolerances or []), device=device or manifest.target.device)
+        return vlm_gate(model, tokenizer, processor, Path(bundle), options, say)
     model, tokenizer, _ = load_causal_lm(spec)
     dims = {k: v for k, v in manifest.io.dims.items()}
     dims.setdefault("sequence", manifest.io.dims["total_sequence"])

@@ -227,26 +227,43 @@ class Generator:
         opts = options or SamplingOptions()
         opts.validate()
         self._check_batch(prompts, opts)
-        stop = set(self.eos if opts.stop_token_ids is None else opts.stop_token_ids)
-        rng = np.random.default_rng(opts.seed)
-        b = len(prompts)
+        ids, mask = self._pad(prompts)
+        if self.absolute_positions:
+            positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        else:
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        return self._loop(prompts, {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, opts,
+                          on_token=on_token, record_logits=record_logits, forced=forced)
+
+    def _pad(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ids and their attention mask [batch, longest prompt]."""
         width = max(len(p) for p in prompts)
-        ids = np.full((b, width), self.pad, np.int64)
-        mask = np.zeros((b, width), np.int64)
+        ids = np.full((len(prompts), width), self.pad, np.int64)
+        mask = np.zeros((len(prompts), width), np.int64)
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = p
             mask[row, width - len(p):] = 1
-        if self.absolute_positions:
-            positions = np.broadcast_to(np.arange(width, dtype=np.int64), (b, width)).copy()
-        else:
-            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        return ids, mask
+
+    def _token_inputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """The decode step's token input (a VLM's decoder takes their embeddings instead)."""
+        return {"input_ids": tokens}
+
+    def _loop(self, prompts: Sequence[Sequence[int]], prefill: dict[str, np.ndarray], opts: SamplingOptions, *,
+              on_token: Callable[[int, int], None] | None, record_logits: bool,
+              forced: Sequence[Sequence[int]] | None) -> list[Generation]:
+        """The prefill/decode loop shared by causal LMs and VLMs, from the prefill's feeds."""
+        stop = set(self.eos if opts.stop_token_ids is None else opts.stop_token_ids)
+        rng = np.random.default_rng(opts.seed)
+        b = len(prompts)
+        width = prefill["attention_mask"].shape[1]
+        mask, positions = prefill["attention_mask"], prefill["position_ids"]
         results = [Generation(list(map(int, p)), []) for p in prompts]
         done = np.zeros(b, bool)
         steps = min(opts.max_new_tokens, self.max_length - width)
         need_logits = record_logits or not opts.greedy
         t0 = time.perf_counter()
-        (logits, greedy), past = self._step("prefill", {"input_ids": ids, "attention_mask": mask,
-                                                        "position_ids": positions}, {}, need_logits)
+        (logits, greedy), past = self._step("prefill", prefill, {}, need_logits)
         t_first = 0.0
         for step in range(steps):
             chosen = greedy[:, 0] if opts.greedy else sample_next(logits[:, 0], opts, rng)
@@ -269,8 +286,10 @@ class Generator:
                 break
             chosen = np.where(done, self.pad, chosen).astype(np.int64)
             mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
-            (logits, greedy), past = self._step("decode", {"input_ids": chosen[:, None], "attention_mask": mask,
+            # The next position after each row's last ([batch, 1], or [3, batch, 1] for M-RoPE: text after
+            # the prompt counts up from its last position on all three rows, as transformers' rope delta does).
+            positions = positions[..., -1:] + 1
+            (logits, greedy), past = self._step("decode", {**self._token_inputs(chosen[:, None]), "attention_mask": mask,
                                                            "position_ids": positions}, past, need_logits)
         t_end = time.perf_counter()
         for r in results:
@@ -340,5 +359,11 @@ class _TextStream:
 
 def load_generator(bundle: str | Path, *, device: str | None = None, threads: int | None = None,
                    verify: bool = True) -> Generator:
-    """Open a generation bundle (see Generator)."""
+    """Open a generation bundle (see Generator); a VLM bundle opens as runtimes.vlm's
+    VisionLanguageGenerator (generate() then also takes images=[...])."""
+    spec = Path(bundle) / GENERATION_FILE
+    if spec.is_file() and "vision" in json.loads(spec.read_text(encoding="utf-8")):
+        from .vlm import VisionLanguageGenerator
+
+        return VisionLanguageGenerator(bundle, device=device, threads=threads, verify=verify)
     return Generator(bundle, device=device, threads=threads, verify=verify)

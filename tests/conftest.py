@@ -136,3 +136,25 @@ def qwen2_bundle(tiny_qwen2_dir: Path, bundles: Path) -> Path:
     from exporter.pipeline import BuildOptions, build
 
     return build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=bundles / "qwen2-gen")).bundle
+
+
+# -- issue 8: VLMs (Qwen2-VL) ----------------------------------------------------------------------------
+# 84x56 (not square: a swapped height and width would show) → a 6x4 patch grid, 6 merged tokens per image.
+VLM_SHAPES = "image_height=84,image_width=56,images=1:1:4,batch=1:1:4,sequence=1:64:128,total_sequence=2:128:256"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.models.vlm import tiny_qwen2_vl
+
+    return tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def vlm_bundle(tiny_qwen2_vl_dir: Path, bundles: Path) -> Path:
+    """A VLM generation bundle (ORT CPU, FP32) of the tiny Qwen2-VL, built (and gated) once."""
+    from exporter.pipeline import BuildOptions, build
+    from exporter.shapes import parse_shapes
+
+    return build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=bundles / "qwen2-vl-gen",
+                                                        shapes=parse_shapes(VLM_SHAPES))).bundle
