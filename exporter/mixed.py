@@ -18,7 +18,7 @@ import logging
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ class MixedOptions:
     max_fp32_nodes: int = 64
     max_iterations: int = 6
     excluded: dict[str, str] = field(default_factory=dict)  # node name -> why (fallback decisions)
+    op_reasons: dict[str, str] = field(default_factory=dict)  # fp32_ops entries the build added -> why
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp16", "bf16"):
@@ -148,6 +149,43 @@ def lower_mixed(onnx_path: Path, out_path: Path, options: MixedOptions,
     return census(model, options, autocast_reasons)
 
 
+# ONNX Runtime's words for a node no provider has a kernel for (1.31: "Provider type for Resize node with
+# name 'x' is not set" during memcpy planning; older: "Could not find an implementation for Resize(19)
+# node with name 'x'").
+_NO_KERNEL = re.compile(r"Provider type for (\w+) node with name '([^']*)' is not set"
+                        r"|Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'")
+
+
+def keep_unrunnable_op(exc: Exception, options: MixedOptions, history: list[dict[str, Any]],
+                       say: Callable[[str], None]) -> bool:
+    """The provider refused a lowered node for lack of a kernel in its dtype: keep that op type in
+    FP32 and ask for another lowering round. AutoCast does not know ONNX Runtime's kernel coverage
+    (on the H200, ORT 1.31's CUDA provider has no BF16 Resize: a YOLOX-style detector's upsampling
+    stopped the build), and ORT's kernel registry cannot be queried safely (get_all_opkernel_def
+    crashes the process in onnxruntime-gpu builds whose TensorRT provider libraries are absent), so
+    the session creation is the oracle. False when the error is anything else, or the op is
+    already FP32 (no progress possible)."""
+    m = _NO_KERNEL.search(str(exc))
+    if not m:
+        return False
+    op, node = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if op in options.fp32_ops or len(history) >= options.max_iterations:
+        kept = [h["kept_fp32_ops"][0] for h in history if h.get("kept_fp32_ops")]
+        raise BuildError(
+            f"Expected every node of the {options.precision} graph to have a kernel in the execution provider, but "
+            f"ONNX Runtime refused {op} node '{node}' even with {op} kept in FP32 (op types kept in FP32 so far: "
+            f"{', '.join(kept) or 'none'}). Its inputs come from {options.precision} nodes (a comparison, for example, "
+            f"is not lowered itself but reads lowered tensors). Keep the producers in FP32 with --fp32-nodes REGEX, "
+            "or build another precision (fp16 has wider kernel coverage)."
+        ) from None
+    options.fp32_ops = sorted({*options.fp32_ops, op})
+    options.op_reasons[op] = f"no {options.precision} kernel in the execution provider (ONNX Runtime refused node {node})"
+    history.append({"round": len(history) + 1, "failures": [options.op_reasons[op]], "kept_fp32": [],
+                    "kept_fp32_ops": [op], "stopped": None})
+    say(f"ONNX Runtime has no {options.precision} kernel for {op} ({node}): keeping {op} in FP32 and lowering again")
+    return True
+
+
 def census(model: onnx.ModelProto, options: MixedOptions, autocast_reasons: Mapping[str, str]) -> dict[str, Any]:
     """Node counts per compute dtype and every FP32 node with the reason it stayed FP32."""
     types = tensor_types(typed(model))
@@ -169,7 +207,7 @@ def census(model: onnx.ModelProto, options: MixedOptions, autocast_reasons: Mapp
             elif any(p.match(n.name) for p in user):
                 reason = "user: --fp32-nodes"
             elif n.op_type in options.fp32_ops:
-                reason = "user: --fp32-ops"
+                reason = options.op_reasons.get(n.op_type, "user: --fp32-ops")
             elif n.name in autocast_reasons:
                 reason = autocast_reasons[n.name]
             else:

@@ -33,7 +33,7 @@ from runtimes.trt.build import TrtBuildOptions
 from . import detect
 from .emulate import emulated_runner
 from .gate import CachedReference, Feeds, gate_cases, run_gate, shrink
-from .mixed import MixedOptions
+from .mixed import MixedOptions, keep_unrunnable_op
 from .parity import ParityReport, format_failures
 from .precision import Lowered, census, check_precision, lower_precision
 from .report import write_html
@@ -312,6 +312,7 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     mixed = _mixed_options(options)
     if mixed and detect.detection(loaded.info):
         mixed.fp32_ops = sorted(set(mixed.fp32_ops) | set(detect.FP32_OPS))
+        mixed.op_reasons.update({op: "detector post-processing (exporter/detect.py FP32_OPS)" for op in detect.FP32_OPS})
     calibration = _calibration_feeds(loaded, options, cases) if mixed else []
     history: list[dict[str, Any]] = []
     while True:
@@ -335,9 +336,14 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
         with _timed(timings, "build", say, stage):
             shutil.rmtree(bundle, ignore_errors=True)
             bundle.mkdir()
-            target = _build_engine(engine_onnx, bundle, options, loaded.io, output,
-                                   lambda detail, stage=stage: say(f"{stage}: {detail}"), low_precision=options.precision != "fp32",
-                                   work=work)
+            try:
+                target = _build_engine(engine_onnx, bundle, options, loaded.io, output,
+                                       lambda detail, stage=stage: say(f"{stage}: {detail}"),
+                                       low_precision=options.precision != "fp32", work=work)
+            except BuildError as exc:
+                if not (mixed and keep_unrunnable_op(exc, mixed, history, say)):
+                    raise
+                continue
         io = _lowered_io(loaded.io, lowered.path) if mixed and not mixed.keep_io_types else loaded.io
         io = detect.engine_io(io, hidden)
         manifest = Manifest(

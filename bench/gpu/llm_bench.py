@@ -153,6 +153,35 @@ def bench_enginekit(bundle: Path, rec: Recorder) -> None:
             rec.save()
 
 
+def profile_decode(bundle: Path, rec: Recorder) -> None:
+    """Where a decode step's time goes: CUPTI (torch.profiler records every CUDA kernel in the process,
+    ONNX Runtime's included) over a 32-token greedy run at batch 1 and 8; GPU busy time per decode step
+    against the wall time per step. A step whose kernels take far less than its wall time is bound by
+    the host (ORT's per-node launch work), which only replaying a captured CUDA graph removes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtimes.generate import SamplingOptions, load_generator
+
+    new = 32
+    with load_generator(bundle, device=DEVICE) as g:
+        for b in BATCHES:
+            p = prompts(b)
+            g.generate_ids(p, SamplingOptions(max_new_tokens=8, stop_token_ids=[]))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                r = g.generate_ids(p, SamplingOptions(max_new_tokens=new, stop_token_ids=[]))[0]
+            kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+            gpu_ms = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+                         for e in kernels) / 1e3
+            steps = new - 1
+            # the prefill's kernels are in the total too: subtract its share by the time to first token at most
+            rec.data.setdefault("profile", []).append({
+                "batch": b, "decode_wall_ms_per_step": round(r.decode_ms / steps, 3),
+                "gpu_kernel_ms_per_step_upper_bound": round(gpu_ms / steps, 3),
+                "kernels_per_step": round(len(kernels) / (steps + 1), 1),
+                "note": "kernel time over all steps (prefill included) divided by decode steps: an upper bound"})
+            rec.save()
+
+
 def _hf_generate(model, ids, mask, new: int, **kw) -> float:
 
     _sync()
@@ -215,7 +244,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/llm-bench")
     ap.add_argument("--budget-s", type=float, default=560.0)
     ap.add_argument("--smoke", action="store_true", help="CPU, 2 layers, FP32: checks the script only")
-    ap.add_argument("--stages", default="model,build,enginekit,eager,compile",
+    ap.add_argument("--stages", default="model,build,enginekit,profile,eager,compile",
                     help="which stages to run (comma list); split over two device calls when one would pass 10 "
                          "minutes: the model folder and the bundle under --work are reused by a later call")
     args = ap.parse_args()
@@ -244,6 +273,8 @@ def main() -> None:
             rec.data["build"] = built
     if "enginekit" in stages and (bundle / "manifest.json").is_file():
         rec.stage("enginekit", lambda: bench_enginekit(bundle, rec), 40)
+    if "profile" in stages and DEVICE == "cuda" and (bundle / "manifest.json").is_file():
+        rec.stage("profile", lambda: profile_decode(bundle, rec), 40)
     if "eager" in stages:
         rec.stage("transformers eager", lambda: bench_transformers(folder, rec, "eager"), 60)
     if "compile" in stages and DEVICE == "cuda":

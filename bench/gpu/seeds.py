@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny models (a CPU smoke run of the same steps)")
     ap.add_argument("--budget-s", type=float, default=540.0)
+    ap.add_argument("--only", choices=["clip", "detector"], help="one of the two systems (a shorter call)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -89,7 +90,8 @@ def main() -> None:
         model.save_pretrained(models / "clip")
         return {"parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
 
-    step("make clip", 60, make_clip)
+    if args.only != "detector":
+        step("make clip", 60, make_clip)
     from exporter.pipeline import BuildOptions, build
     from exporter.shapes import parse_shapes
 
@@ -98,8 +100,16 @@ def main() -> None:
 
     def build_one(kind: str, source: str, precision: str, shapes: str | None) -> dict:
         out = engines / f"{kind}-{precision}"
-        res = build(source, BuildOptions(device=args.device, precision=precision, output=out, force=True,
-                                         shapes=parse_shapes(shapes) if shapes else {}))
+        try:
+            res = build(source, BuildOptions(device=args.device, precision=precision, output=out, force=True,
+                                             shapes=parse_shapes(shapes) if shapes else {}))
+        except Exception:
+            report = out.with_name(out.name + ".rejected") / "parity.json"
+            if report.is_file():  # a failed gate: keep its measured numbers with the error
+                rejected = json.loads(report.read_text())
+                results.setdefault("rejected", {})[f"{kind} {precision}"] = {
+                    k: rejected.get(k) for k in ("worst", "failures", "notes", "checks")}
+            raise
         built[kind].append(out)
         summary = res.parity.summary()
         return {"status": summary["status"], "timings_s": res.timings, "worst": summary["worst"],
@@ -107,10 +117,10 @@ def main() -> None:
                 "bundle": str(out), "precision": res.manifest.precision}
 
     clip_shapes = None if args.small else "batch=1:8:32,sequence=1:77:77"
-    for p in precisions:
+    for p in precisions if args.only != "detector" else []:
         step(f"build clip {p}", 60 if p == "fp32" else 110, lambda p=p: build_one("clip", f"hf:{models / 'clip'}", p, clip_shapes))
     detector = "py:exporter.yolox:make_tiny" if args.small else "py:exporter.yolox:make"
-    for p in precisions:
+    for p in precisions if args.only != "clip" else []:
         step(f"build detector {p}", 40 if p == "fp32" else 70, lambda p=p: build_one("detector", detector, p, "batch=1:8:32"))
 
     from exporter.bench import BenchOptions, run_bench
@@ -123,8 +133,9 @@ def main() -> None:
         return {"rows": [{k: r[k] for k in ("variant", "batch", "p50_ms", "throughput", "speedup")} for r in result["rows"]],
                 "notes": result["notes"]}
 
-    step("bench clip", 60, lambda: bench("clip"))
-    step("bench detector", 40, lambda: bench("detector"))
+    for kind, need in (("clip", 60), ("detector", 40)):
+        if args.only in (None, kind) and built[kind]:
+            step(f"bench {kind}", need, lambda kind=kind: bench(kind))
     print(json.dumps({k: v.get("status", v.get("error", v.get("skipped", "ok"))) for k, v in results["steps"].items()}, indent=1))
 
 

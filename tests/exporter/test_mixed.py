@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 import runtimes
 from exporter.emulate import emulation_model, run_outputs
 from exporter.pipeline import BuildOptions, build
-from runtimes.errors import InvalidInput, ParityError, UsageError
+from runtimes.errors import BuildError, InvalidInput, ParityError, UsageError
 
 pytest.importorskip("modelopt.onnx.autocast")
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -140,3 +140,42 @@ def test_gpu_fp16_bf16_engines_pass_on_the_cuda_provider(precision, tiny_bert_di
         res = build(spec, BuildOptions(precision=precision, device="cuda", output=tmp_path / name))
         assert res.parity.status == "passed", res.parity.failures()
         assert not any("emulated" in c.label for c in res.parity.cases)  # the GPU computes the real thing
+
+
+
+def test_an_op_without_a_low_precision_kernel_stays_fp32(tmp_path):
+    """ORT's CPU provider has no BF16 kernel for Relu, Resize or Conv, and refuses the lowered graph; the
+    build keeps each refused op type in FP32 (one lowering round each) instead of failing, and says so.
+    The same path kept the CUDA provider's Resize in FP32 for a detector on the H200."""
+    from exporter.mixed import MixedOptions, keep_unrunnable_op
+    from exporter.precision import lower_precision
+    from runtimes.ort.build import OrtBuildOptions, build_ort_engine
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["r"], name="up", mode="nearest"),
+             helper.make_node("Relu", ["r"], ["y"], name="act")]
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [scales]),
+                                opset_imports=[helper.make_opsetid("", 22)]), str(src))
+    mixed, history, said = MixedOptions(precision="bf16", range_rules=False), [], []
+    feeds = [{"x": np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)}]
+    for _ in range(4):
+        lowered = lower_precision(src, "bf16", tmp_path / f"w{len(history)}", mixed=mixed, calibration=feeds)
+        (tmp_path / f"e{len(history)}").mkdir()
+        try:
+            build_ort_engine(lowered.path, tmp_path / f"e{len(history)}", OrtBuildOptions(device="cpu"))
+            break
+        except Exception as exc:
+            assert keep_unrunnable_op(exc, mixed, history, said.append), exc
+    else:
+        pytest.fail("still refused after 4 rounds")
+    assert set(mixed.fp32_ops) == {"Resize", "Relu"} and len(history) == 2
+    reasons = {n["op"]: n["reason"] for n in lowered.realised["fp32_nodes"]}
+    assert all("no bf16 kernel" in reasons[op] for op in ("Resize", "Relu"))
+    assert any("keeping Resize in FP32" in m for m in said)
+    assert not keep_unrunnable_op(ValueError("something else"), mixed, history, said.append)
+    again = BuildError("... Provider type for Relu node with name 'act' is not set.")
+    with pytest.raises(BuildError, match=r"refused Relu node 'act' even with Relu kept in FP32 \(op types kept in FP32 so far: Resize, Relu\)"):
+        keep_unrunnable_op(again, mixed, history, said.append)
