@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny models (a CPU smoke run of the same steps)")
     ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--only", choices=["clip", "detector"], help="one of the two systems (a shorter call)")
+    ap.add_argument("--precisions", default=None, help="comma list (default fp32,fp16 and bf16 on cuda)")
+    ap.add_argument("--detector-tolerance", action="append", default=[],
+                    help="--tolerance for the detector builds (random weights: recorded with the results)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -95,14 +98,17 @@ def main() -> None:
     from exporter.pipeline import BuildOptions, build
     from exporter.shapes import parse_shapes
 
-    precisions = ["fp32", "fp16"] + (["bf16"] if args.device == "cuda" else [])
+    precisions = (args.precisions.split(",") if args.precisions
+                  else ["fp32", "fp16"] + (["bf16"] if args.device == "cuda" else []))
+    results["tolerances"] = {"detector": args.detector_tolerance}
     built: dict[str, list[Path]] = {"clip": [], "detector": []}
 
     def build_one(kind: str, source: str, precision: str, shapes: str | None) -> dict:
         out = engines / f"{kind}-{precision}"
+        tolerances = args.detector_tolerance if kind == "detector" else []
         try:
             res = build(source, BuildOptions(device=args.device, precision=precision, output=out, force=True,
-                                             shapes=parse_shapes(shapes) if shapes else {}))
+                                             shapes=parse_shapes(shapes) if shapes else {}, tolerances=tolerances))
         except Exception:
             report = out.with_name(out.name + ".rejected") / "parity.json"
             if report.is_file():  # a failed gate: keep its measured numbers with the error
