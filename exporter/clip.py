@@ -14,9 +14,7 @@ exporter/taskparity.py).
 
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from runtimes.zeroshot import BACKEND, ROLES
 
 from .families import FAMILIES, family_for, resolve_inputs
 from .sources import LoadedSource, SourceSpec, make_wrapper, model_name
+from .staging import keep_rejected, new_staging, publish
 
 TOWERS = {"image-embedding": ("image", "CLIPVisionModelWithProjection", "vision"),
           "text-embedding": ("text", "CLIPTextModelWithProjection", "text-encoder")}
@@ -142,8 +141,7 @@ def build_dual_encoder(source_text: str, spec: SourceSpec, options: Any, output:
                 f"tower in --calib '{options.calib}'. Give a folder of images and a .txt of prompts, comma-separated: "
                 "--calib photos/,prompts.txt."
             )
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    staging = new_staging(output)
     try:
         parts: dict[str, Any] = {}
         for role in ROLES:
@@ -165,7 +163,7 @@ def _assemble(spec: SourceSpec, options: Any, output: Path, staging: Path, parts
               build_command: Any, result_cls: Any) -> Any:
     from .gate import gate_cases, run_gate
     from .parity import ParityReport, format_failures
-    from .pipeline import _publish, prepare_dims
+    from .pipeline import prepare_dims
     from .report import write_html
     from .sources import load_source
     from .taskparity import gate_policy
@@ -223,15 +221,13 @@ def _assemble(spec: SourceSpec, options: Any, output: Path, staging: Path, parts
                context={"source": manifest.source["spec"], "precision": options.precision, "enginekit": __version__})
     manifest.write(staging)
     if report.status == "failed":
-        rejected = output.with_name(output.name + ".rejected")
-        shutil.rmtree(rejected, ignore_errors=True)
-        os.replace(staging, rejected)
+        rejected = keep_rejected(staging, output)
         raise ParityError(
             f"Expected the two {options.precision} CLIP engines to compute what CLIPModel computes, but the zero-shot "
             f"gate failed: {format_failures(report)}. Each tower passed its own gate; nothing was written to "
             f"'{output}'; the rejected bundle is in '{rejected}' (open report.html). Loosen a tolerance with "
             "--tolerance zero-shot:METRIC=VALUE only if the difference is acceptable."
         )
-    _publish(staging, output)
+    publish(staging, output)
     timings = {f"{r}_{k}": v for r, p in parts.items() for k, v in p.timings.items()}
     return result_cls(output, manifest, report, timings)

@@ -16,9 +16,7 @@ manifest.json (io: the decode graph's), parity.json, report.html.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 
 from .genexport import GenerationExport, export_generation
 from .sources import SourceSpec
+from .staging import keep_rejected, new_staging, publish
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 # Prompt length, generated length: defaults for the engines' ranges (--shapes sequence=…,total_sequence=…).
@@ -134,7 +133,7 @@ def default_dims(config: Any, shapes: dict[str, DimRange]) -> dict[str, DimRange
 
 def build_generation(spec: SourceSpec, source_text: str, options: Any, progress: Any = None) -> Any:
     """Build, gate and publish a generation bundle (pipeline.build's path for causal LMs)."""
-    from .pipeline import BuildResult, _publish, default_output
+    from .pipeline import BuildResult, default_output
     from .vlm import vlm_model_type
 
     say = progress or (lambda _m: None)
@@ -145,9 +144,7 @@ def build_generation(spec: SourceSpec, source_text: str, options: Any, progress:
             f"Expected the output folder '{output}' not to exist, but it does. Pass --force to replace it, or "
             "-o to choose another folder; nothing was written."
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = new_staging(output)
     timings: dict[str, float] = {}
     try:
         manifest, report = _build_into(spec, source_text, options, output, staging, say, timings)
@@ -155,16 +152,14 @@ def build_generation(spec: SourceSpec, source_text: str, options: Any, progress:
         if report.status == "failed":
             from .parity import format_failures
 
-            rejected = output.with_name(output.name + ".rejected")
-            shutil.rmtree(rejected, ignore_errors=True)
-            os.replace(bundle, rejected)
+            rejected = keep_rejected(bundle, output)
             raise ParityError(
                 f"Expected the {options.precision} generation engines to produce transformers' tokens, but the gate "
                 f"failed: {format_failures(report)}. Nothing was written to '{output}'; the rejected bundle and its "
                 f"report are in '{rejected}'. Build another precision, or loosen a tolerance with --tolerance "
                 "[OUTPUT:]METRIC=VALUE (outputs: logits, tokens) only if the difference is acceptable."
             )
-        _publish(bundle, output)
+        publish(bundle, output)
         return BuildResult(output, manifest, report, timings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

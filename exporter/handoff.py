@@ -24,6 +24,7 @@ from runtimes.errors import MissingDependency
 from runtimes.manifest import IOSpec
 
 from .onnxutil import METADATA_DIMS, METADATA_LOWERED, METADATA_REFERENCE, METADATA_VALUES
+from .staging import new_staging
 
 KEPT_MODEL = "model.onnx"
 KEPT_REFERENCE = "reference/model.onnx"
@@ -40,8 +41,7 @@ def keep_lowered(lowered: Path, reference: Path | None, io: IOSpec, precision: s
             METADATA_VALUES: json.dumps(io.values)}
     if precision != "fp32":  # an FP32 graph is not lowered: it may still be lowered to anything
         meta[METADATA_LOWERED] = precision
-    staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
+    staging = new_staging(dest)
     try:
         if reference is not None:
             _copy_onnx(reference, staging / KEPT_REFERENCE, {METADATA_DIMS: meta[METADATA_DIMS],

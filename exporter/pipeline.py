@@ -15,7 +15,6 @@ import os
 import shlex
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from .precision import Lowered, census, lower_precision
 from .report import write_html
 from .shapes import merge_dims
 from .sources import LoadedSource, load_source, parse_source
+from .staging import keep_rejected, new_staging, publish
 from .taskparity import gate_policy
 
 Progress = Callable[[str], None]
@@ -74,9 +74,7 @@ def build(source_text: str, options: BuildOptions, progress: Progress | None = N
     if is_dual_encoder(spec):  # CLIP: one engine per tower in a zero-shot bundle (exporter/clip.py)
         return build_dual_encoder(source_text, spec, options, output, say)  # type: ignore[no-any-return]
     timings: dict[str, float] = {}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = new_staging(output)
     try:
         return _build_into(spec, source_text, options, output, staging, say, timings)
     finally:
@@ -221,9 +219,7 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
     manifest.files = {f: file_sha256(bundle / f) for f in target.engine_files}
     manifest.write(bundle)
     if report.status == "failed":
-        rejected = output.with_name(output.name + ".rejected")
-        shutil.rmtree(rejected, ignore_errors=True)
-        os.replace(bundle, rejected)
+        rejected = keep_rejected(bundle, output)
         tried = (f" The FP32 fallback kept {sum(len(h['kept_fp32']) for h in history)} node(s) in FP32 over "
                  f"{len(history)} round(s) and stopped ({history[-1]['stopped'] if history else 'no candidates'}).")
         raise ParityError(
@@ -234,7 +230,7 @@ def _build_into(spec: Any, source_text: str, options: BuildOptions, output: Path
                if mixed else "")
             + "loosen a tolerance with --tolerance [OUTPUT:]METRIC=VALUE only if the difference is acceptable."
         )
-    _publish(bundle, output)
+    publish(bundle, output)
     return BuildResult(output, manifest, report, timings)
 
 
@@ -470,17 +466,6 @@ def _next_fallback(report: ParityReport, mixed: MixedOptions | None, fp32_path: 
     return culprits
 
 
-def _publish(bundle: Path, output: Path) -> None:
-    """Rename the finished bundle into place; an existing one (--force) is swapped out, then removed."""
-    trash = None
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(output, trash)
-    os.replace(bundle, output)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def export_model(source_text: str, output: Path, options: BuildOptions, progress: Progress | None = None) -> Any:
     """`enginekit export`: source → checked ONNX at `output` (+ `<output>.data` for large models),
     written beside the target first and renamed into place."""
@@ -493,9 +478,7 @@ def export_model(source_text: str, output: Path, options: BuildOptions, progress
     output = Path(output)
     if output.exists() and not options.force:
         raise BuildError(f"Expected '{output}' not to exist, but it does. Pass --force to replace it; nothing was written.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = new_staging(output)
     try:
         say(f"Loading {spec}")
         loaded = load_source(spec)

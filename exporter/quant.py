@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from runtimes.errors import BuildError
 
 from .pipeline import BuildOptions, Progress, prepare_dims
 from .sources import load_onnx_source, parse_source
+from .staging import new_staging
 from .timing import measure
 
 
@@ -65,9 +65,7 @@ def calibrate_onnx(onnx_path: Path, output: Path, *, precision: str, calib: Any,
     loaded = load_onnx_source(parse_source(f"onnx:{onnx_path}"))
     loaded.io = prepare_dims(loaded, options)
     calib.cache_dir = output.parent / f"{output.name}.calib"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = new_staging(output)
     try:
         result = quantize_model(Path(onnx_path), staging / output.name, precision, loaded.io, calib,
                                 work=staging / "work", tokenizer_dir=processor_dir, progress=say)

@@ -13,11 +13,9 @@ against Triton's own ModelConfig protobuf when the `tritonclient` package is ins
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +25,7 @@ from runtimes.errors import BuildError, UsageError
 from runtimes.manifest import Manifest, TensorSpec, verify_files
 from runtimes.serve.app import batch_dim
 
-from .pipeline import _publish
+from .staging import new_staging, publish
 
 # backend → (Triton platform, file name Triton loads from the version folder)
 PLATFORMS = {"ort": ("onnxruntime_onnx", "model.onnx"), "trt": ("tensorrt_plan", "model.plan")}
@@ -170,8 +168,7 @@ def export_triton(bundle: Path, repo: Path, options: TritonOptions | None = None
     if destination.exists() and not options.force:
         raise BuildError(f"Expected '{destination}' not to exist, but it does. Pass --force to replace it; nothing "
                          "was written.")
-    repo.mkdir(parents=True, exist_ok=True)
-    staging = repo / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = new_staging(destination)
     try:
         version = staging / "1"
         version.mkdir(parents=True)
@@ -182,7 +179,7 @@ def export_triton(bundle: Path, repo: Path, options: TritonOptions | None = None
         for extra in engine_files[1:]:
             shutil.copy2(bundle / extra, version / extra)
         (staging / "config.pbtxt").write_text(config, encoding="utf-8")
-        _publish(staging, destination)
+        publish(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     versions = manifest.target.versions
