@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from runtimes._deps import require_build_toolchain
 from runtimes.errors import EnginekitError
 
 from .cli_print import _print_calibration, _print_parity, _print_precision
@@ -195,6 +196,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export a model to a checked ONNX graph with named dynamic dims (ranges recorded in its metadata)."""
+    require_build_toolchain("export")
     _quiet_libraries()
     from .pipeline import export_model
 
@@ -257,6 +259,7 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export, lower, build and gate: writes an engine bundle only if parity passes."""
+    require_build_toolchain("build")
     _quiet_libraries()
     from runtimes.trt.build import TrtBuildOptions, parse_size
 
@@ -312,6 +315,7 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Quantize an ONNX graph to Q/DQ INT8/FP8 from real data, within an accuracy budget."""
+    require_build_toolchain("calibrate")
     _quiet_libraries()
     from calibration.calibrate import CalibOptions
 
@@ -350,6 +354,7 @@ def parity(
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Re-run the parity gate of a bundle against its reference; exits 1 on failure."""
+    require_build_toolchain("parity")
     _quiet_libraries()
     from .checks import check_bundle
 

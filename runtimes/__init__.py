@@ -82,8 +82,6 @@ def open_runner(bundle: Path, manifest: Manifest, *, device: str | None = None, 
         from .trt.runner import TrtRunner
 
         return TrtRunner(Path(bundle), manifest, device=device, cuda_graph=cuda_graph, runtime=trt_runtime)
-    if cuda_graph:
-        raise UsageError(f"Expected cuda_graph=True only for TensorRT bundles, found backend '{backend}' in {bundle}.")
     if backend == "ort":
         from .ort.runner import OrtRunner
 

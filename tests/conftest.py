@@ -17,9 +17,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(__file__).parent / "models"
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
-    w for w in "the a cat dog sat on mat engine fast model runs here there is was and of to in it".split()
-] + [f"w{i}" for i in range(75)]
 
 
 def _has_gpu() -> bool:
@@ -48,17 +45,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with a real (tiny) WordPiece tokenizer, saved like save_pretrained does."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from tests.models.encoders import tiny_bert
 
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-bert")
-    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).eval().save_pretrained(d)
-    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    return d
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ def test_ruff_clean():
     ruff = shutil.which("ruff", path=str(ROOT / ".venv" / "bin")) or shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (it is in the dev extra)")
-    proc = subprocess.run([ruff, "check", "exporter", "runtimes", "calibration", "tests", "bench"], cwd=ROOT,
+    proc = subprocess.run([ruff, "check", "exporter", "runtimes", "calibration", "tests", "bench", "lock"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # One GPU session for the lent H100/H200, step by step (each step is one device `run`, < 10 min).
 # Every step writes its results and log under $OUT; commit them to bench/results/ afterwards.
-#   bash bench/gpu/session.sh probe|build|bench-clip|bench-resnet|llm|tests
+#   bash bench/gpu/session.sh smoke|probe|build|bench-clip|bench-resnet|llm|tests
+# First carry the wheels the machine lacks (`bash bench/gpu/wheels.sh` prints the device calls; the last
+# one installs them into /tmp/site). `smoke` is what every change to exporter/ or runtimes/ runs before
+# its issue is called done (README, "Development").
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 EK="python3 -m exporter"
 step=${1:?step}
 case "$step" in
+smoke)
+  python3 bench/gpu/smoke.py --out "$OUT"
+  ;;
 probe)
   nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv
   python3 -c "import onnxruntime as o, torch, transformers, onnx; print('ort', o.__version__, o.get_available_providers()); print('torch', torch.__version__, torch.cuda.is_available(), 'transformers', transformers.__version__, 'onnx', onnx.__version__)"

@@ -24,7 +24,7 @@ import numpy as np
 
 from .._deps import require
 from ..base import Runner
-from ..errors import IncompatibleEngine, InvalidInput
+from ..errors import IncompatibleEngine, InvalidInput, UsageError
 from ..manifest import Manifest
 from .build import PROVIDERS
 
@@ -129,8 +129,14 @@ class OrtRunner(Runner):
                 "driver; or run it on the CPU with runtimes.load(bundle, device='cpu'); or rebuild it: "
                 f"{manifest.rebuild_command}"
             )
+        if cuda_graph and self.device != "cuda":
+            raise UsageError(
+                f"Expected cuda_graph=True only for a bundle that runs on CUDA, found device '{self.device}' for "
+                f"bundle '{manifest.name}'. Drop cuda_graph (or --no-cuda-graph), or run a bundle built with "
+                "--device cuda on a GPU."
+            )
         self.threads = threads
-        self.cuda_graph = bool(cuda_graph) and self.device == "cuda"
+        self.cuda_graph = bool(cuda_graph)
         self.max_graphs = max_graphs
         self.cuda_options: dict[str, Any] = {}
         if self.device == "cuda":

@@ -3,6 +3,8 @@ results saved as JSON and PNG. (GPU timings come from the lent GPU, not from tes
 
 import json
 
+import pytest
+
 from exporter.bench import BenchOptions, batch_feeds, run_bench, save
 from tests.conftest import run_cli
 
@@ -33,6 +35,7 @@ def test_batch_feeds_sets_every_batch_dim(bert_bundle):
     assert batch_feeds(io, 17, 0) is None
 
 
+@pytest.mark.slow
 def test_bench_cli(bert_bundle, tmp_path):
     out = tmp_path / "r.json"
     proc = run_cli("bench", str(bert_bundle), "--baseline", "eager", "--batch", "1", "--runs", "3",

@@ -31,8 +31,25 @@ def test_doctor_json():
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["targets"]["ort-cpu"] is True and "bf16" in data["precision_support"]
+    # ["enginekit"] where installed (make install), [] where run from a checkout on PYTHONPATH (the GPU machine)
+    assert set(data["import_packages"]) == {"exporter", "calibration", "runtimes"}
+    assert all(v in ([], ["enginekit"]) for v in data["import_packages"].values()), data["import_packages"]
+    assert not [n for n in data["notes"] if "also provided by" in n]
 
 
+def test_doctor_names_a_distribution_that_clashes_with_an_import_package(monkeypatch):
+    import importlib.metadata as md
+
+    from exporter import doctor
+
+    real = md.packages_distributions()
+    monkeypatch.setattr(doctor.md, "packages_distributions", lambda: {**real, "runtimes": ["enginekit", "runtimes"]})
+    notes = [n for n in doctor.doctor_report()["notes"] if "also provided by" in n]
+    assert notes == ["The import package 'runtimes' is also provided by runtimes here, which overwrites enginekit's "
+                     "files: uninstall runtimes or install enginekit into its own venv."]
+
+
+@pytest.mark.slow
 def test_build_inspect_parity_in_a_subprocess(tiny_bert_dir, tmp_path):
     out = tmp_path / "bundle"
     proc = run_cli("build", f"hf:{tiny_bert_dir}", "-o", str(out), "--shapes", "batch=1:2:4", "--json")

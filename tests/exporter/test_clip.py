@@ -57,6 +57,7 @@ def test_int8_clip_needs_data_for_both_towers(tiny_clip_dir, tmp_path):
         build(f"hf:{tiny_clip_dir}", BuildOptions(precision="int8", calib=str(prompts), output=tmp_path / "c"))
 
 
+@pytest.mark.slow
 def test_int8_clip_from_calibration(tiny_clip_dir, tmp_path):
     res = build(f"hf:{tiny_clip_dir}", BuildOptions(precision="int8", calib="random:16", output=tmp_path / "c8",
                                                     accuracy_budget="none", tolerances=["zero-shot:order=0.8,top1=0.8,prob_delta=0.2",

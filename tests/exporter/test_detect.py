@@ -72,6 +72,7 @@ def test_parity_command_rechecks_a_detector_with_matching(detector_bundle, tmp_p
     assert (tmp_path / "r.html").is_file()
 
 
+@pytest.mark.slow
 def test_fp16_detector_keeps_nms_in_fp32_and_passes_the_detection_gate(tmp_path):
     res = build(TINY, BuildOptions(precision="fp16", output=tmp_path / "det16", shapes=parse_shapes("batch=1:2:4")))
     assert res.parity.status == "passed"
@@ -83,6 +84,7 @@ def test_fp16_detector_keeps_nms_in_fp32_and_passes_the_detection_gate(tmp_path)
     assert all({"raw_boxes", "raw_scores"} == {o.name for o in c.outputs} for c in res.parity.cases)
 
 
+@pytest.mark.slow
 def test_int8_detector_from_calibration_with_a_task_tolerance(tmp_path):
     # Width-4 convolutions quantize coarsely: boxes move by a pixel or two out of ~20 (IoU ~0.85).
     res = build(TINY, BuildOptions(precision="int8", calib="random:12", output=tmp_path / "det8", shapes=parse_shapes("batch=1:2:4"),

@@ -62,6 +62,7 @@ def test_cli_generate_greedy_and_sampling(qwen2_bundle, tiny_qwen2_dir):
     assert [len(x["tokens"]) for x in a] == [8, 8] or any(x["finish_reason"] == "stop" for x in a)
 
 
+@pytest.mark.slow
 def test_qwen3_through_the_generic_wrapper(tmp_path):
     from tests.models.causal import tiny_causal_lm
 
@@ -72,6 +73,25 @@ def test_qwen3_through_the_generic_wrapper(tmp_path):
     assert res.manifest.io.dims["total_sequence"].max == 96 and res.manifest.io.dims["batch"].max == 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["auto", "torch"])
+def test_native_bf16_exports_with_both_exporters(tiny_qwen2_dir, tmp_path, exporter):
+    """BF16 native lowering exports in BF16 from torch: the KV cache is BF16 end to end, with either
+    exporter (2026-12-01 HEAD: the wrapper traced an FP32 past against BF16 queries and failed). The
+    CUDA bundle is built here without a GPU, so its gate is not checked (never "passed")."""
+    res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "bf16", device="cuda", precision="bf16",
+                                                     lowering="native", exporter=exporter))
+    m = res.manifest
+    assert m.source["exporter"].startswith("transformers.exporters" if exporter == "auto" else "torch.onnx.export")
+    assert res.parity.status == "not-checked"
+    gen = json.loads((res.bundle / "generation.json").read_text())
+    decode = {s["name"]: s["dtype"] for s in gen["components"]["decode"]["io"]["inputs"]}
+    assert decode["past_key_values.0.key"] == "bfloat16" and decode["input_ids"] == "int64"
+    logits = {s["name"]: s["dtype"] for s in gen["components"]["decode"]["io"]["outputs"]}
+    assert logits["logits"] == "float32" and logits["present.1.value"] == "bfloat16"
+
+
+@pytest.mark.slow
 def test_fp16_engine_and_emulation(tiny_qwen2_dir, tmp_path):
     res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "fp16", precision="fp16"))
     labels = res.manifest.parity["cases"]
@@ -80,6 +100,7 @@ def test_fp16_engine_and_emulation(tiny_qwen2_dir, tmp_path):
     assert realised["decode"]["mask_fill_constants_clamped"] >= 1 and realised["decode"]["nodes_by_dtype"]["float16"] > 0
 
 
+@pytest.mark.slow
 def test_int8_weight_only(tiny_qwen2_dir, tmp_path):
     res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "int8", precision="int8"))
     realised = res.manifest.precision["realised"]["decode"]

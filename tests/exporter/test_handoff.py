@@ -23,6 +23,7 @@ def _without_tensorrt():
         pytest.skip("TensorRT and a GPU are here: the build would not stop")
 
 
+@pytest.mark.slow
 def test_cli_keeps_the_lowered_onnx_and_its_finishing_command_works(tiny_bert_dir, tmp_path):
     out = tmp_path / "engines" / "bert-trt"
     proc = run_cli("build", f"hf:{tiny_bert_dir}", "--target", "trt", "--shapes", "batch=1:2:4,sequence=1:16:32",

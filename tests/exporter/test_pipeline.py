@@ -105,6 +105,7 @@ def test_onnx_source_without_dim_ranges_asks_for_them(tmp_path):
     assert res.parity.passed and len(res.parity.cases) == 3
 
 
+@pytest.mark.slow
 def test_real_weights_minilm_with_real_sentences(minilm_dir, bundles):
     res = build(f"hf:{minilm_dir}", BuildOptions(output=bundles / "minilm", data=SENTENCES,
                                                   shapes=parse_shapes("batch=1:8:8,sequence=1:64:128")))

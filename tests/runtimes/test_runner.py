@@ -84,6 +84,41 @@ def test_missing_provider_is_refused(bert_bundle, tmp_path):
         assert r.providers == ["CPUExecutionProvider"]
 
 
+def test_cuda_graph_argument_reaches_the_ort_runner(bert_bundle, clip_bundle, tmp_path):
+    """cuda_graph=True is for ORT CUDA bundles (and TensorRT): on an ORT CUDA bundle it must reach the
+    ORT runner (here: its provider check), not be refused up front as it was at 2026-12-01's HEAD."""
+    from runtimes.errors import UsageError
+
+    b = _copy(bert_bundle, tmp_path)
+    _edit_manifest(b, lambda d: d["target"].update(device="cuda", providers=["CUDAExecutionProvider"]))
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(IncompatibleEngine, match="CUDAExecutionProvider"):
+            runtimes.load(b, cuda_graph=True)
+    with pytest.raises(UsageError, match="found device 'cpu'"):
+        runtimes.load(b, device="cpu", cuda_graph=True)
+    with pytest.raises(UsageError, match="only for a bundle that runs on CUDA"):
+        runtimes.load(bert_bundle, cuda_graph=True)
+    with pytest.raises(UsageError, match="only for a bundle that runs on CUDA"):  # each tower's runner decides
+        runtimes.load(clip_bundle, cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_the_plain_cuda_path(tiny_bert_dir, tmp_path):
+    from exporter.pipeline import BuildOptions, build
+
+    bundle = build(f"hf:{tiny_bert_dir}", BuildOptions(output=tmp_path / "cuda", device="cuda")).bundle
+    with runtimes.load(bundle) as plain, runtimes.load(bundle, cuda_graph=True) as graphed:
+        for batch in (1, 3):
+            feeds = generate_feeds(plain.manifest.io, {"batch": batch, "sequence": 16}, seed=batch)
+            want = plain.infer(feeds)
+            for _ in range(3):  # capture, then replays into the same buffers
+                got = graphed.infer(feeds)
+            for name, value in want.items():
+                np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5)
+
+
 def test_other_major_onnxruntime_is_refused(bert_bundle, tmp_path):
     b = _copy(bert_bundle, tmp_path)
     _edit_manifest(b, lambda d: d["target"]["versions"].update(onnxruntime="0.9.0"))

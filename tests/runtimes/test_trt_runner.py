@@ -157,10 +157,10 @@ def test_loading_without_tensorrt_is_one_paragraph(tmp_path):
         runtimes.load(bundle, trt_runtime="lean")
 
 
-def test_device_cpu_and_cuda_graphs_for_ort_are_refused(tmp_path, bert_bundle):
+def test_device_cpu_and_cuda_graphs_on_ort_cpu_are_refused(tmp_path, bert_bundle):
     with pytest.raises(IncompatibleEngine, match="--target ort --device cpu"):
         runtimes.load(_fake_trt_bundle(tmp_path), device="cpu")
-    with pytest.raises(UsageError, match="only for TensorRT bundles"):
+    with pytest.raises(UsageError, match="only for a bundle that runs on CUDA, found device 'cpu'"):
         runtimes.load(bert_bundle, cuda_graph=True)
     data = json.loads((bert_bundle / "manifest.json").read_text())
     assert data["target"]["backend"] == "ort"

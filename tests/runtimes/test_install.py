@@ -1,0 +1,132 @@
+"""The runtime installs alone: the README's runtime-only command, in a bare venv, gets numpy,
+onnxruntime and the service but no torch, transformers, onnx, onnxscript or polygraphy; a bundle that
+the full venv built loads, infers (equal to the full venv's outputs) and serves from there; and a
+build-time command in it says which extra to install instead of failing on an import."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtimes
+from runtimes.samples import generate_feeds
+from tests.conftest import ROOT
+
+httpx = pytest.importorskip("httpx")
+# A venv and an install from the package registry: ~1 min, so out of the fast loop (`make test-fast`).
+pytestmark = pytest.mark.slow
+
+# What a runtime-only install must not contain (distribution names as pip sees them).
+BUILD_ONLY = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "polygraphy", "nvidia-modelopt")
+READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bare venv with `pip install -c lock/requirements.txt '<checkout>[cpu,serve]'` (the README's
+    command), from a copy of the sources (so the build writes nothing into the checkout)."""
+    base = tmp_path_factory.mktemp("runtime-only")
+    src = base / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for pkg in ("exporter", "runtimes", "calibration"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = base / "venv"
+    made = _run([sys.executable, "-m", "venv", str(venv)], base)
+    assert made.returncode == 0, made.stderr
+    pip = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-c", str(ROOT / "lock" / "requirements.txt"),
+                f"{src}[cpu,serve]"], base)
+    assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
+    return venv
+
+
+def test_runtime_only_install_has_no_build_toolchain(runtime_venv):
+    listed = _run([str(runtime_venv / "bin" / "python"), "-m", "pip", "list", "--format=json"], runtime_venv)
+    names = {re.sub(r"[-_.]+", "-", p["name"]).lower(): p["version"] for p in json.loads(listed.stdout)}
+    assert {"enginekit", "numpy", "onnxruntime", "starlette", "uvicorn", "tokenizers"} <= set(names)
+    assert not [n for n in BUILD_ONLY if n in names], sorted(names)
+    locked = (ROOT / "lock" / "requirements.txt").read_text()
+    assert f"onnxruntime=={names['onnxruntime']}" in locked and f"numpy=={names['numpy']}" in locked
+
+
+def test_runtime_only_install_loads_infers_and_serves(runtime_venv, bert_bundle, tmp_path):
+    py = str(runtime_venv / "bin" / "python")
+    with runtimes.load(bert_bundle) as r:
+        feeds = generate_feeds(r.manifest.io, {"batch": 2, "sequence": 9}, seed=5)
+        want = r.infer(feeds)
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    code = (
+        "import sys, numpy as np, runtimes\n"
+        f"feeds = dict(np.load({str(tmp_path / 'feeds.npz')!r}))\n"
+        f"with runtimes.load({str(bert_bundle)!r}) as r:\n"
+        f"    np.savez({str(tmp_path / 'out.npz')!r}, **r.infer(feeds))\n"
+        "print('FILE', runtimes.__file__)\n"
+    )
+    proc = _run([py, "-c", code], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert str(runtime_venv) in proc.stdout  # the installed package, not the checkout
+    got = dict(np.load(tmp_path / "out.npz"))
+    assert set(got) == set(want)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-6)
+
+    from bench.loadtest import decode_response, make_request
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    server = subprocess.Popen([str(runtime_venv / "bin" / "enginekit"), "serve", str(bert_bundle), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    lines: list[str] = []
+    found: list[str] = []
+
+    def pump() -> None:
+        assert server.stdout is not None
+        for line in server.stdout:
+            lines.append(line)
+            if (m := READY.search(line)) and not found:
+                found.append(m.group(1))
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 90
+        while not found and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert found, "".join(lines)[-2000:]
+        url = found[0]
+        assert httpx.get(f"{url}/v2/health/ready", timeout=10).json()["ready"] is True
+        req = make_request("bert", feeds, fmt="npz")
+        resp = httpx.post(url + req.path, content=req.body, headers={"content-type": req.content_type}, timeout=30)
+        assert resp.status_code == 200, resp.text[:300]
+        served = decode_response(resp.content, resp.headers["content-type"])
+        for name, value in want.items():
+            np.testing.assert_allclose(served[name], value, rtol=1e-5, atol=1e-5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_build_commands_name_the_build_extra(runtime_venv, tiny_bert_dir, tmp_path):
+    exe = str(runtime_venv / "bin" / "enginekit")
+    for args in (["build", f"hf:{tiny_bert_dir}", "-o", str(tmp_path / "b")], ["export", f"hf:{tiny_bert_dir}", "-o",
+                 str(tmp_path / "m.onnx")], ["bench", str(tmp_path)]):
+        proc = _run([exe, *args], tmp_path)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        text = " ".join(proc.stderr.split())
+        assert "runtime-only install" in text and "'enginekit[build,cpu]'" in text, text
+        assert "Traceback" not in proc.stderr and "torch" in text
+    assert not (tmp_path / "b").exists() and not (tmp_path / "m.onnx").exists()
