@@ -198,7 +198,8 @@ def bench_torch(manifest: Manifest, options: BenchOptions, say: Callable[[str], 
     """Torch baselines for the bundle's recorded source, in this process and on the same inputs."""
     import torch
 
-    from .sources import load_source, parse_source
+    from .loading import load_source
+    from .sources import parse_source
 
     notes: list[str] = []
     if manifest.source.get("kind") == "onnx":

@@ -10,11 +10,12 @@ from runtimes.manifest import Manifest
 
 from . import detect
 from .gate import gate_cases, run_gate
+from .loading import load_source
 from .parity import ParityReport
-from .pipeline import Progress
 from .report import write_html
-from .sources import load_source, parse_source
+from .sources import parse_source
 from .taskparity import gate_policy
+from .timing import Progress
 
 
 def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | None = None,
@@ -23,7 +24,7 @@ def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | Non
     """Gate `bundle` on the same shapes it was built for; the bundle itself is not modified."""
     say = progress or (lambda _m: None)
     if (Path(bundle) / "generation.json").is_file():  # issue 8: a causal LM's bundle, gated on tokens
-        from .genparity import check_generation_bundle
+        from .generation import check_generation_bundle
 
         return check_generation_bundle(bundle, reference=reference, data=data, tolerances=tolerances, device=device,
                                        progress=say)

@@ -6,20 +6,15 @@ non-zero (2; the parity gate's failure exits 1). Anything else is a bug and keep
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
 from runtimes._deps import require_build_toolchain
-from runtimes.errors import EnginekitError
 
+from . import cli_run
+from .cli_common import _console, _print_json, _quiet_libraries, handle_errors, stages
 from .cli_print import _print_calibration, _print_parity, _print_precision
 
 app = typer.Typer(
@@ -29,84 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
-
-
-def handle_errors(fn: F) -> F:
-    """Print EnginekitError as one paragraph (no traceback) and exit with its code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except EnginekitError as exc:
-            from rich.markup import escape
-
-            # soft_wrap: never hard-break the paragraph, so the commands in it can be copied whole.
-            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-@contextmanager
-def stages(enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """A progress callback: a spinner on the current stage, a ✓ line with its time for each done."""
-    if not enabled:
-        yield lambda _msg: None
-        return
-    import time
-
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = _console(stderr=True)
-    # A stage is a message; "Stage: detail" messages update the spinner without starting a new stage.
-    state: dict[str, Any] = {"stage": None, "t": 0.0}
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
-        task = progress.add_task("starting", total=None)
-
-        def finish() -> None:
-            if state["stage"]:
-                progress.console.print(f"[green]✓[/] {state['stage']} [dim]({time.perf_counter() - state['t']:.1f} s)[/]")
-
-        def say(msg: str) -> None:
-            current = state["stage"]
-            if current is None or msg.split(":")[0] != current.split(":")[0]:
-                finish()
-                state["stage"], state["t"] = msg, time.perf_counter()
-            progress.update(task, description=msg)
-
-        try:
-            yield say
-            finish()
-        finally:
-            progress.stop()
-
-
-def _quiet_libraries() -> None:
-    """transformers' progress bars and hub warnings are noise on this CLI's console."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
 # -- shared options -----------------------------------------------------------------------------------
 ShapesOpt = typer.Option(None, "--shapes", help="Dim ranges NAME=MIN:OPT:MAX, comma-separated (e.g. batch=1:8:32,sequence=1:128:512).")
 DynamicOpt = typer.Option(None, "--dynamic", help="Dims to keep dynamic, comma-separated (others fixed at opt); 'none' for static.")
@@ -431,8 +348,9 @@ def inspect_cmd(
     return None
 
 
-# The run-time commands (bench, demo, generate, serve, triton) live in cli_run.py; importing it registers them.
-from . import cli_run  # noqa: E402, F401
+# The run-time commands live in cli_run.py as plain functions; registered here, explicitly.
+for _command in (cli_run.bench, cli_run.demo, cli_run.generate, cli_run.serve, cli_run.triton):
+    app.command()(_command)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """The `enginekit` commands that run bundles rather than build them: bench, demo, generate, serve,
-triton. They register on the one typer app of exporter/cli.py (imported there, at its end)."""
+triton. Plain functions: exporter/cli.py registers each on its typer app, explicitly."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import typer
 from runtimes._deps import require_build_toolchain
 from runtimes.errors import UsageError
 
-from .cli import _console, _print_json, _quiet_libraries, app, handle_errors, stages
+from .cli_common import _console, _print_json, _quiet_libraries, handle_errors, stages
 
 
-@app.command()
 @handle_errors
 def bench(
     bundles: list[Path] = typer.Argument(..., help="Engine bundle folders (same source for a shared baseline)."),
@@ -75,7 +74,6 @@ def bench(
     return None
 
 
-@app.command()
 @handle_errors
 def demo(
     output: Path = typer.Option(Path("engines/all-minilm-l6-v2-ort-fp32"), "-o", "--output", help="Bundle folder (replaced)."),
@@ -124,7 +122,6 @@ def demo(
 
 
 # -- issue 8: text generation from a generation bundle -----------------------------------------------
-@app.command()
 @handle_errors
 def generate(
     bundle: Path = typer.Argument(..., help="A generation bundle (built from a causal LM)."),
@@ -193,7 +190,6 @@ def _read_image(path: Path, size: tuple[int, int] | None) -> Any:
 # -- end issue 8 ----------------------------------------------------------------------------------------
 
 
-@app.command()
 @handle_errors
 def serve(
     bundles: list[Path] = typer.Argument(..., help="One or more engine bundle folders (model names must differ)."),
@@ -214,7 +210,6 @@ def serve(
         device=device, threads=threads))
 
 
-@app.command()
 @handle_errors
 def triton(
     bundle: Path = typer.Argument(..., help="An engine bundle folder."),

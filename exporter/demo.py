@@ -16,9 +16,10 @@ import numpy as np
 
 from runtimes._deps import require
 
-from .pipeline import BuildOptions, Progress, build
+from .options import BuildOptions
+from .recipes import build
 from .shapes import parse_shapes
-from .timing import measure
+from .timing import Progress, measure
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 DEFAULT_OUTPUT = Path("engines") / "all-minilm-l6-v2-ort-fp32"

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.errors import EnginekitError
 from runtimes.manifest import IOSpec
 from runtimes.samples import SHAPE_POINTS, generate_feeds
 
@@ -124,3 +125,13 @@ def shrink(io: IOSpec, feeds: Mapping[str, np.ndarray], max_batch: int = 2) -> F
                 arr = np.take(arr, range(max_batch), axis=axis)
         out[spec.name] = np.ascontiguousarray(arr)
     return out
+
+
+def not_runnable_here(exc: EnginekitError, device: str, precision: str) -> str:
+    """The one rule for an engine the gate cannot open on this machine (IncompatibleEngine,
+    MissingDependency): one built for hardware this machine may lack (a CUDA engine; BF16 or FP8
+    numerics) is published 'not checked', never 'passed', and this returns the reason for the
+    report's note; a CPU engine that cannot run on the CPU is the build's error, so `exc` is raised."""
+    if device == "cpu" and precision not in ("bf16", "fp8"):
+        raise exc
+    return str(exc).split(". ")[0]

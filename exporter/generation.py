@@ -16,7 +16,6 @@ manifest.json (io: the decode graph's), parity.json, report.html.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,18 @@ from typing import Any
 import numpy as np
 
 from runtimes._version import __version__
-from runtimes.errors import BuildError, ParityError, SourceError, UsageError
+from runtimes.errors import SourceError, UsageError
 from runtimes.generate import GENERATION_FILE, TOKENIZER_FILE
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 
+from .bundle import BuildResult, finish_bundle
+from .engine import build_engine
 from .genexport import GenerationExport, export_generation
+from .mixed import mixed_options
+from .options import build_command
 from .sources import SourceSpec
-from .staging import keep_rejected, new_staging, publish
+from .timing import Progress, timed
+from .vlm import vlm_model_type
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 # Prompt length, generated length: defaults for the engines' ranges (--shapes sequence=…,total_sequence=…).
@@ -49,29 +53,6 @@ def gguf_file(spec: SourceSpec) -> tuple[Path, str] | None:
         if len(found) == 1:
             return loc, found[0].name
     return None
-
-
-def is_generation_source(spec: SourceSpec) -> bool:
-    """Whether `enginekit build` makes a generation bundle: a causal LM's hf: folder (config.json
-    read as JSON, nothing imported) with no other task asked for, or a GGUF checkpoint."""
-    if spec.kind != "hf":
-        return False
-    if gguf_file(spec) is not None:
-        return True
-    if spec.task not in (None, "text-generation"):
-        return False
-    from .vlm import vlm_model_type
-
-    if vlm_model_type(spec) is not None:
-        return True
-    cfg = Path(spec.location) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError):
-        return False
-    return spec.task == "text-generation" or any(a.endswith(CAUSAL_SUFFIXES) for a in archs)
 
 
 def load_causal_lm(spec: SourceSpec) -> tuple[Any, Any, dict[str, Any]]:
@@ -131,41 +112,27 @@ def default_dims(config: Any, shapes: dict[str, DimRange]) -> dict[str, DimRange
     return {"batch": batch, "sequence": prompt, "past_sequence": past, "total_sequence": total}
 
 
-def build_generation(spec: SourceSpec, source_text: str, options: Any, progress: Any = None) -> Any:
-    """Build, gate and publish a generation bundle (pipeline.build's path for causal LMs)."""
-    from .pipeline import BuildResult, default_output
-    from .vlm import vlm_model_type
-
-    say = progress or (lambda _m: None)
-    _validate(options, vlm_model_type(spec))
-    output = Path(options.output) if options.output else default_output(source_text, options)
-    if output.exists() and not options.force:
-        raise BuildError(
-            f"Expected the output folder '{output}' not to exist, but it does. Pass --force to replace it, or "
-            "-o to choose another folder; nothing was written."
-        )
-    staging = new_staging(output)
+def build_generation(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path,
+                     say: Progress) -> BuildResult:
+    """Build, gate and publish a generation bundle (the generation and vision-language recipes)."""
     timings: dict[str, float] = {}
-    try:
-        manifest, report = _build_into(spec, source_text, options, output, staging, say, timings)
-        bundle = staging / "bundle"
-        if report.status == "failed":
-            from .parity import format_failures
+    manifest, report = _build_into(spec, source_text, options, output, staging, say, timings)
 
-            rejected = keep_rejected(bundle, output)
-            raise ParityError(
-                f"Expected the {options.precision} generation engines to produce transformers' tokens, but the gate "
-                f"failed: {format_failures(report)}. Nothing was written to '{output}'; the rejected bundle and its "
-                f"report are in '{rejected}'. Build another precision, or loosen a tolerance with --tolerance "
-                "[OUTPUT:]METRIC=VALUE (outputs: logits, tokens) only if the difference is acceptable."
-            )
-        publish(bundle, output)
-        return BuildResult(output, manifest, report, timings)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    def failure(failures: str, rejected: Path) -> str:
+        return (f"Expected the {options.precision} generation engines to produce transformers' tokens, but the gate "
+                f"failed: {failures}. Nothing was written to '{output}'; the rejected bundle and its report are in "
+                f"'{rejected}'. Build another precision, or loosen a tolerance with --tolerance [OUTPUT:]METRIC=VALUE "
+                "(outputs: logits, tokens) only if the difference is acceptable.")
+
+    manifest.source["timings_s"] = timings
+    return finish_bundle(staging / "bundle", output, manifest, report, title=f"Parity: {manifest.name}",
+                         context={"source": str(spec), "target": f"ort ({options.device})",
+                                  "precision": options.precision, "enginekit": __version__},
+                         timings=timings, failure=failure)
 
 
-def _validate(options: Any, vlm: str | None = None) -> None:
+def validate(options: Any, vlm: str | None = None) -> None:
+    """Refuse what generation bundles cannot be built as (vlm: the model_type of a VLM source)."""
     if vlm and (options.precision != "fp32" or options.target != "ort"):
         raise UsageError(
             f"Expected --target ort --precision fp32 for a VLM ({vlm}), found --target {options.target} --precision "
@@ -193,23 +160,15 @@ def _validate(options: Any, vlm: str | None = None) -> None:
     options.validate()
 
 
-def _timed(timings: dict[str, float], key: str, say: Any, msg: str) -> Any:
-    from .pipeline import _timed as timed
-
-    return timed(timings, key, say, msg)
-
-
 def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path, say: Any,
                 timings: dict[str, float]) -> tuple[Manifest, Any]:
     from .genparity import parity_prompts, token_gate
-    from .pipeline import build_command
-    from .vlm import vlm_model_type
 
     work, bundle = staging / "work", staging / "bundle"
     work.mkdir()
     bundle.mkdir()
     vlm = vlm_model_type(spec) is not None
-    with _timed(timings, "load", say, f"Loading {spec}"):
+    with timed(timings, "load", say, f"Loading {spec}"):
         if vlm:
             from .vlm import load_vlm, split_vision_shapes, vision_spec
 
@@ -222,7 +181,7 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
             model, tokenizer, info = load_causal_lm(spec)
             dims = default_dims(model.config, options.shapes)
     native = options.lowering == "native"
-    with _timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"
+    with timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"
                 + (f" in {options.precision}" if native else "") + (" and the vision engine" if vlm else "")):
         exported = export_generation(_in_dtype(model, options.precision) if native else model, work, dims,
                                      exporter=options.exporter, opset=options.opset, vlm=vlm)
@@ -234,12 +193,12 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
             vision_io = export_vision(model, vision, work / "vision.onnx", images, opset=options.opset)
             exported.components["vision"] = GraphExport(work / "vision.onnx", vision_io)
     prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
-    with _timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
+    with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
         lowered, realised = _lower_all(exported, options, prompts, work)
     components: dict[str, Any] = {}
     engine_files: list[str] = []
     target = None
-    with _timed(timings, "build", say, f"Building the ort engines ({options.device})"):
+    with timed(timings, "build", say, f"Building the ort engines ({options.device})"):
         for name in exported.components:
             target, files, io = _build_component(name, lowered[name], exported, options, bundle, work)
             components[name] = {"file": files[0], "io": io.to_dict(), "fusions": target.options.get("fusions")}
@@ -267,22 +226,13 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     )
     manifest.files = {f: file_sha256(bundle / f) for f in engine_files + extra}
     manifest.write(bundle)
-    with _timed(timings, "gate", say, "Token parity: engines vs transformers generate() (FP32)"):
+    with timed(timings, "gate", say, "Token parity: engines vs transformers generate() (FP32)"):
         if vlm:
             from .vlmparity import vlm_gate
 
             report = vlm_gate(model, tokenizer, processor, bundle, options, say)
         else:
             report = token_gate(model, tokenizer, bundle, prompts, options, lowered, say)
-    manifest.source["timings_s"] = timings
-    manifest.parity = report.summary()
-    (bundle / "parity.json").write_text(report.to_json() + "\n", encoding="utf-8")
-    from .report import write_html
-
-    write_html(report, bundle / "report.html", title=f"Parity: {manifest.name}",
-               context={"source": str(spec), "target": f"ort ({options.device})", "precision": options.precision,
-                        "enginekit": __version__})
-    manifest.write(bundle)
     return manifest, report
 
 
@@ -307,7 +257,6 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
             realised[name] = quantize_weights(path, out[name], device=options.device)
         return out, realised
     from .genparity import calibration_feeds
-    from .pipeline import _mixed_options
     from .precision import lower_precision
 
     feeds = calibration_feeds(paths, prompts)
@@ -317,7 +266,7 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
         sub.mkdir(exist_ok=True)
         safe = path.with_name(f"{name}.maskfill.onnx")
         clamped = clamp_mask_fill(path, safe)
-        lowered = lower_precision(safe, options.precision, sub, mixed=_mixed_options(options), calibration=feeds[name])
+        lowered = lower_precision(safe, options.precision, sub, mixed=mixed_options(options), calibration=feeds[name])
         _drop_shapes(lowered.path)
         out[name] = lowered.path
         realised[name] = {**lowered.realised, "mask_fill_constants_clamped": clamped}
@@ -374,12 +323,11 @@ def _build_component(name: str, path: Path, exported: GenerationExport, options:
     import onnx
 
     from .onnxutil import io_from_onnx
-    from .pipeline import _build_engine
 
     folder = bundle / name
     folder.mkdir()
     # The same ORT build (with fuse_for_ort's fusions) as single-graph bundles, one folder per graph.
-    target = _build_engine(path, folder, options, exported.components[name].io, folder, lambda _m: None,
+    target = build_engine(path, folder, options, exported.components[name].io, folder, lambda _m: None,
                            low_precision=options.precision != "fp32", work=work)
     # The engine's own dtypes (native FP16 I/O, an FP16 cache) over the canonical FP32 ones.
     ins, outs, _, _ = io_from_onnx(onnx.load(str(path), load_external_data=False))
@@ -428,3 +376,33 @@ def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: Genera
         files.append(more["embeddings"]["file"])
     return files
 
+
+def check_generation_bundle(bundle: Path, *, reference: str | None = None, data: Path | None = None,
+                            tolerances: list[str] | None = None, device: str | None = None,
+                            progress: Any = None) -> Any:
+    """`enginekit parity BUNDLE` for a generation bundle: the token gate again, on this machine
+    (the way to check a BF16 CUDA bundle that was built where no GPU was)."""
+    from types import SimpleNamespace
+
+    from .genparity import parity_prompts, token_gate
+    from .sources import parse_source
+
+    say = progress or (lambda _m: None)
+    manifest = Manifest.read(bundle)
+    spec = parse_source(reference or manifest.source["spec"])
+    say(f"Loading reference {spec}")
+    if manifest.source.get("family") == "vlm":
+        from .vlm import load_vlm
+        from .vlmparity import vlm_gate
+
+        model, tokenizer, processor, _ = load_vlm(spec)
+        options = SimpleNamespace(precision=manifest.precision.get("requested", "fp32"), skip_parity=False,
+                                  tolerances=list(tolerances or []), device=device or manifest.target.device)
+        return vlm_gate(model, tokenizer, processor, Path(bundle), options, say)
+    model, tokenizer, _ = load_causal_lm(spec)
+    dims = {k: v for k, v in manifest.io.dims.items()}
+    dims.setdefault("sequence", manifest.io.dims["total_sequence"])
+    prompts = parity_prompts(tokenizer, data, model.config, dims)
+    options = SimpleNamespace(precision=manifest.precision.get("requested", "fp32"), tolerances=list(tolerances or []),
+                              skip_parity=False, device=device or manifest.target.device)
+    return token_gate(model, tokenizer, Path(bundle), prompts, options, {}, say)

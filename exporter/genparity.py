@@ -25,6 +25,7 @@ from runtimes.errors import DataError, IncompatibleEngine, MissingDependency
 from runtimes.generate import Generator, SamplingOptions
 from runtimes.manifest import DimRange
 
+from .gate import not_runnable_here
 from .parity import OutputMetrics, ParityReport, TolerancePolicy, compare_case
 
 PROMPTS = (
@@ -197,10 +198,9 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
     try:
         runners.append(("", Generator(bundle, device=options.device, verify=False)))
     except (IncompatibleEngine, MissingDependency) as exc:
-        if options.device == "cpu" and options.precision not in ("bf16",):
-            raise
         report.notes.append(f"parity not checked: the {options.precision} engines cannot run here "
-                            f"({str(exc).split('. ')[0]}); run the gate on a machine with the GPU")
+                            f"({not_runnable_here(exc, options.device, options.precision)}); run the gate on a "
+                            "machine with the GPU")
     if options.precision in ("fp16", "bf16") and lowered and (not runners or options.device == "cpu"):
         emulators = {name: emulated_runner(_float_io(lowered[name])) for name in COMPONENTS}
         runners.append((f"{options.precision}-emulated ", Generator(bundle, verify=False,
@@ -257,36 +257,3 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
             gen.close()
     engine_ran = any(prefix == "" for prefix, _ in runners)
     return report.finish(engine_checked=engine_ran)
-
-
-def check_generation_bundle(bundle: Path, *, reference: str | None = None, data: Path | None = None,
-                            tolerances: list[str] | None = None, device: str | None = None,
-                            progress: Any = None) -> ParityReport:
-    """`enginekit parity BUNDLE` for a generation bundle: the token gate again, on this machine
-    (the way to check a BF16 CUDA bundle that was built where no GPU was)."""
-    from types import SimpleNamespace
-
-    from runtimes.manifest import Manifest
-
-    from .generation import load_causal_lm
-    from .sources import parse_source
-
-    say = progress or (lambda _m: None)
-    manifest = Manifest.read(bundle)
-    spec = parse_source(reference or manifest.source["spec"])
-    say(f"Loading reference {spec}")
-    if manifest.source.get("family") == "vlm":
-        from .vlm import load_vlm
-        from .vlmparity import vlm_gate
-
-        model, tokenizer, processor, _ = load_vlm(spec)
-        options = SimpleNamespace(precision=manifest.precision.get("requested", "fp32"), skip_parity=False,
-                                  tolerances=list(tolerances or []), device=device or manifest.target.device)
-        return vlm_gate(model, tokenizer, processor, Path(bundle), options, say)
-    model, tokenizer, _ = load_causal_lm(spec)
-    dims = {k: v for k, v in manifest.io.dims.items()}
-    dims.setdefault("sequence", manifest.io.dims["total_sequence"])
-    prompts = parity_prompts(tokenizer, data, model.config, dims)
-    options = SimpleNamespace(precision=manifest.precision.get("requested", "fp32"), tolerances=list(tolerances or []),
-                              skip_parity=False, device=device or manifest.target.device)
-    return token_gate(model, tokenizer, Path(bundle), prompts, options, {}, say)

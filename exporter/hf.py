@@ -93,7 +93,7 @@ def load_hf(spec: SourceSpec) -> LoadedSource:
             "Leave #task out to pick it from the model's config."
         )
     if task in ("image-embedding", "text-embedding"):
-        from .clip import load_tower
+        from .towers import load_tower
 
         return load_tower(spec, config, folder, task)
     family = family_for(config)

@@ -232,3 +232,15 @@ def _modelopt_version() -> str:
         return version("nvidia-modelopt")
     except Exception:
         return "?"
+
+
+def mixed_options(options: Any) -> MixedOptions | None:
+    """The mixed-precision lowering's options from a build's (exporter.options.BuildOptions), or None
+    for precisions that are not mixed (fp32, int8, fp8)."""
+    if options.precision not in ("fp16", "bf16"):
+        return None
+    return MixedOptions(
+        precision=options.precision, keep_io_types=not options.native_io, fp32_nodes=list(options.fp32_nodes),
+        fp32_ops=list(options.fp32_ops), range_rules=options.range_rules,
+        max_fp32_nodes=options.fallback_budget, max_iterations=options.fallback_rounds,
+    )

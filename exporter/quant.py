@@ -18,10 +18,11 @@ import numpy as np
 
 from runtimes.errors import BuildError
 
-from .pipeline import BuildOptions, Progress, prepare_dims
-from .sources import load_onnx_source, parse_source
+from .loading import load_onnx_source, prepare_dims
+from .options import BuildOptions
+from .sources import parse_source
 from .staging import new_staging
-from .timing import measure
+from .timing import Progress, measure
 
 
 def measure_speedup(fp32: Path, quantized: Path, feed: dict[str, np.ndarray], *, rounds: int = 5,
@@ -63,7 +64,7 @@ def calibrate_onnx(onnx_path: Path, output: Path, *, precision: str, calib: Any,
     if output.exists() and not force:
         raise BuildError(f"Expected '{output}' not to exist, but it does. Pass --force to replace it; nothing was written.")
     loaded = load_onnx_source(parse_source(f"onnx:{onnx_path}"))
-    loaded.io = prepare_dims(loaded, options)
+    loaded.io = prepare_dims(loaded, options.shapes, options.dynamic)
     calib.cache_dir = output.parent / f"{output.name}.calib"
     staging = new_staging(output)
     try:

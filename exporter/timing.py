@@ -1,12 +1,32 @@
-"""Wall-clock latency of a callable: warm-up, then percentiles over many runs (CPU timings).
-GPU timings synchronise inside `fn` (or use CUDA events) before the clock is read."""
+"""Time: how long each build stage took (`timed`, with the progress callback every stage takes),
+and the wall-clock latency of a callable (`measure`: warm-up, then percentiles over many runs; GPU
+timings synchronise inside `fn`, or use CUDA events, before the clock is read)."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+# A stage's progress callback: "Stage" starts a stage, "Stage: detail" updates it (exporter/cli.py shows it).
+Progress = Callable[[str], None]
+
+
+def no_progress(_msg: str) -> None:
+    """The default Progress: says nothing."""
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str, say: Progress, msg: str) -> Iterator[None]:
+    """Announce a stage with `say(msg)` and record its seconds in `timings[key]`."""
+    say(msg)
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = round(time.perf_counter() - t, 3)
 
 
 def measure(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 50, min_seconds: float = 0.0) -> dict[str, float]:

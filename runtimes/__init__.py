@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .base import Runner
+from .engines import load_engine, open_engine
 from .errors import (
     BuildError,
     DataError,
@@ -27,7 +28,7 @@ from .errors import (
     SourceError,
     UsageError,
 )
-from .manifest import DimRange, IOSpec, Manifest, Target, TensorSpec, verify_files
+from .manifest import ZERO_SHOT_BACKEND, DimRange, IOSpec, Manifest, Target, TensorSpec, verify_files
 
 __all__ = [
     "BuildError", "DataError", "DimRange", "EnginekitError", "ExportError", "IOSpec", "IncompatibleEngine",
@@ -57,12 +58,9 @@ def load(
     """
     path = Path(bundle)
     manifest = Manifest.read(path)
-    if (path / "generation.json").is_file():  # issue 8: prefill + decode engines, run by a loop
-        raise UsageError(
-            f"Expected a single-engine bundle for runtimes.load, found a generation bundle at '{path}' (prefill and "
-            "decode engines with a KV cache). Run it with runtimes.generate.load_generator(bundle), or "
-            f"`enginekit generate {path} --prompt TEXT`."
-        )
+    if manifest.target.backend != ZERO_SHOT_BACKEND:
+        return load_engine(path, device=device, threads=threads, verify=verify, cuda_graph=cuda_graph,
+                           trt_runtime=trt_runtime, manifest=manifest)
     if verify:
         verify_files(path, manifest)
     return open_runner(path, manifest, device=device, threads=threads, cuda_graph=cuda_graph, trt_runtime=trt_runtime)
@@ -70,23 +68,12 @@ def load(
 
 def open_runner(bundle: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None,
                 cuda_graph: bool = False, trt_runtime: str = "auto") -> Runner:
-    """The backend's Runner for an already-read manifest (the build's gate uses it on the staging
-    bundle before the manifest is written). Backends are imported here, on first use."""
-    backend = manifest.target.backend
-    if backend == "zero-shot":  # a CLIP bundle: one engine bundle per tower inside (runtimes/zeroshot.py)
+    """The Runner for an already-read manifest (the build's gate uses it on the staging bundle before
+    the manifest is written): a zero-shot bundle's two towers (runtimes/zeroshot.py), else its engine."""
+    if manifest.target.backend == ZERO_SHOT_BACKEND:  # a CLIP bundle: one engine bundle per tower inside
         from .zeroshot import ZeroShotRunner
 
         return ZeroShotRunner(Path(bundle), manifest, device=device, threads=threads, cuda_graph=cuda_graph,
                               trt_runtime=trt_runtime)
-    if backend == "trt":
-        from .trt.runner import TrtRunner
-
-        return TrtRunner(Path(bundle), manifest, device=device, cuda_graph=cuda_graph, runtime=trt_runtime)
-    if backend == "ort":
-        from .ort.runner import OrtRunner
-
-        return OrtRunner(Path(bundle), manifest, device=device, threads=threads, cuda_graph=cuda_graph)
-    raise IncompatibleEngine(
-        f"Expected a bundle for backend 'ort' or 'trt', found '{backend}' in {bundle}. This enginekit "
-        f"cannot run it; rebuild it with: {manifest.rebuild_command}"
-    )
+    return open_engine(Path(bundle), manifest, device=device, threads=threads, cuda_graph=cuda_graph,
+                       trt_runtime=trt_runtime)

@@ -20,6 +20,8 @@ from .errors import IncompatibleEngine
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The backend name a composite CLIP bundle records: one engine bundle per tower inside (runtimes/zeroshot.py).
+ZERO_SHOT_BACKEND = "zero-shot"
 ShapePoint = Literal["min", "opt", "max"]
 
 

@@ -1,6 +1,6 @@
 """VLM generation (Qwen2-VL) from a generation bundle, without torch: image preprocessing, prompt
 placeholders, image-embedding merge and M-RoPE positions in numpy, then the causal LM's
-prefill/decode loop (runtimes/generate.py).
+prefill/decode loop (runtimes/decoding.py).
 
     from runtimes.vlm import load_vlm_generator          # or runtimes.generate.load_generator
     with load_vlm_generator("engines/qwen2-vl-ort-fp32") as g:
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .decoding import Generation, Generator, SamplingOptions, _TextStream
 from .errors import InvalidInput, UsageError
-from .generate import Generation, Generator, SamplingOptions, _TextStream
 
 EMBEDDINGS_FILE = "embed_tokens.npy"
 IMAGE_MARKER = "<image>"

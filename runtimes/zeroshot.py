@@ -33,10 +33,11 @@ from typing import Any, cast
 import numpy as np
 
 from .base import Runner
+from .engines import load_engine
 from .errors import IncompatibleEngine, InvalidInput
-from .manifest import Manifest
+from .manifest import ZERO_SHOT_BACKEND, Manifest
 
-BACKEND = "zero-shot"
+BACKEND = ZERO_SHOT_BACKEND
 ROLES = {"image": "image_embeds", "text": "text_embeds"}
 
 
@@ -61,8 +62,6 @@ class ZeroShotRunner(Runner):
 
     def __init__(self, bundle: Path, manifest: Manifest, **options: Any):
         super().__init__(bundle, manifest)
-        from . import load
-
         parts = manifest.target.options.get("parts", {})
         if set(parts) != set(ROLES):
             raise IncompatibleEngine(
@@ -70,9 +69,9 @@ class ZeroShotRunner(Runner):
                 f"Rebuild it: {manifest.rebuild_command}"
             )
         self.logit_scale = float(manifest.target.options["logit_scale"])
-        self.image = load(self.bundle / parts["image"], **options)
+        self.image = load_engine(self.bundle / parts["image"], **options)
         try:
-            self.text = load(self.bundle / parts["text"], **options)
+            self.text = load_engine(self.bundle / parts["text"], **options)
         except Exception:
             self.image.close()
             raise

@@ -173,107 +173,122 @@ def create_app(models: Sequence[ModelService], metrics: Metrics, config: ServeCo
     require("starlette", extra="serve", purpose="enginekit serve")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import Response
     from starlette.routing import Route
 
-    by_name = {m.name: m for m in models}
-    state: dict[str, Any] = {"ready": False, "reason": "warming up"}
+    h = _Handlers(models, metrics, config, on_ready)
+    return Starlette(
+        routes=[
+            Route("/v2/health/live", h.live), Route("/v2/health/ready", h.ready),
+            Route("/v2/models", h.list_models), Route("/v2/models/{name}", h.model_metadata),
+            Route("/v2/models/{name}/infer", h.infer, methods=["POST"]), Route("/metrics", h.metrics_endpoint),
+        ],
+        lifespan=h.lifespan,
+        exception_handlers={HTTPException: h.http_error, EnginekitError: h.user_error},
+    )
 
-    def reply(data: Any, status: int = 200, **headers: str) -> Response:
-        return Response(json.dumps(data), status, media_type="application/json", headers=headers or None)
 
-    async def warm_up() -> None:
+def _reply(data: Any, status: int = 200, **headers: str) -> Any:
+    from starlette.responses import Response
+
+    return Response(json.dumps(data), status, media_type="application/json", headers=headers or None)
+
+
+class _Handlers:
+    """The service's routes and lifespan over one set of models (create_app wires them to Starlette)."""
+
+    def __init__(self, models: Sequence[ModelService], metrics: Metrics, config: ServeConfig,
+                 on_ready: Callable[[], Awaitable[None]] | None):
+        self.models, self.metrics, self.config, self.on_ready = models, metrics, config, on_ready
+        self.by_name = {m.name: m for m in models}
+        self.state: dict[str, Any] = {"ready": False, "reason": "warming up"}
+
+    async def warm_up(self) -> None:
         try:
-            if config.warmup:
+            if self.config.warmup:
                 loop = asyncio.get_running_loop()
-                for m in models:
+                for m in self.models:
                     await loop.run_in_executor(m.executor, m.warm_up)
-            state.update(ready=True, reason="")
-            log.info("ready: %s", ", ".join(by_name))
-            if on_ready is not None:
-                await on_ready()
+            self.state.update(ready=True, reason="")
+            log.info("ready: %s", ", ".join(self.by_name))
+            if self.on_ready is not None:
+                await self.on_ready()
         except Exception as exc:  # stay up, not ready, and say why on /v2/health/ready
-            state["reason"] = f"warm-up failed: {exc}"
+            self.state["reason"] = f"warm-up failed: {exc}"
             log.exception("warm-up failed")
 
     @asynccontextmanager
-    async def lifespan(_app: Any) -> AsyncIterator[None]:
-        for m in models:
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        for m in self.models:
             m.batcher.start()
-        warming = asyncio.get_running_loop().create_task(warm_up())
+        warming = asyncio.get_running_loop().create_task(self.warm_up())
         yield
         # uvicorn calls this after the requests in flight have finished; drain whatever is queued.
-        state.update(ready=False, reason="shutting down")
+        self.state.update(ready=False, reason="shutting down")
         await warming
-        for m in models:
+        for m in self.models:
             await m.batcher.close()
             m.close()
 
-    async def live(_request: Request) -> Response:
-        return reply({"live": True})
+    async def live(self, _request: Any) -> Any:
+        return _reply({"live": True})
 
-    async def ready(_request: Request) -> Response:
-        if state["ready"]:
-            return reply({"ready": True, "models": list(by_name)})
-        return reply({"ready": False, "reason": state["reason"]}, 503)
+    async def ready(self, _request: Any) -> Any:
+        if self.state["ready"]:
+            return _reply({"ready": True, "models": list(self.by_name)})
+        return _reply({"ready": False, "reason": self.state["reason"]}, 503)
 
-    async def list_models(_request: Request) -> Response:
-        return reply({"models": [m.metadata() for m in models]})
+    async def list_models(self, _request: Any) -> Any:
+        return _reply({"models": [m.metadata() for m in self.models]})
 
-    async def model_metadata(request: Request) -> Response:
-        return reply(_find(by_name, request.path_params["name"]).metadata())
+    async def model_metadata(self, request: Any) -> Any:
+        return _reply(_find(self.by_name, request.path_params["name"]).metadata())
 
-    async def metrics_endpoint(_request: Request) -> Response:
-        return Response(metrics.prom.generate_latest(metrics.registry), media_type=metrics.prom.CONTENT_TYPE_LATEST)
+    async def metrics_endpoint(self, _request: Any) -> Any:
+        from starlette.responses import Response
 
-    async def infer(request: Request) -> Response:
+        m = self.metrics
+        return Response(m.prom.generate_latest(m.registry), media_type=m.prom.CONTENT_TYPE_LATEST)
+
+    async def infer(self, request: Any) -> Any:
         t0 = time.perf_counter()
         name = request.path_params["name"]
-        label = name if name in by_name else "unknown"  # no label per arbitrary URL: bounded cardinality
+        label = name if name in self.by_name else "unknown"  # no label per arbitrary URL: bounded cardinality
+        metrics = self.metrics
         metrics.inflight.labels(label).inc()
         try:
-            response = await _infer(request, name)
+            response = await self._infer(request, name)
         except Exception as exc:  # every failure becomes an HTTP answer; the process stays up
             status = _status_of(exc)
             if status == 500:
                 log.exception("inference on '%s' failed", name)
             metrics.errors.labels(label, STATUS_KIND.get(status, str(status))).inc()
-            response = reply({"error": str(exc)}, status, **({"Connection": "close"} if status == 413 else {}))
+            response = _reply({"error": str(exc)}, status, **({"Connection": "close"} if status == 413 else {}))
         finally:
             metrics.inflight.labels(label).dec()
         metrics.requests.labels(label, str(response.status_code)).inc()
         metrics.latency.labels(label).observe(time.perf_counter() - t0)
         return response
 
-    async def _infer(request: Request, name: str) -> Response:
-        model = _find(by_name, name)
-        if not state["ready"]:
-            raise Overloaded(f"Expected a ready service, but it is {state['reason']}. Poll /v2/health/ready.")
-        body = await _read_body(request, config.max_body_bytes)
+    async def _infer(self, request: Any, name: str) -> Any:
+        from starlette.responses import Response
+
+        model = _find(self.by_name, name)
+        if not self.state["ready"]:
+            raise Overloaded(f"Expected a ready service, but it is {self.state['reason']}. Poll /v2/health/ready.")
+        body = await _read_body(request, self.config.max_body_bytes)
         content_type = request.headers.get("content-type")
         feeds = model.runner.validate(decode_inputs(body, content_type, model.runner.input_specs(),
-                                                    limit=config.max_body_bytes))
+                                                    limit=self.config.max_body_bytes))
         wanted = _wanted_outputs(model, request.query_params.get("outputs"))
         outputs = await model.batcher.submit(feeds)
         kind = response_kind(request.headers.get("accept"), content_type)
         return Response(encode_outputs(name, {k: outputs[k] for k in wanted}, kind), media_type=kind)
 
-    async def http_error(_request: Request, exc: Exception) -> Response:
-        return reply({"error": getattr(exc, "detail", str(exc))}, getattr(exc, "status_code", 500))
+    async def http_error(self, _request: Any, exc: Exception) -> Any:
+        return _reply({"error": getattr(exc, "detail", str(exc))}, getattr(exc, "status_code", 500))
 
-    async def user_error(_request: Request, exc: Exception) -> Response:  # outside /infer, e.g. unknown model
-        return reply({"error": str(exc)}, _status_of(exc))
-
-    return Starlette(
-        routes=[
-            Route("/v2/health/live", live), Route("/v2/health/ready", ready),
-            Route("/v2/models", list_models), Route("/v2/models/{name}", model_metadata),
-            Route("/v2/models/{name}/infer", infer, methods=["POST"]), Route("/metrics", metrics_endpoint),
-        ],
-        lifespan=lifespan,
-        exception_handlers={HTTPException: http_error, EnginekitError: user_error},
-    )
+    async def user_error(self, _request: Any, exc: Exception) -> Any:  # outside /infer, e.g. unknown model
+        return _reply({"error": str(exc)}, _status_of(exc))
 
 
 def _find(by_name: dict[str, ModelService], name: str) -> ModelService:

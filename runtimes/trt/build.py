@@ -287,60 +287,10 @@ def build_trt_engine(onnx_path: Path, bundle_dir: Path, options: TrtBuildOptions
     logger = make_logger(trt)
     trt.init_libnvinfer_plugins(logger, "")  # ONNX ops that TensorRT implements as plugins
     builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
-    # TensorRT 11 networks are always strongly typed (the flag is deprecated and ignored there).
-    network = builder.create_network(0 if major >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if options.version_compatible or options.hardware_compat != "none":
-        parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)  # the default; compatible plans require it
     say("parsing the ONNX graph")
-    # parse_from_file, not parse(bytes): it resolves external data relative to the model file.
-    if not parser.parse_from_file(str(onnx_path)):
-        problems = []
-        for i in range(parser.num_errors):
-            err = parser.get_error(i)
-            problems.append(ParserProblem(int(err.node()), err.node_name(), err.node_operator(), err.code().name,
-                                          err.desc()))
-        raise BuildError(parser_error_message(onnx_path, trt.__version__, problems))
-
-    config = builder.create_builder_config()
-    if options.workspace:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace)
-    if options.opt_level is not None:
-        config.builder_optimization_level = options.opt_level
-    if not options.tf32:
-        # TF32 (on by default) rounds FP32 matmul/conv inputs to 10 mantissa bits: an FP32 graph
-        # would no longer compute what the parity gate's FP32 tolerance expects.
-        config.clear_flag(trt.BuilderFlag.TF32)
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, HARDWARE_LEVELS[options.hardware_compat])
-    if options.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        if options.exclude_lean_runtime:
-            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
-        plugins = list(parser.get_used_vc_plugin_libraries())
-        if plugins:
-            config.plugins_to_serialize = plugins
-
-    profiles = profile_shapes(io)
-    unranged = []
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = [tensor.shape[d] for d in range(len(tensor.shape))]
-        if -1 in shape and tensor.name not in profiles:
-            unranged.append(f"{tensor.name} {shape}")
-    if unranged:
-        raise BuildError(
-            f"Expected a recorded range for every dynamic input dim, but TensorRT sees dynamic inputs without one: "
-            f"{', '.join(unranged)}. Name those dims and give their ranges with --shapes NAME=MIN:OPT:MAX."
-        )
-    if profiles:
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profiles.items():
-            profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
-        if config.add_optimization_profile(profile) < 0:
-            raise BuildError(f"Expected TensorRT to accept the optimization profile {profiles}, but it refused it: "
-                             f"{' | '.join(logger.messages[-3:])}. Check the ranges given with --shapes.")
+    network, parser = _parse(trt, builder, logger, onnx_path, options)
+    config = _configure(trt, builder, parser, options)
+    profiles = _add_profile(trt, builder, network, config, io, logger)
 
     cache_source = options.timing_cache if options.timing_cache and Path(options.timing_cache).is_file() else previous_cache
     cache_info = _attach_timing_cache(config, cache_source)
@@ -383,6 +333,76 @@ def build_trt_engine(onnx_path: Path, bundle_dir: Path, options: TrtBuildOptions
                   "cuda-bindings": version_of("cuda.bindings")},
         gpu={"name": gpu["name"], "compute_capability": list(cc)},
     )
+
+
+def _parse(trt: Any, builder: trt_types.Builder, logger: Any, onnx_path: Path,
+           options: TrtBuildOptions) -> tuple[trt_types.INetworkDefinition, trt_types.OnnxParser]:
+    """A strongly typed network parsed from `onnx_path`; every parser error is reported at once."""
+    major = int(trt.__version__.split(".")[0])
+    # TensorRT 11 networks are always strongly typed (the flag is deprecated and ignored there).
+    network = builder.create_network(0 if major >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if options.version_compatible or options.hardware_compat != "none":
+        parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)  # the default; compatible plans require it
+    # parse_from_file, not parse(bytes): it resolves external data relative to the model file.
+    if not parser.parse_from_file(str(onnx_path)):
+        problems = []
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            problems.append(ParserProblem(int(err.node()), err.node_name(), err.node_operator(), err.code().name,
+                                          err.desc()))
+        raise BuildError(parser_error_message(onnx_path, trt.__version__, problems))
+    return network, parser
+
+
+def _configure(trt: Any, builder: trt_types.Builder, parser: trt_types.OnnxParser,
+               options: TrtBuildOptions) -> trt_types.IBuilderConfig:
+    """The builder config: workspace, optimization level, TF32 off unless asked, detailed profiling
+    verbosity (for the engine inspector), hardware and version compatibility."""
+    config = builder.create_builder_config()
+    if options.workspace:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace)
+    if options.opt_level is not None:
+        config.builder_optimization_level = options.opt_level
+    if not options.tf32:
+        # TF32 (on by default) rounds FP32 matmul/conv inputs to 10 mantissa bits: an FP32 graph
+        # would no longer compute what the parity gate's FP32 tolerance expects.
+        config.clear_flag(trt.BuilderFlag.TF32)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, HARDWARE_LEVELS[options.hardware_compat])
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if options.exclude_lean_runtime:
+            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+        plugins = list(parser.get_used_vc_plugin_libraries())
+        if plugins:
+            config.plugins_to_serialize = plugins
+    return config
+
+
+def _add_profile(trt: Any, builder: trt_types.Builder, network: trt_types.INetworkDefinition,
+                 config: trt_types.IBuilderConfig, io: IOSpec, logger: Any) -> dict[str, Any]:
+    """One optimization profile from the recorded dim ranges; a dynamic input without one is refused."""
+    profiles = profile_shapes(io)
+    unranged = []
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = [tensor.shape[d] for d in range(len(tensor.shape))]
+        if -1 in shape and tensor.name not in profiles:
+            unranged.append(f"{tensor.name} {shape}")
+    if unranged:
+        raise BuildError(
+            f"Expected a recorded range for every dynamic input dim, but TensorRT sees dynamic inputs without one: "
+            f"{', '.join(unranged)}. Name those dims and give their ranges with --shapes NAME=MIN:OPT:MAX."
+        )
+    if profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profiles.items():
+            profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+        if config.add_optimization_profile(profile) < 0:
+            raise BuildError(f"Expected TensorRT to accept the optimization profile {profiles}, but it refused it: "
+                             f"{' | '.join(logger.messages[-3:])}. Check the ranges given with --shapes.")
+    return profiles
 
 
 def _attach_timing_cache(config: trt_types.IBuilderConfig, source: Path | None) -> dict[str, Any]:

@@ -8,8 +8,9 @@ from exporter.bench import BenchOptions, run_bench
 from exporter.checks import check_bundle
 from exporter.clip import _routed
 from exporter.inspection import inspect_path
+from exporter.loading import load_source
 from exporter.pipeline import BuildOptions, build
-from exporter.sources import load_source, parse_source
+from exporter.sources import parse_source
 from exporter.triton import export_triton
 from runtimes.errors import UsageError
 

@@ -12,10 +12,11 @@ from onnx import TensorProto, helper
 import runtimes
 from exporter.checks import check_bundle
 from exporter.detect import set_outputs
+from exporter.loading import load_source
 from exporter.nms import nms
 from exporter.pipeline import BuildOptions, build
 from exporter.shapes import parse_shapes
-from exporter.sources import load_source, parse_source
+from exporter.sources import parse_source
 from runtimes.samples import generate_feeds
 
 TINY = "py:exporter.yolox:make_tiny"

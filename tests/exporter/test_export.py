@@ -7,9 +7,10 @@ import onnx
 import pytest
 
 from exporter.export import export_onnx, trace_sizes
+from exporter.loading import load_source
 from exporter.pipeline import BuildOptions, export_model
 from exporter.shapes import parse_shapes
-from exporter.sources import load_source, parse_source
+from exporter.sources import parse_source
 from runtimes.errors import BuildError, ExportError, UsageError
 from runtimes.manifest import DimRange
 

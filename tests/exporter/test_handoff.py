@@ -9,8 +9,9 @@ import onnx
 import pytest
 
 from exporter.handoff import keep_lowered
+from exporter.loading import load_source
 from exporter.pipeline import BuildOptions, build
-from exporter.sources import load_source, parse_source
+from exporter.sources import parse_source
 from runtimes.errors import MissingDependency, SourceError, UsageError
 from runtimes.manifest import DimRange, IOSpec, TensorSpec
 from runtimes.trt.build import tensorrt_unavailable

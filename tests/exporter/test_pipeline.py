@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import runtimes
+from exporter.loading import load_source
 from exporter.pipeline import BuildOptions, build
 from exporter.shapes import parse_shapes
-from exporter.sources import load_source, parse_source
+from exporter.sources import parse_source
 from runtimes.errors import BuildError, ParityError, UsageError
 from runtimes.samples import generate_feeds
 

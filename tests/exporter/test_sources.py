@@ -6,7 +6,8 @@ import onnx
 import pytest
 
 from exporter.families import family_for
-from exporter.sources import load_source, model_name, parse_source
+from exporter.loading import load_source
+from exporter.sources import model_name, parse_source
 from runtimes.errors import SourceError
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
