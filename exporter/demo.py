@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from exporter.options import BuildOptions
+from exporter.recipes import build
+from exporter.source.shapes import parse_shapes
+from exporter.timing import Progress, measure
 from runtimes._deps import require
-
-from .options import BuildOptions
-from .recipes import build
-from .shapes import parse_shapes
-from .timing import Progress, measure
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 DEFAULT_OUTPUT = Path("engines") / "all-minilm-l6-v2-ort-fp32"

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from exporter.export.onnxutil import io_from_onnx, load_onnx_checked, recorded_dims, summarize
 from runtimes.errors import SourceError
 from runtimes.manifest import MANIFEST_NAME, Manifest
-
-from .onnxutil import io_from_onnx, load_onnx_checked, recorded_dims, summarize
 
 
 def inspect_path(path: Path, *, layers: bool = False) -> dict[str, Any]:

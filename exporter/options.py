@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from calibration.images import ImageOptions
+from exporter.lower.precision import check_precision
+from exporter.source.spec import model_name, parse_source
+from runtimes.choices import Device, Precision
 from runtimes.errors import UsageError
 from runtimes.manifest import DimRange
 from runtimes.trt.build import TrtBuildOptions
-
-from .precision import check_precision
-from .sources import model_name, parse_source
 
 TARGETS = ("ort", "trt")
 DEVICES = ("cpu", "cuda")
@@ -25,8 +25,8 @@ class BuildOptions:
     trt: TensorRT builder settings (runtimes.trt.build.TrtBuildOptions), for --target trt only."""
 
     target: str = "ort"
-    device: str = "cpu"
-    precision: str = "fp32"
+    device: Device = Device.CPU
+    precision: Precision = Precision.FP32
     output: Path | None = None
     force: bool = False
     shapes: dict[str, DimRange] = field(default_factory=dict)
@@ -44,7 +44,7 @@ class BuildOptions:
     range_rules: bool = True
     fallback_budget: int = 64
     fallback_rounds: int = 6
-    ort_fusions: bool = True  # ORT target: attention / skip-LayerNorm / GELU fusions (exporter/ortfuse.py)
+    ort_fusions: bool = True  # ORT target: attention / skip-LayerNorm / GELU fusions (exporter/build/ortfuse.py)
     trt: TrtBuildOptions = field(default_factory=TrtBuildOptions)
     # Reduced precision: calibration samples (fp16/bf16: AutoCast's range data; int8/fp8:
     # Q/DQ scales; texts, images, .npz feeds, or random[:N] for smoke tests), the int8/fp8
@@ -55,10 +55,17 @@ class BuildOptions:
     accuracy_budget: str | None = "cosine>=0.99"
     image: ImageOptions = field(default_factory=ImageOptions)
     smooth: float | None = None  # SmoothQuant alpha (calibration/smooth.py); None: off
-    detector_outputs: str = "nms"  # detectors: NMS in the graph, or the raw head outputs (exporter/detect.py)
+    detector_outputs: str = "nms"  # detectors: NMS in the graph, or the raw head outputs (exporter/export/detector.py)
     # issue 8, causal LMs: fp16/bf16 by AutoCast on the FP32 graphs, or "native" (exported from torch
     # in that dtype: the KV cache too, and the graph ONNX Runtime's GPU fusions match)
     lowering: str = "autocast"
+
+    def __post_init__(self) -> None:
+        # Parsed once, where the Python API or the CLI hands the values in; past this point they are typed.
+        self.precision = Precision.parse(check_precision(str(self.precision)), "--precision")
+        if str(self.device) not in DEVICES:
+            raise UsageError(f"Expected --device cpu or cuda, found '{self.device}'.")
+        self.device = Device.parse(self.device, "--device")
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -66,10 +73,8 @@ class BuildOptions:
                 f"Expected --target to be one of {', '.join(TARGETS)}, found '{self.target}'. 'ort' builds an "
                 "ONNX Runtime engine, 'trt' a TensorRT plan."
             )
-        if self.device not in DEVICES:
-            raise UsageError(f"Expected --device cpu or cuda, found '{self.device}'.")
-        if self.target == "trt" and self.device != "cuda":
-            self.device = "cuda"  # TensorRT only runs on NVIDIA GPUs
+        if self.target == "trt" and not self.device.gpu:
+            self.device = Device.CUDA  # TensorRT only runs on NVIDIA GPUs
         if self.target != "trt" and not self.trt.is_default():
             raise UsageError(
                 f"Expected TensorRT options (--workspace, --opt-level, --hardware-compat, --version-compatible, "
@@ -79,13 +84,13 @@ class BuildOptions:
         if self.exporter not in ("auto", "torch", "transformers"):
             raise UsageError(f"Expected --exporter auto, torch or transformers, found '{self.exporter}'.")
         check_precision(self.precision)
-        if self.precision == "bf16" and self.target == "ort" and self.device == "cpu":
+        if self.precision is Precision.BF16 and self.target == "ort" and not self.device.gpu:
             raise UsageError(
                 "Expected a target that runs BF16, found --target ort --device cpu: ONNX Runtime's CPU provider has "
                 "no BF16 kernels. Build BF16 for --device cuda (an NVIDIA GPU with compute capability >= 8.0) or "
                 "--target trt, or use --precision fp16 / fp32 for the CPU."
             )
-        if self.device == "cuda" and self.precision in ("bf16", "fp8"):
+        if self.device.gpu and self.precision in ("bf16", "fp8"):
             from runtimes.device import gpu_info, supports
 
             gpu = gpu_info()
@@ -103,19 +108,19 @@ class BuildOptions:
         from calibration.budget import parse_budget
         from calibration.quantize import check_method
 
-        quantized = self.precision in ("int8", "fp8")
+        quantized = self.precision.quantized
         if quantized and self.calib is None:
             raise UsageError(
                 f"Expected --calib DATA with --precision {self.precision}: Q/DQ scales come from real inputs (a .txt/"
                 ".jsonl of texts, a folder of images or of .npz feed dicts). --calib random is for smoke tests only."
             )
-        if self.calib is not None and self.precision == "fp32":
+        if self.calib is not None and not self.precision.reduced:
             raise UsageError(
                 "Expected --calib with a reduced precision (fp16/bf16: ranges for the mixed-precision lowering; "
                 "int8/fp8: Q/DQ scales), found --precision fp32, which needs no calibration. Use --data for the "
                 "gate's real inputs."
             )
-        if self.precision == "fp8" and self.device == "cpu":
+        if self.precision is Precision.FP8 and not self.device.gpu:
             raise UsageError(
                 "Expected an FP8 build for a GPU (--target trt, or --target ort --device cuda), found --device cpu. "
                 "FP8 tensor cores need compute capability >= 8.9 (Ada, Hopper and newer), and ONNX Runtime's CPU "
@@ -123,7 +128,7 @@ class BuildOptions:
                 "here, run `enginekit calibrate MODEL.onnx --precision fp8 --data DATA -o model.fp8.onnx`, "
                 "which emulates the Q/DQ on the CPU."
             )
-        if self.precision == "fp8":
+        if self.precision is Precision.FP8:
             from runtimes.device import gpu_info, supports
 
             gpu = gpu_info()
@@ -159,7 +164,7 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
     if options.calib:
         calib = options.calib if str(options.calib).startswith("random") else str(Path(options.calib).resolve())
         cmd += ["--calib", calib]
-        if options.precision in ("int8", "fp8"):
+        if options.precision.quantized:
             cmd += ["--calib-method", options.calib_method, "--accuracy-budget", options.accuracy_budget or "none"]
         if options.smooth:
             cmd += ["--smooth", str(options.smooth)]

@@ -3,7 +3,7 @@
     from exporter.pipeline import BuildOptions, build, export_model
     result = build("hf:./bert", BuildOptions(precision="fp16"))      # BuildResult: bundle, manifest, parity, timings
 
-`build` selects the source's recipe (exporter/recipes.py) and runs its stages; `export_model` is
+`build` selects the source's recipe (exporter/recipes/__init__.py) and runs its stages; `export_model` is
 `enginekit export` (source → checked ONNX). The stages themselves live in their own modules:
 loading, export, precision/mixed/fallback, engine, gate/parity, bundle.
 """
@@ -15,14 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from exporter.bundle.assemble import BuildResult
+from exporter.bundle.staging import new_staging
+from exporter.options import DEVICES, TARGETS, BuildOptions, build_command, default_output
+from exporter.recipes import RECIPES, build, select_recipe
+from exporter.source.spec import parse_source
+from exporter.timing import Progress
 from runtimes.errors import BuildError, UsageError
-
-from .bundle import BuildResult
-from .options import DEVICES, TARGETS, BuildOptions, build_command, default_output
-from .recipes import RECIPES, build, select_recipe
-from .sources import parse_source
-from .staging import new_staging
-from .timing import Progress
 
 __all__ = ["DEVICES", "RECIPES", "TARGETS", "BuildOptions", "BuildResult", "Progress", "build", "build_command",
            "default_output", "export_model", "select_recipe"]
@@ -31,8 +30,8 @@ __all__ = ["DEVICES", "RECIPES", "TARGETS", "BuildOptions", "BuildResult", "Prog
 def export_model(source_text: str, output: Path, options: BuildOptions, progress: Progress | None = None) -> Any:
     """`enginekit export`: source → checked ONNX at `output` (+ `<output>.data` for large models),
     written beside the target first and renamed into place."""
-    from .export import export_onnx
-    from .loading import load_source, prepare_dims
+    from exporter.export.graph import export_onnx
+    from exporter.source.loading import load_source, prepare_dims
 
     say = progress or (lambda _msg: None)
     spec = parse_source(source_text)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-# A stage's progress callback: "Stage" starts a stage, "Stage: detail" updates it (exporter/cli.py shows it).
+# A stage's progress callback: "Stage" starts a stage, "Stage: detail" updates it (exporter/cli/__init__.py shows it).
 Progress = Callable[[str], None]
 
 

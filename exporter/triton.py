@@ -21,11 +21,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from exporter.bundle.staging import new_staging, publish
+from runtimes.choices import Kind
 from runtimes.errors import BuildError, UsageError
 from runtimes.manifest import Manifest, TensorSpec, verify_files
 from runtimes.serve.app import batch_dim
-
-from .staging import new_staging, publish
 
 # backend → (Triton platform, file name Triton loads from the version folder)
 PLATFORMS = {"ort": ("onnxruntime_onnx", "model.onnx"), "trt": ("tensorrt_plan", "model.plan")}
@@ -150,7 +150,7 @@ def export_triton(bundle: Path, repo: Path, options: TritonOptions | None = None
     bundle, repo = Path(bundle), Path(repo)
     manifest = Manifest.read(bundle)
     verify_files(bundle, manifest)
-    parts = manifest.target.options.get("parts") if manifest.target.backend == "zero-shot" else None
+    parts = manifest.target.options.get("parts") if manifest.kind is Kind.ZERO_SHOT else None
     if parts:
         raise UsageError(
             f"Expected a bundle with one engine, found the zero-shot bundle '{bundle}' with one per tower "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .nms import Detector
+from exporter.export.nms import Detector
 
 
 class ConvBnAct(nn.Sequential):

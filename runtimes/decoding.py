@@ -6,7 +6,7 @@ sampling (the public entry point is runtimes.generate.load_generator, which pick
         print(g.generate("The capital of France is", SamplingOptions(max_new_tokens=32)).text)
 
 A generation bundle (written by `enginekit build` for a causal LM) holds two engines, `prefill`
-and `decode` (exporter/genexport.py), the tokenizer (`tokenizer.json`, read by the `tokenizers`
+and `decode` (exporter/export/generation.py), the tokenizer (`tokenizer.json`, read by the `tokenizers`
 package) and `generation.json` (the engines' io, the KV-cache layout, stop tokens).
 
 The KV cache never leaves the engine's device between steps:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .base import Runner
+from .choices import Kind
 from .errors import IncompatibleEngine, UsageError
 from .manifest import Manifest, verify_files
 
@@ -18,7 +19,7 @@ def load_engine(bundle: str | os.PathLike[str], *, device: str | None = None, th
     (runtimes.load's arguments and defaults)."""
     path = Path(bundle)
     manifest = manifest or Manifest.read(path)
-    if (path / "generation.json").is_file():  # issue 8: prefill + decode engines, run by a loop
+    if manifest.kind in (Kind.GENERATION, Kind.VISION_LANGUAGE):  # prefill + decode engines, run by a loop
         raise UsageError(
             f"Expected a single-engine bundle for runtimes.load, found a generation bundle at '{path}' (prefill and "
             "decode engines with a KV cache). Run it with runtimes.generate.load_generator(bundle), or "

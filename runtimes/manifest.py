@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .choices import Kind
 from .errors import IncompatibleEngine
 
 SCHEMA_VERSION = 1
@@ -125,6 +126,17 @@ class Manifest:
     enginekit_version: str = ""
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def kind(self) -> Kind:
+        """What the bundle holds (runtimes.choices.Kind), from the manifest alone: bundles written before
+        this property existed carry the same fields (target.backend, target.options.generation)."""
+        if self.target.backend == ZERO_SHOT_BACKEND:
+            return Kind.ZERO_SHOT
+        generation = self.target.options.get("generation")
+        if isinstance(generation, dict):
+            return Kind.VISION_LANGUAGE if "vision" in generation else Kind.GENERATION
+        return Kind.ENGINE
 
     @property
     def rebuild_command(self) -> str:

@@ -7,7 +7,7 @@ prefill/decode loop (runtimes/decoding.py).
         out = g.generate("<image>Describe the image.", SamplingOptions(max_new_tokens=32), images=[photo])
 
 A VLM bundle is a generation bundle with a third engine, `vision` (pixel patches → image
-embeddings, exporter/vlm.py), and the token-embedding table (`embed_tokens.npy`); its decoder
+embeddings, exporter/export/vlm.py), and the token-embedding table (`embed_tokens.npy`); its decoder
 graphs take `inputs_embeds` and M-RoPE `position_ids [3, batch, sequence]`.
 
 Images: HxWx3 uint8 RGB arrays (or HxW grayscale) of exactly the bundle's image size; the bundle

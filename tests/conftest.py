@@ -88,9 +88,9 @@ def bert_bundle(tiny_bert_dir: Path, bundles: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def clip_bundle(tiny_clip_dir: Path, bundles: Path) -> Path:
-    """The tiny CLIP as a zero-shot bundle: one engine per tower (exporter/clip.py)."""
+    """The tiny CLIP as a zero-shot bundle: one engine per tower (exporter/recipes/zeroshot.py)."""
     from exporter.pipeline import BuildOptions, build
-    from exporter.shapes import parse_shapes
+    from exporter.source.shapes import parse_shapes
 
     return build(f"hf:{tiny_clip_dir}", BuildOptions(output=bundles / "clip", shapes=parse_shapes("sequence=1:16:16"))).bundle
 
@@ -143,7 +143,7 @@ def tiny_qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vlm_bundle(tiny_qwen2_vl_dir: Path, bundles: Path) -> Path:
     """A VLM generation bundle (ORT CPU, FP32) of the tiny Qwen2-VL, built (and gated) once."""
     from exporter.pipeline import BuildOptions, build
-    from exporter.shapes import parse_shapes
+    from exporter.source.shapes import parse_shapes
 
     return build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=bundles / "qwen2-vl-gen",
                                                         shapes=parse_shapes(VLM_SHAPES))).bundle

@@ -16,8 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import runtimes
 from exporter.bench import batch_feeds
-from exporter.loading import load_source
-from exporter.sources import parse_source
+from exporter.source.loading import load_source
+from exporter.source.spec import parse_source
 from exporter.timing import measure
 from runtimes.manifest import Manifest
 

@@ -113,7 +113,7 @@ def make_model(folder: Path) -> None:
 
 def build_bundle(folder: Path, bundle: Path) -> dict:
     from exporter.pipeline import BuildOptions, build
-    from exporter.shapes import parse_shapes
+    from exporter.source.shapes import parse_shapes
 
     opts = BuildOptions(device=DEVICE, precision=PRECISION, lowering="native" if PRECISION != "fp32" else "autocast",
                         output=bundle, force=True,

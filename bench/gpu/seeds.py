@@ -96,7 +96,7 @@ def main() -> None:
     if args.only != "detector":
         step("make clip", 60, make_clip)
     from exporter.pipeline import BuildOptions, build
-    from exporter.shapes import parse_shapes
+    from exporter.source.shapes import parse_shapes
 
     precisions = (args.precisions.split(",") if args.precisions
                   else ["fp32", "fp16"] + (["bf16"] if args.device == "cuda" else []))

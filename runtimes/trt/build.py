@@ -11,7 +11,7 @@ removed appear here.
 
 Precision is not a builder setting: TensorRT 11 removed the FP16/BF16/INT8/FP8 flags, and a
 strongly typed network computes in the types the ONNX graph carries (Cast and Q/DQ nodes put
-there by exporter/precision.py). TensorRT 10 builds that way with the STRONGLY_TYPED flag;
+there by exporter/lower/precision.py). TensorRT 10 builds that way with the STRONGLY_TYPED flag;
 TensorRT 11 always does.
 """
 

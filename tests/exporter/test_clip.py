@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 
 from exporter.bench import BenchOptions, run_bench
-from exporter.checks import check_bundle
-from exporter.clip import _routed
+from exporter.gate.recheck import check_bundle
 from exporter.inspection import inspect_path
-from exporter.loading import load_source
 from exporter.pipeline import BuildOptions, build
-from exporter.sources import parse_source
+from exporter.recipes.zeroshot import _routed
+from exporter.source.loading import load_source
+from exporter.source.spec import parse_source
 from exporter.triton import export_triton
 from runtimes.errors import UsageError
 

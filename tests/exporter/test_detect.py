@@ -10,13 +10,13 @@ import torch
 from onnx import TensorProto, helper
 
 import runtimes
-from exporter.checks import check_bundle
-from exporter.detect import set_outputs
-from exporter.loading import load_source
-from exporter.nms import nms
+from exporter.export.detector import set_outputs
+from exporter.export.nms import nms
+from exporter.gate.recheck import check_bundle
 from exporter.pipeline import BuildOptions, build
-from exporter.shapes import parse_shapes
-from exporter.sources import parse_source
+from exporter.source.loading import load_source
+from exporter.source.shapes import parse_shapes
+from exporter.source.spec import parse_source
 from runtimes.samples import generate_feeds
 
 TINY = "py:exporter.yolox:make_tiny"

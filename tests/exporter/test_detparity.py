@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from exporter.detparity import DetectionTolerance, box_iou, compare_detections, match_image
-from exporter.taskparity import ZeroShotTolerance, compare_zero_shot, gate_policy, split_tolerances
+from exporter.gate.detection import DetectionTolerance, box_iou, compare_detections, match_image
+from exporter.gate.task import ZeroShotTolerance, compare_zero_shot, gate_policy, split_tolerances
 from runtimes.errors import UsageError
 
 TOL = DetectionTolerance(matched=0.99, mean_iou=0.99, score_delta=0.01)

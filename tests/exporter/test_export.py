@@ -6,11 +6,11 @@ from pathlib import Path
 import onnx
 import pytest
 
-from exporter.export import export_onnx, trace_sizes
-from exporter.loading import load_source
+from exporter.export.graph import export_onnx, trace_sizes
 from exporter.pipeline import BuildOptions, export_model
-from exporter.shapes import parse_shapes
-from exporter.sources import parse_source
+from exporter.source.loading import load_source
+from exporter.source.shapes import parse_shapes
+from exporter.source.spec import parse_source
 from runtimes.errors import BuildError, ExportError, UsageError
 from runtimes.manifest import DimRange
 

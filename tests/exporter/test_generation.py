@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exporter.pipeline import BuildOptions, build
-from exporter.shapes import parse_shapes
+from exporter.source.shapes import parse_shapes
 from runtimes.errors import UsageError
 from runtimes.generate import SamplingOptions, load_generator
 from tests.conftest import run_cli
@@ -144,7 +144,7 @@ def test_smollm2_real_weights_match_transformers(tmp_path):
 
 
 def test_parity_command_reruns_the_token_gate(qwen2_bundle):
-    from exporter.checks import check_bundle
+    from exporter.gate.recheck import check_bundle
 
     report = check_bundle(qwen2_bundle)
     assert report.passed and {o.name for c in report.cases for o in c.outputs} == {"logits", "tokens"}

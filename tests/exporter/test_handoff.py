@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter.handoff import keep_lowered
-from exporter.loading import load_source
+from exporter.build.handoff import keep_lowered
 from exporter.pipeline import BuildOptions, build
-from exporter.sources import parse_source
+from exporter.source.loading import load_source
+from exporter.source.spec import parse_source
 from runtimes.errors import MissingDependency, SourceError, UsageError
 from runtimes.manifest import DimRange, IOSpec, TensorSpec
 from runtimes.trt.build import tensorrt_unavailable

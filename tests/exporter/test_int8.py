@@ -110,7 +110,7 @@ def test_bad_int8_inputs_exit_2_and_write_nothing(args, message, image_feeds, tm
 @pytest.fixture(scope="module")
 def minilm_onnx(minilm_dir, tmp_path_factory):
     from exporter.pipeline import export_model
-    from exporter.shapes import parse_shapes
+    from exporter.source.shapes import parse_shapes
 
     path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
     export_model(f"hf:{minilm_dir}", path, BuildOptions(shapes=parse_shapes("batch=1:8:16,sequence=1:64:128")))
@@ -121,7 +121,7 @@ def minilm_onnx(minilm_dir, tmp_path_factory):
 def test_real_weights_minilm_int8_on_held_out_sentences(minilm_onnx, minilm_dir, tmp_path):
     """all-MiniLM-L6-v2, real weights, calibrated on 96 sentences, measured on 48 others."""
     from calibration.calibrate import CalibOptions
-    from exporter.quant import calibrate_onnx
+    from exporter.lower.quant import calibrate_onnx
 
     calib = CalibOptions(data=DATA / "calibration_sentences.txt", eval_data=DATA / "sentences.txt", method="minmax",
                          smooth=0.7, budget="sentence_embedding:cosine>=0.99")

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import runtimes
-from exporter.emulate import emulation_model, run_outputs
+from exporter.lower.emulate import emulation_model, run_outputs
 from exporter.pipeline import BuildOptions, build
 from runtimes.errors import BuildError, InvalidInput, ParityError, UsageError
 
@@ -147,8 +147,8 @@ def test_an_op_without_a_low_precision_kernel_stays_fp32(tmp_path):
     """ORT's CPU provider has no BF16 kernel for Relu, Resize or Conv, and refuses the lowered graph; the
     build keeps each refused op type in FP32 (one lowering round each) instead of failing, and says so.
     The same path kept the CUDA provider's Resize in FP32 for a detector on the H200."""
-    from exporter.mixed import MixedOptions, keep_unrunnable_op
-    from exporter.precision import lower_precision
+    from exporter.lower.mixed import MixedOptions, keep_unrunnable_op
+    from exporter.lower.precision import lower_precision
     from runtimes.ort.build import OrtBuildOptions, build_ort_engine
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])

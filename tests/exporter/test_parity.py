@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from exporter.parity import (
+from exporter.gate.parity import (
     ParityReport,
     Tolerance,
     TolerancePolicy,
@@ -13,7 +13,7 @@ from exporter.parity import (
     compare_output,
     parse_tolerance,
 )
-from exporter.report import render_html
+from exporter.gate.report import render_html
 from runtimes.errors import UsageError
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import runtimes
-from exporter.loading import load_source
 from exporter.pipeline import BuildOptions, build
-from exporter.shapes import parse_shapes
-from exporter.sources import parse_source
+from exporter.source.loading import load_source
+from exporter.source.shapes import parse_shapes
+from exporter.source.spec import parse_source
 from runtimes.errors import BuildError, ParityError, UsageError
 from runtimes.samples import generate_feeds
 
@@ -52,7 +52,7 @@ def test_bert_like_encoder(bert_bundle, tiny_bert_dir):
 
 
 def test_clip_both_towers(clip_bundle, tiny_clip_dir):
-    # Two engines (exporter/clip.py); the bundle as a whole still computes what CLIPModel computes.
+    # Two engines (exporter/recipes/zeroshot.py); the bundle as a whole still computes what CLIPModel computes.
     m = runtimes.Manifest.read(clip_bundle)
     assert m.target.backend == "zero-shot" and set(m.files) == {"image/manifest.json", "text/manifest.json"}
     assert [s.name for s in m.io.inputs] == ["input_ids", "attention_mask", "pixel_values"]

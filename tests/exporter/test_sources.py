@@ -5,9 +5,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from exporter.families import family_for
-from exporter.loading import load_source
-from exporter.sources import model_name, parse_source
+from exporter.source.families import family_for
+from exporter.source.loading import load_source
+from exporter.source.spec import model_name, parse_source
 from runtimes.errors import SourceError
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

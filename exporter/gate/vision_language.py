@@ -1,0 +1,132 @@
+"""The parity gate of a VLM generation bundle, against transformers in FP32:
+
+- vision: the engine's image embeddings (from the runtime's own numpy preprocessing) against the
+  torch vision tower's (from transformers' image processor) on real photos, all images in one
+  engine batch: cosine, rel-L2 (`image_embeds`);
+- generation: per (prompt, images) case, transformers' greedy generate() with pixel_values vs the
+  engine loop (vision engine, embedding merge, M-RoPE, prefill/decode), free-running tokens with
+  the first divergence step, and teacher-forced per-step logits — genparity's metrics;
+- one text-only prompt: a VLM bundle also answers without images.
+
+Photos: scikit-image's bundled astronaut, chelsea (a cat) and coffee, resized to the bundle's
+fixed size with PIL's bicubic filter (what transformers' processor would do to them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from exporter.gate.parity import ParityReport, TolerancePolicy, compare_case
+from exporter.gate.tokens import reference_generate, token_metrics
+from runtimes.errors import DataError, MissingDependency
+from runtimes.generate import SamplingOptions
+from runtimes.vlm import IMAGE_MARKER, VisionLanguageGenerator, VisionSpec
+
+PHOTOS = ("astronaut", "chelsea", "coffee")
+# (prompt, indices into PHOTOS): one image before the text, one after it, two images, and no image.
+CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    (f"{IMAGE_MARKER}Describe this image.", (0,)),
+    (f"What is in the picture? {IMAGE_MARKER}", (1,)),
+    (f"Compare {IMAGE_MARKER} with {IMAGE_MARKER}.", (2, 0)),
+    ("The capital of France is", ()),
+)
+
+
+def gate_photos(spec: VisionSpec) -> list[np.ndarray]:
+    """The gate's photos as HxWx3 uint8 at the bundle's size."""
+    try:
+        import skimage.data
+        from PIL import Image
+    except ImportError as exc:
+        raise MissingDependency(f"The VLM gate's photos come from scikit-image and PIL, found no {exc.name}. "
+                                "pip install scikit-image pillow.") from None
+    h, w = spec.image_size
+    out = []
+    for name in PHOTOS:
+        arr = getattr(skimage.data, name)()
+        out.append(np.asarray(Image.fromarray(arr).convert("RGB").resize((w, h), Image.BICUBIC)))
+    return out
+
+
+def reference_inputs(prompt: str, images: list[np.ndarray], tokenizer: Any, processor: Any, model: Any,
+                     spec: VisionSpec) -> tuple[list[int], dict[str, Any]]:
+    """What transformers' Qwen2VLProcessor gives for the prompt and images (its image processor,
+    its rule of N = grid_t·grid_h·grid_w / merge² placeholder tokens per image), as token ids and
+    the extra generate() inputs. (AutoProcessor itself needs torchvision for its video half.)"""
+    import torch
+
+    text = prompt.replace(IMAGE_MARKER, spec.vision_start_token + spec.image_token + spec.vision_end_token)
+    extra: dict[str, Any] = {}
+    if images:
+        px = processor(images=images, return_tensors="pt")
+        merge = processor.merge_size ** 2
+        parts = text.split(spec.image_token)
+        text = parts[0] + "".join(spec.image_token * int(g.prod() // merge) + rest
+                                  for g, rest in zip(px["image_grid_thw"], parts[1:]))
+        extra = {"pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}
+    ids = list(map(int, tokenizer(text)["input_ids"]))
+    extra["mm_token_type_ids"] = (torch.tensor([ids]) == int(model.config.image_token_id)).int()
+    return ids, extra
+
+
+def torch_image_embeds(model: Any, processor: Any, images: list[np.ndarray]) -> np.ndarray:
+    import torch
+
+    px = processor(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.model.get_image_features(px["pixel_values"], px["image_grid_thw"], return_dict=True)
+    return torch.stack(list(out.pooler_output)).float().numpy()
+
+
+def vlm_gate(model: Any, tokenizer: Any, processor: Any, bundle: Any, options: Any, say: Any) -> ParityReport:
+    from exporter.gate.tokens import gate_tokens
+
+    policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
+    report = ParityReport(options.precision, policy)
+    if options.skip_parity:
+        report.notes.append("parity not checked: --skip-parity")
+        return report.finish()
+    if tokenizer is None:
+        raise DataError("Expected a tokenizer in the VLM folder for the gate's prompts, found none.")
+    with VisionLanguageGenerator(bundle, device=options.device, verify=False) as gen:
+        spec = gen.vision
+        photos = gate_photos(spec)
+        say(f"Vision parity: {len(photos)} photos at {spec.image_size[0]}x{spec.image_size[1]}")
+        ref = torch_image_embeds(model, processor, photos)
+        got = gen.encode_images(photos)
+        report.cases.append(compare_case(f"vision: {len(photos)} photos ({', '.join(PHOTOS)}) in one batch",
+                                         {"pixel_values": np.zeros((len(photos), 1), np.float32)},
+                                         {"image_embeds": ref}, {"image_embeds": got}, policy))
+        cases = [(p, [photos[i] for i in idx]) for p, idx in CASES if len(idx) <= spec.max_images]
+        inputs = [reference_inputs(p, ims, tokenizer, processor, model, spec) for p, ims in cases]
+        steps = gate_tokens([ids for ids, _ in inputs], gen.io["decode"].dims, options)
+        greedy = SamplingOptions(max_new_tokens=steps, stop_token_ids=[])
+        tol = policy.for_output("tokens")
+        refs = []
+        for i, ((prompt, images), (ids, extra)) in enumerate(zip(cases, inputs)):
+            say(f"Token parity: reference generate() and engine, case {i} ({len(images)} image(s))")
+            ref_tokens, ref_logits = reference_generate(model, ids, steps, extra)
+            refs.append((ref_tokens, ref_logits))
+            free = gen.generate_ids([ids], greedy, images=[images])[0].tokens
+            forced = gen.generate_ids([ids], greedy, images=[images], record_logits=True, forced=[ref_tokens])[0]
+            forced_logits = np.stack(forced.logits)
+            label = f"case[{i}] {prompt!r} ({len(images)} image(s), {len(ids)} tokens, {steps} steps)"
+            case = compare_case(label, {"input_ids": np.array([ids])}, {"logits": ref_logits},
+                                {"logits": forced_logits}, policy)
+            metric, text = token_metrics(ref_tokens, free, ref_logits, forced_logits, tol.equal)
+            case.outputs.append(metric)
+            report.cases.append(case)
+            report.notes.append(f"case[{i}]: {text}")
+        if 1 < len(cases) <= gen.max_batch:
+            say(f"Token parity: engine, left-padded batch of {len(cases)}")
+            rows = gen.generate_ids([ids for ids, _ in inputs], greedy, images=[ims for _, ims in cases])
+            scored = [token_metrics(t, row.tokens, lg, None, tol.equal) for (t, lg), row in zip(refs, rows)]
+            metric, text = min(scored, key=lambda m: m[0].equal)
+            report.cases.append(compare_case(f"batch of {len(cases)} (left-padded, images in {sum(1 for _, ims in cases if ims)} rows)",
+                                             {"input_ids": np.zeros((len(cases), 1), np.int64)}, {}, {}, policy))
+            report.cases[-1].outputs.append(metric)
+            report.notes.append(f"batch: worst row {text}")
+    return report.finish()
+

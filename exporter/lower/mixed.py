@@ -1,0 +1,248 @@
+"""FP16 / BF16 as mixed precision in the ONNX graph, with NVIDIA ModelOpt AutoCast.
+
+AutoCast (modelopt.onnx.autocast.convert_to_mixed_precision) is the path TensorRT 11's docs
+prescribe: it runs the FP32 graph on calibration data (ONNX Runtime), keeps in FP32 every node
+whose weights exceed the FP16 range or whose activations exceed `data_max` (512 by default: the
+FP16 step there is 0.5), converts the rest, and inserts the Cast nodes at the boundaries. It is
+installed without its `[onnx]` extra, whose pins conflict with onnx 1.23 / ORT 1.31
+(`pip install 'enginekit[precision]'`). enginekit adds what AutoCast lacks: real calibration data
+instead of its default U(-1, 1) for every input (token ids included), per-node reasons recorded
+in the manifest, and the parity-driven fallback (exporter/lower/fallback.py) that passes nodes AutoCast
+missed back through `nodes_to_exclude`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from exporter.export.onnxutil import dtype_name
+from exporter.lower.emulate import tensor_types, typed
+from runtimes._deps import require
+from runtimes.choices import Precision
+from runtimes.errors import BuildError, UsageError
+
+FP16_MAX = 65504.0
+_SKIP = re.compile(r"Skipping node (\S+): (.*)")
+
+
+@dataclass
+class MixedOptions:
+    """keep_io_types: FP32 graph inputs/outputs (default) or native FP16/BF16 I/O (faster on GPU).
+    fp32_nodes / fp32_ops: regexes (matched from the start of node names) / op types kept in FP32.
+    range_rules: AutoCast's weight and activation range rules (off = a naive cast of every node,
+    which only the parity-driven fallback then repairs). max_fp32_nodes / max_iterations: the
+    fallback's budget."""
+
+    precision: str = "fp16"
+    keep_io_types: bool = True
+    fp32_nodes: Sequence[str] = ()
+    fp32_ops: Sequence[str] = ()
+    range_rules: bool = True
+    data_max: float = 512.0
+    max_fp32_nodes: int = 64
+    max_iterations: int = 6
+    excluded: dict[str, str] = field(default_factory=dict)  # node name -> why (fallback decisions)
+    op_reasons: dict[str, str] = field(default_factory=dict)  # fp32_ops entries the build added -> why
+
+    def __post_init__(self) -> None:
+        precision = Precision.parse(self.precision, "the mixed precision")
+        if not precision.mixed:
+            raise UsageError(f"Expected fp16 or bf16 for mixed precision, found '{self.precision}'.")
+        self.precision = precision
+
+
+@contextlib.contextmanager
+def _captured_modelopt_logs() -> Iterator[list[str]]:
+    """ModelOpt prints INFO to stdout from every modelopt.onnx* logger; route it into a list."""
+    records: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith("modelopt")]
+    saved = {}
+    for name in names:
+        lg = logging.getLogger(name)
+        saved[name] = (lg.handlers[:], lg.propagate, lg.level)
+        for h in lg.handlers[:]:
+            lg.removeHandler(h)
+        lg.propagate = name != "modelopt.onnx"
+    top = logging.getLogger("modelopt.onnx")
+    keep = _Keep(level=logging.INFO)
+    top.addHandler(keep)
+    top.setLevel(logging.INFO)
+    # Parts of ModelOpt call logging.warning() on the root logger, which would also install a
+    # stderr handler for the rest of the process; a handler of ours on root prevents both.
+    root = logging.getLogger()
+    root_keep = _Keep(level=logging.WARNING)
+    root.addHandler(root_keep)
+    try:
+        yield records
+    finally:
+        root.removeHandler(root_keep)
+        top.removeHandler(keep)
+        for name, (handlers, propagate, level) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+            lg.setLevel(level)
+
+
+def _autocast() -> Any:
+    require("onnx_graphsurgeon", extra="precision", purpose="FP16/BF16 lowering (ModelOpt AutoCast)")
+    mo = require("modelopt.onnx.autocast", extra="precision", purpose="FP16/BF16 lowering (ModelOpt AutoCast)")
+    return mo.convert_to_mixed_precision
+
+
+def write_calibration(feeds: Sequence[Mapping[str, np.ndarray]], folder: Path) -> Path:
+    """AutoCast reads a folder of .npz files, one batch each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(feeds):
+        np.savez(folder / f"{i:04d}.npz", **{k: np.asarray(v) for k, v in f.items()})
+    return folder
+
+
+def lower_mixed(onnx_path: Path, out_path: Path, options: MixedOptions,
+                calibration: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """Convert `onnx_path` to mixed precision at `out_path`; returns the realised-precision record."""
+    convert = _autocast()
+    calib_dir = write_calibration(calibration, out_path.parent / f"{out_path.stem}.calib")
+    excluded = [f"^{re.escape(n)}$" for n in options.excluded] + list(options.fp32_nodes)
+    with _captured_modelopt_logs() as logs:
+        try:
+            model = convert(
+                str(onnx_path),
+                low_precision_type=options.precision,
+                nodes_to_exclude=excluded or None,
+                op_types_to_exclude=list(options.fp32_ops) or None,
+                data_max=options.data_max if options.range_rules else np.inf,
+                init_max=FP16_MAX if options.range_rules else None,
+                keep_io_types=options.keep_io_types,
+                calibration_data=str(calib_dir),
+                providers=["cpu"],
+            )
+        except Exception as exc:  # AutoCast raises plain Exception/ValueError/AssertionError
+            raise BuildError(
+                f"Expected ModelOpt AutoCast to lower {onnx_path.name} to {options.precision}, but it failed: "
+                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}. Keep the "
+                "failing op in FP32 with --fp32-ops OP, or report the model."
+            ) from None
+        finally:
+            shutil.rmtree(calib_dir, ignore_errors=True)
+    big = model.ByteSize() > (1 << 30)
+    onnx.save(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data" if big else None)
+    autocast_reasons = {}
+    for line in logs:
+        m = _SKIP.match(line)
+        if m:
+            autocast_reasons[m.group(1)] = "AutoCast: " + m.group(2)
+    return census(model, options, autocast_reasons)
+
+
+# ONNX Runtime's words for a node no provider has a kernel for (1.31: "Provider type for Resize node with
+# name 'x' is not set" during memcpy planning; older: "Could not find an implementation for Resize(19)
+# node with name 'x'").
+_NO_KERNEL = re.compile(r"Provider type for (\w+) node with name '([^']*)' is not set"
+                        r"|Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'")
+
+
+def keep_unrunnable_op(exc: Exception, options: MixedOptions, history: list[dict[str, Any]],
+                       say: Callable[[str], None]) -> bool:
+    """The provider refused a lowered node for lack of a kernel in its dtype: keep that op type in
+    FP32 and ask for another lowering round. AutoCast does not know ONNX Runtime's kernel coverage
+    (on the H200, ORT 1.31's CUDA provider has no BF16 Resize: a YOLOX-style detector's upsampling
+    stopped the build), and ORT's kernel registry cannot be queried safely (get_all_opkernel_def
+    crashes the process in onnxruntime-gpu builds whose TensorRT provider libraries are absent), so
+    the session creation is the oracle. False when the error is anything else, or the op is
+    already FP32 (no progress possible)."""
+    m = _NO_KERNEL.search(str(exc))
+    if not m:
+        return False
+    op, node = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if op in options.fp32_ops or len(history) >= options.max_iterations:
+        kept = [h["kept_fp32_ops"][0] for h in history if h.get("kept_fp32_ops")]
+        raise BuildError(
+            f"Expected every node of the {options.precision} graph to have a kernel in the execution provider, but "
+            f"ONNX Runtime refused {op} node '{node}' even with {op} kept in FP32 (op types kept in FP32 so far: "
+            f"{', '.join(kept) or 'none'}). Its inputs come from {options.precision} nodes (a comparison, for example, "
+            f"is not lowered itself but reads lowered tensors). Keep the producers in FP32 with --fp32-nodes REGEX, "
+            "or build another precision (fp16 has wider kernel coverage)."
+        ) from None
+    options.fp32_ops = sorted({*options.fp32_ops, op})
+    options.op_reasons[op] = f"no {options.precision} kernel in the execution provider (ONNX Runtime refused node {node})"
+    history.append({"round": len(history) + 1, "failures": [options.op_reasons[op]], "kept_fp32": [],
+                    "kept_fp32_ops": [op], "stopped": None})
+    say(f"ONNX Runtime has no {options.precision} kernel for {op} ({node}): keeping {op} in FP32 and lowering again")
+    return True
+
+
+def census(model: onnx.ModelProto, options: MixedOptions, autocast_reasons: Mapping[str, str]) -> dict[str, Any]:
+    """Node counts per compute dtype and every FP32 node with the reason it stayed FP32."""
+    types = tensor_types(typed(model))
+    counts: Counter[str] = Counter()
+    fp32 = []
+    user = [re.compile(p) for p in options.fp32_nodes]
+    for n in model.graph.node:
+        if n.op_type in ("Cast", "Constant"):
+            continue
+        floats = [types[y] for y in n.output if types.get(y) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                                   onnx.TensorProto.BFLOAT16)]
+        if not floats:
+            continue
+        dtype = dtype_name(floats[0])
+        counts[dtype] += 1
+        if dtype == "float32":
+            if n.name in options.excluded:
+                reason = options.excluded[n.name]
+            elif any(p.match(n.name) for p in user):
+                reason = "user: --fp32-nodes"
+            elif n.op_type in options.fp32_ops:
+                reason = options.op_reasons.get(n.op_type, "user: --fp32-ops")
+            elif n.name in autocast_reasons:
+                reason = autocast_reasons[n.name]
+            else:
+                reason = f"AutoCast: {n.op_type} has no {options.precision} kernel at this opset, or feeds an FP32 graph output"
+            fp32.append({"node": n.name, "op": n.op_type, "reason": reason})
+    return {
+        "requested": options.precision,
+        "tool": "nvidia-modelopt AutoCast " + _modelopt_version(),
+        "nodes_by_dtype": dict(counts),
+        "cast_nodes": sum(1 for n in model.graph.node if n.op_type == "Cast"),
+        "fp32_nodes": fp32,
+        "io": "fp32" if options.keep_io_types else options.precision,
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "range_rules": options.range_rules,
+    }
+
+
+def _modelopt_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-modelopt")
+    except Exception:
+        return "?"
+
+
+def mixed_options(options: Any) -> MixedOptions | None:
+    """The mixed-precision lowering's options from a build's (exporter.options.BuildOptions), or None
+    for precisions that are not mixed (fp32, int8, fp8)."""
+    if not options.precision.mixed:
+        return None
+    return MixedOptions(
+        precision=options.precision, keep_io_types=not options.native_io, fp32_nodes=list(options.fp32_nodes),
+        fp32_ops=list(options.fp32_ops), range_rules=options.range_rules,
+        max_fp32_nodes=options.fallback_budget, max_iterations=options.fallback_rounds,
+    )

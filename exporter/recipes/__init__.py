@@ -1,0 +1,127 @@
+"""The recipe table: which recipe builds a source, decided once from its spec and its config.json
+(read once, as JSON: nothing is imported to decide). A recipe declares its parts (the graphs it
+builds), how each is exported, its gate and the runtime that loads its bundle; its `build` runs the
+stages (exporter/loading, export, precision, engine, gate, bundle) and returns the one BuildResult
+that exporter/bundle/assemble.py assembles. Recipes import stages, never the reverse; adding a family is a row
+here, its build function and its tests.
+
+    enginekit build SOURCE  →  parse_source → read_config → select_recipe → recipe.validate → recipe.build
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exporter.bundle.assemble import BuildResult, check_output, staging_for
+from exporter.export.vlm import UNSUPPORTED_VLM, VLM_MODEL_TYPES
+from exporter.options import BuildOptions, default_output
+from exporter.recipes import generation, plain, zeroshot
+from exporter.source.causal import CAUSAL_SUFFIXES, gguf_file
+from exporter.source.spec import SourceSpec, parse_source
+from exporter.source.towers import DUAL_ENCODERS
+from exporter.timing import Progress, no_progress
+
+Config = dict[str, Any]  # the source's config.json as JSON ({} when it has none)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    parts: tuple[str, ...]  # the graphs (engines) a bundle of this recipe holds
+    export: str  # how each part is exported
+    gate: str  # what the gate compares
+    runtime: str  # what loads the bundle
+    matches: Callable[[SourceSpec, Config], bool]
+    validate: Callable[[BuildOptions, SourceSpec, Config], None]
+    build: Callable[[SourceSpec, str, BuildOptions, Path, Path, Progress], BuildResult]
+
+
+def read_config(spec: SourceSpec) -> Config:
+    """An hf: folder's config.json as JSON; {} for other sources, a missing file or an unreadable one
+    (the loader then says what is wrong with the folder)."""
+    if spec.kind != "hf":
+        return {}
+    path = Path(spec.location) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_vlm(spec: SourceSpec, config: Config) -> bool:
+    return spec.kind == "hf" and spec.task in (None, "text-generation") and \
+        config.get("model_type") in (*VLM_MODEL_TYPES, *UNSUPPORTED_VLM)
+
+
+def _is_generation(spec: SourceSpec, config: Config) -> bool:
+    if spec.kind != "hf":
+        return False
+    if gguf_file(spec) is not None:
+        return True
+    if spec.task not in (None, "text-generation") or not config:
+        return False
+    archs = config.get("architectures") or []
+    return spec.task == "text-generation" or any(str(a).endswith(CAUSAL_SUFFIXES) for a in archs)
+
+
+def _is_zero_shot(spec: SourceSpec, config: Config) -> bool:
+    return spec.kind == "hf" and spec.task in (None, "zero-shot-image-classification") and \
+        config.get("model_type") in DUAL_ENCODERS
+
+
+def _validate_generation(options: BuildOptions, spec: SourceSpec, config: Config) -> None:
+    generation.validate(options, config.get("model_type") if _is_vlm(spec, config) else None)
+
+
+def _validate(options: BuildOptions, _spec: SourceSpec, _config: Config) -> None:
+    options.validate()
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("vision-language", ("vision", "prefill", "decode"),
+           "vision tower at a fixed image size (transformers' OnnxExporter); decoder graphs on inputs_embeds with "
+           "M-RoPE (generic KV-cache wrapper)",
+           "vision embeddings and greedy tokens vs transformers FP32 on photos", "runtimes.vlm.load_vlm_generator",
+           _is_vlm, _validate_generation, generation.build_generation),
+    Recipe("generation", ("prefill", "decode"),
+           "prefill and decode graphs with the KV cache as inputs/outputs (transformers' decomposition, else a "
+           "generic wrapper)", "greedy tokens and teacher-forced logits vs transformers generate()",
+           "runtimes.generate.load_generator", _is_generation, _validate_generation, generation.build_generation),
+    Recipe("zero-shot", ("image", "text"), "each CLIP tower with its projection head, as a plain recipe",
+           "each tower's own gate, then logits, embeddings and zero-shot ranking vs CLIPModel",
+           "runtimes.zeroshot (runtimes.load)", _is_zero_shot, _validate, zeroshot.build_dual_encoder),
+    Recipe("plain", ("model",), "torch.export → torch.onnx (dynamo), else transformers' OnnxExporter",
+           "per-output metrics vs torch FP32 (detection-aware matching for detectors, vs the FP32 ONNX for onnx:)",
+           "runtimes.load", lambda _spec, _config: True, _validate, plain.build_plain),
+)
+
+
+def select_recipe(spec: SourceSpec, config: Config) -> Recipe:
+    """The first recipe in RECIPES that matches (the plain one matches everything)."""
+    return next(r for r in RECIPES if r.matches(spec, config))
+
+
+def build(source_text: str, options: BuildOptions, progress: Progress | None = None) -> BuildResult:
+    """`enginekit build`: build, gate and publish a bundle; raises an EnginekitError subclass on user
+    errors. The bundle is assembled in a hidden sibling folder of the output and renamed into place
+    only after the gate passed; a bundle that failed it is kept at `<output>.rejected`."""
+    say = progress or no_progress
+    spec = parse_source(source_text)
+    config = read_config(spec)
+    recipe = select_recipe(spec, config)
+    recipe.validate(options, spec, config)
+    output = Path(options.output) if options.output else default_output(source_text, options)
+    return build_at(recipe, spec, source_text, options, output, say)
+
+
+def build_at(recipe: Recipe, spec: SourceSpec, source_text: str, options: BuildOptions, output: Path,
+             say: Progress) -> BuildResult:
+    """Run `recipe` into a staging folder beside `output` (refused if it exists, unless --force)."""
+    check_output(output, options.force)
+    with staging_for(output) as staging:
+        return recipe.build(spec, source_text, options, output, staging, say)

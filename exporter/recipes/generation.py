@@ -1,0 +1,321 @@
+"""`enginekit build` for causal LMs: a generation bundle (prefill + decode engines, tokenizer,
+stop tokens) gated on tokens against transformers' own generate().
+
+    source ─▶ prefill.onnx, decode.onnx ─▶ lowered (fp16/bf16: AutoCast; int8: weight-only) ─▶
+    ORT fusions (GroupQueryAttention on the decode graph) ─▶ engines ─▶ token parity ─▶ bundle
+
+Sources: `hf:<folder>` whose config names a causal LM (…ForCausalLM / …LMHeadModel), and GGUF
+checkpoints: `hf:<folder>#gguf=<file>`, `hf:<file.gguf>`, or a folder holding one .gguf and no
+config.json (transformers dequantizes GGUF to FP32 with the `gguf` package; the tokenizer comes
+from the GGUF too).
+
+Bundle: prefill/model.onnx, decode/model.onnx (each + .data), tokenizer.json, generation.json,
+manifest.json (io: the decode graph's), parity.json, report.html.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.build.engine import build_engine
+from exporter.bundle.assemble import BuildResult, finish_bundle
+from exporter.export.generation import GenerationExport, export_generation
+from exporter.export.vlm import vlm_model_type
+from exporter.lower.mixed import mixed_options
+from exporter.options import build_command
+from exporter.source.causal import DEFAULT_PROMPT, DEFAULT_TOTAL, load_causal_lm
+from exporter.source.spec import SourceSpec
+from exporter.timing import Progress, timed
+from runtimes._version import __version__
+from runtimes.choices import Precision
+from runtimes.errors import UsageError
+from runtimes.generate import GENERATION_FILE, TOKENIZER_FILE
+from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
+
+
+def default_dims(config: Any, shapes: dict[str, DimRange]) -> dict[str, DimRange]:
+    """batch 1:1:16; prompt (sequence) and total length capped by the model's positions; past = total - 1."""
+    text = getattr(config, "text_config", None) or config
+    positions = int(getattr(text, "max_position_embeddings", None) or DEFAULT_TOTAL)
+    total = shapes.get("total_sequence") or DimRange(2, min(256, positions), min(DEFAULT_TOTAL, positions))
+    prompt = shapes.get("sequence") or DimRange(1, min(128, total.max - 1), min(DEFAULT_PROMPT, total.max - 1))
+    batch = shapes.get("batch") or DimRange(1, 1, 16)
+    unknown = sorted(set(shapes) - {"batch", "sequence", "total_sequence"})
+    if unknown or total.max < 2:
+        raise UsageError(
+            f"Expected --shapes for a causal LM to name batch, sequence (the prompt) and total_sequence (prompt + new "
+            f"tokens, at least 2), found {sorted(shapes)}. Example: --shapes batch=1:1:8,sequence=1:128:512,"
+            "total_sequence=2:256:1024."
+        )
+    past = DimRange(1, max(1, min(total.opt - 1, total.max - 1)), total.max - 1)
+    return {"batch": batch, "sequence": prompt, "past_sequence": past, "total_sequence": total}
+
+
+def build_generation(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path,
+                     say: Progress) -> BuildResult:
+    """Build, gate and publish a generation bundle (the generation and vision-language recipes)."""
+    timings: dict[str, float] = {}
+    manifest, report = _build_into(spec, source_text, options, output, staging, say, timings)
+
+    def failure(failures: str, rejected: Path) -> str:
+        return (f"Expected the {options.precision} generation engines to produce transformers' tokens, but the gate "
+                f"failed: {failures}. Nothing was written to '{output}'; the rejected bundle and its report are in "
+                f"'{rejected}'. Build another precision, or loosen a tolerance with --tolerance [OUTPUT:]METRIC=VALUE "
+                "(outputs: logits, tokens) only if the difference is acceptable.")
+
+    manifest.source["timings_s"] = timings
+    return finish_bundle(staging / "bundle", output, manifest, report, title=f"Parity: {manifest.name}",
+                         context={"source": str(spec), "target": f"ort ({options.device})",
+                                  "precision": options.precision, "enginekit": __version__},
+                         timings=timings, failure=failure)
+
+
+def validate(options: Any, vlm: str | None = None) -> None:
+    """Refuse what generation bundles cannot be built as (vlm: the model_type of a VLM source)."""
+    if vlm and (options.precision.reduced or options.target != "ort"):
+        raise UsageError(
+            f"Expected --target ort --precision fp32 for a VLM ({vlm}), found --target {options.target} --precision "
+            f"{options.precision}: VLM bundles are built and gated in FP32 on ONNX Runtime only in this version "
+            "(reduced precisions are not lowered or gated for the vision engine yet). Drop --precision/--target."
+        )
+    if options.target != "ort":
+        raise UsageError(
+            f"Expected --target ort for a causal LM, found --target {options.target}: generation bundles (prefill + "
+            "decode engines with a KV cache) are built for ONNX Runtime only in this version."
+        )
+    if options.precision is Precision.FP8:
+        raise UsageError("Expected --precision fp32, fp16, bf16 or int8 (weight-only) for a causal LM, found fp8.")
+    if options.precision is Precision.INT8 and options.calib is not None:
+        raise UsageError(
+            "Expected no --calib with --precision int8 for a causal LM: its INT8 is weight-only (MatMulNBits, scales from "
+            "the weights themselves), which needs no calibration data. Drop --calib."
+        )
+    if options.lowering not in ("autocast", "native"):
+        raise UsageError(f"Expected --lowering autocast or native, found '{options.lowering}'.")
+    if options.lowering == "native" and not options.precision.mixed:
+        raise UsageError(f"Expected --lowering native with --precision fp16 or bf16, found --precision {options.precision}.")
+    if options.precision is Precision.INT8:
+        options = replace(options, precision="fp32")  # the rest of validate() knows Q/DQ INT8 only
+    options.validate()
+
+
+def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path, say: Any,
+                timings: dict[str, float]) -> tuple[Manifest, Any]:
+    from exporter.gate.tokens import parity_prompts, token_gate
+
+    work, bundle = staging / "work", staging / "bundle"
+    work.mkdir()
+    bundle.mkdir()
+    vlm = vlm_model_type(spec) is not None
+    with timed(timings, "load", say, f"Loading {spec}"):
+        if vlm:
+            from exporter.export.vlm import load_vlm, split_vision_shapes, vision_spec
+
+            model, tokenizer, processor, info = load_vlm(spec)
+            text_shapes, vision_shapes = split_vision_shapes(options.shapes)
+            dims = default_dims(model.config, text_shapes)
+            vision = vision_spec(model, tokenizer, processor, vision_shapes)
+            info["image_size"] = list(vision.image_size)  # fixed per bundle; the runtime refuses others
+        else:
+            model, tokenizer, info = load_causal_lm(spec)
+            dims = default_dims(model.config, options.shapes)
+    native = options.lowering == "native"
+    with timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"
+                + (f" in {options.precision}" if native else "") + (" and the vision engine" if vlm else "")):
+        exported = export_generation(_in_dtype(model, options.precision) if native else model, work, dims,
+                                     exporter=options.exporter, opset=options.opset, vlm=vlm)
+        if vlm:
+            from exporter.export.generation import GraphExport
+            from exporter.export.vlm import DEFAULT_IMAGES, export_vision
+
+            images = options.shapes.get("images") or DEFAULT_IMAGES
+            vision_io = export_vision(model, vision, work / "vision.onnx", images, opset=options.opset)
+            exported.components["vision"] = GraphExport(work / "vision.onnx", vision_io)
+    prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
+    with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
+        lowered, realised = _lower_all(exported, options, prompts, work)
+    components: dict[str, Any] = {}
+    engine_files: list[str] = []
+    target = None
+    with timed(timings, "build", say, f"Building the ort engines ({options.device})"):
+        for name in exported.components:
+            target, files, io = _build_component(name, lowered[name], exported, options, bundle, work)
+            components[name] = {"file": files[0], "io": io.to_dict(), "fusions": target.options.get("fusions")}
+            engine_files += files
+    assert target is not None
+    more: dict[str, Any] = {}
+    if vlm:
+        from exporter.export.vlm import write_embeddings
+
+        more = {"model_type": info["model_type"], "vision": {**vision.to_dict(), "file": components["vision"]["file"]},
+                "embeddings": {"file": write_embeddings(model, bundle), "dtype": "float32"}}
+    extra = _write_side_files(bundle, model, tokenizer, exported, components, more)
+    target = replace(target, engine_files=engine_files, options={**target.options, "generation": {
+        n: {"file": c["file"], "fusions": c["fusions"]} for n, c in components.items()}})
+    decode_io = IOSpec.from_dict(components["decode"]["io"])
+    manifest = Manifest(
+        name=output.name,
+        source={"spec": str(spec), "kind": spec.kind, "exporter": exported.exporter, "opset": exported.opset,
+                "onnx_sha256": file_sha256(exported.components["decode"].path), "notes": exported.notes, **info},
+        io=decode_io,
+        precision={"requested": options.precision, "realised": realised},
+        target=target,
+        build_command=build_command(source_text, options, output, {k: v for k, v in dims.items() if k != "past_sequence"}),
+        enginekit_version=__version__,
+    )
+    manifest.files = {f: file_sha256(bundle / f) for f in engine_files + extra}
+    manifest.write(bundle)
+    with timed(timings, "gate", say, "Token parity: engines vs transformers generate() (FP32)"):
+        if vlm:
+            from exporter.gate.vision_language import vlm_gate
+
+            report = vlm_gate(model, tokenizer, processor, bundle, options, say)
+        else:
+            report = token_gate(model, tokenizer, bundle, prompts, options, lowered, say)
+    return manifest, report
+
+
+def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]],
+               work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Each graph lowered on its own (fp16/bf16: AutoCast with ranges from the prompts; int8:
+    weight-only MatMulNBits); returns the lowered paths and the realised precision per graph."""
+    paths = {n: c.path for n, c in exported.components.items()}
+    if not options.precision.reduced:
+        return paths, {"requested": "fp32"}
+    if options.lowering == "native":
+        return paths, {"requested": options.precision, "lowering": f"native: exported from torch in {options.precision} "
+                       "(weights, activations and KV cache; the model's own FP32 upcasts in norms and softmax kept)",
+                       "kv_cache_dtype": exported.cache.dtype}
+    if options.precision is Precision.INT8:
+        from exporter.lower.weight_only import quantize_weights
+
+        out = {}
+        realised: dict[str, Any] = {"requested": "int8"}
+        for name, path in paths.items():
+            out[name] = work / f"{name}.int8.onnx"
+            realised[name] = quantize_weights(path, out[name], device=options.device)
+        return out, realised
+    from exporter.gate.tokens import calibration_feeds
+    from exporter.lower.precision import lower_precision
+
+    feeds = calibration_feeds(paths, prompts)
+    out, realised = {}, {"requested": options.precision}
+    for name, path in paths.items():
+        sub = work / f"lower-{name}"
+        sub.mkdir(exist_ok=True)
+        safe = path.with_name(f"{name}.maskfill.onnx")
+        clamped = clamp_mask_fill(path, safe)
+        lowered = lower_precision(safe, options.precision, sub, mixed=mixed_options(options), calibration=feeds[name])
+        _drop_shapes(lowered.path)
+        out[name] = lowered.path
+        realised[name] = {**lowered.realised, "mask_fill_constants_clamped": clamped}
+    return out, realised
+
+
+def _drop_shapes(path: Path) -> None:
+    """Remove the intermediate shapes AutoCast's shape inference wrote: it names different sizes
+    by one symbol (unk__18 for 4 query heads and for 2 key-value heads), and ONNX Runtime, planning
+    buffers by those names, then fails ("Shape mismatch attempting to re-use buffer"). ORT infers
+    them itself."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))
+
+
+def clamp_mask_fill(path: Path, out: Path) -> int:
+    """Copy of the graph whose mask fill constants (±FLT_MAX, transformers' finfo(float32).min)
+    become ±65504. Cast to FP16 or BF16 they would be -inf, and the masked softmax computes
+    0 * -inf = NaN (every decode step of a Qwen2 came out NaN); -65504 still sends exp() to 0.
+    Only small constants exactly at ±FLT_MAX change; the weights are not read."""
+    import onnx
+    from onnx import numpy_helper
+
+    big = float(np.finfo(np.float32).max)
+    model = onnx.load(str(path), load_external_data=False)
+    count = 0
+    tensors = [init for init in model.graph.initializer]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in tensors:
+        if t.data_type != onnx.TensorProto.FLOAT or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        arr = numpy_helper.to_array(t)
+        if 0 < arr.size <= 16 and np.all(np.abs(arr) == big):
+            t.CopyFrom(numpy_helper.from_array(np.sign(arr).astype(np.float32) * np.float32(65504.0), t.name))
+            count += 1
+    onnx.save(model, str(out))  # beside the original: the same external data file, if any
+    return count
+
+
+def _in_dtype(model: Any, precision: str) -> Any:
+    """A copy of `model` in FP16/BF16 (the FP32 one stays the parity reference)."""
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).to({"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+
+
+def _build_component(name: str, path: Path, exported: GenerationExport, options: Any, bundle: Path,
+                     work: Path) -> tuple[Any, list[str], Any]:
+    import onnx
+
+    from exporter.export.onnxutil import io_from_onnx
+
+    folder = bundle / name
+    folder.mkdir()
+    # The same ORT build (with fuse_for_ort's fusions) as single-graph bundles, one folder per graph.
+    target = build_engine(path, folder, options, exported.components[name].io, folder, lambda _m: None,
+                           low_precision=options.precision.reduced, work=work)
+    # The engine's own dtypes (native FP16 I/O, an FP16 cache) over the canonical FP32 ones.
+    ins, outs, _, _ = io_from_onnx(onnx.load(str(path), load_external_data=False))
+    dt = {t.name: t.dtype for t in ins + outs}
+    io = exported.components[name].io
+    io = replace(io, inputs=[replace(t, dtype=dt.get(t.name, t.dtype)) for t in io.inputs],
+                 outputs=[replace(t, dtype=dt.get(t.name, t.dtype)) for t in io.outputs])
+    return target, [f"{name}/{f}" for f in target.engine_files], io
+
+
+def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: GenerationExport,
+                      components: dict[str, Any], more: dict[str, Any] | None = None) -> list[str]:
+    """tokenizer.json (when the source has one) and generation.json (+ `more`: a VLM's vision spec
+    and embedding table, whose file is listed too); returns their names."""
+    files = []
+    tok_name = None
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer is not None else None
+    if backend is not None:
+        backend.save(str(bundle / TOKENIZER_FILE))
+        tok_name = TOKENIZER_FILE
+        files.append(TOKENIZER_FILE)
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    pad = gen.pad_token_id if gen.pad_token_id is not None else getattr(model.config, "pad_token_id", None)
+    spec = {
+        "schema_version": 1,
+        "components": components,
+        "cache": {"layers": exported.cache.layers, "kv_heads": exported.cache.kv_heads,
+                  "head_dim": exported.cache.head_dim,
+                  "dtype": next(s["dtype"] for s in components["decode"]["io"]["outputs"]
+                                if s["name"].startswith("present."))},
+        # GroupQueryAttention rotates at cache indices (runtimes/generate.py says why this matters).
+        "positions": "absolute" if any("GroupQueryAttention" in ((c.get("fusions") or {}).get("fused_ops") or {})
+                                       for c in components.values()) else "compact",
+        "tokenizer": tok_name,
+        "eos_token_ids": eos_ids,
+        "pad_token_id": int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0),
+        "bos_token_id": gen.bos_token_id if gen.bos_token_id is not None else getattr(model.config, "bos_token_id", None),
+        "chat_template": getattr(tokenizer, "chat_template", None) if tokenizer is not None else None,
+        **(more or {}),
+    }
+    (bundle / GENERATION_FILE).write_text(json.dumps(spec, indent=2, default=str) + "\n", encoding="utf-8")
+    files.append(GENERATION_FILE)
+    if more and "embeddings" in more:
+        files.append(more["embeddings"]["file"])
+    return files
