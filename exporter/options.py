@@ -1,18 +1,26 @@
-"""What `enginekit build` takes (BuildOptions, validated up front) and the command line that rebuilds
-a bundle (build_command, recorded in its manifest)."""
+"""What `enginekit build` takes: BuildOptions (validated up front), and its flags, each declared once
+in FLAGS (name, help, how the command line's text becomes the option's value and how that value is
+written back). The defaults are the dataclasses' own (BuildOptions, TrtBuildOptions, ImageOptions); the
+typer command's parameters (exporter/cli/__init__.py: cli_parameters, options_from_cli) and the command
+line that rebuilds a bundle (build_command, recorded in its manifest) are derived from the table, so a
+new flag is one field and one row. Importing this module imports no torch or onnx (the CLI of a
+runtime-only install imports it)."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from calibration.images import ImageOptions
-from exporter.lower.precision import check_precision
+from exporter.source.shapes import parse_shapes
 from exporter.source.spec import model_name, parse_source
 from runtimes.choices import Device, Precision
 from runtimes.errors import UsageError
 from runtimes.manifest import DimRange
-from runtimes.trt.build import TrtBuildOptions
+from runtimes.trt.build import TrtBuildOptions, format_size, parse_size
 
 TARGETS = ("ort", "trt")
 DEVICES = ("cpu", "cuda")
@@ -62,7 +70,8 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         # Parsed once, where the Python API or the CLI hands the values in; past this point they are typed.
-        self.precision = Precision.parse(check_precision(str(self.precision)), "--precision")
+        self.precision = Precision.parse(self.precision, "--precision", "fp16/bf16 lower to mixed precision in the "
+                                         "graph; int8/fp8 insert Q/DQ nodes from calibration data (--calib).")
         if str(self.device) not in DEVICES:
             raise UsageError(f"Expected --device cpu or cuda, found '{self.device}'.")
         self.device = Device.parse(self.device, "--device")
@@ -83,7 +92,6 @@ class BuildOptions:
             )
         if self.exporter not in ("auto", "torch", "transformers"):
             raise UsageError(f"Expected --exporter auto, torch or transformers, found '{self.exporter}'.")
-        check_precision(self.precision)
         if self.precision is Precision.BF16 and self.target == "ort" and not self.device.gpu:
             raise UsageError(
                 "Expected a target that runs BF16, found --target ort --device cpu: ONNX Runtime's CPU provider has "
@@ -148,46 +156,218 @@ def default_output(source_text: str, options: BuildOptions) -> Path:
     return Path("engines") / f"{model_name(parse_source(source_text))}-{options.target}-{options.precision}"
 
 
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"Expected {flag} as comma-separated numbers (e.g. 0.485,0.456,0.406), found '{text}'.") from None
+
+
+def _floats(flag: str) -> Callable[[str | None], tuple[float, ...] | None]:
+    return lambda text: parse_floats(text, flag)
+
+
+def _comma_list(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def parse_dynamic(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [] if text.strip().lower() == "none" else _comma_list(text)
+
+
+def _resolved(value: Any) -> str:
+    return str(Path(value).resolve())
+
+
+def _calib_text(value: Any) -> str:
+    return value if str(value).startswith("random") else _resolved(value)
+
+
+def _with_calib(options: BuildOptions) -> bool:
+    return bool(options.calib)
+
+
+def _quantized_with_calib(options: BuildOptions) -> bool:
+    return bool(options.calib) and options.precision.quantized
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One option of `enginekit build`. path: the BuildOptions attribute ('trt.workspace' for a nested
+    one). cli: the type typer parses; parse: that value → the option's; render: the option's value → the
+    rebuild command's text (None: not written back); when: write it back only if this holds."""
+
+    path: str
+    names: tuple[str, ...]
+    help: str
+    cli: Any = str
+    parse: Callable[[Any], Any] | None = None
+    render: Callable[[Any], str | list[str]] | None = str
+    when: Callable[[BuildOptions], bool] | None = None
+    panel: str = "Build"
+    even_default: bool = False  # written back whenever `when` holds, default or not
+
+    @property
+    def param(self) -> str:
+        return self.path.replace(".", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("target", ("--target",), "ort (ONNX Runtime) | trt (TensorRT)."),
+    Flag("device", ("--device",), "cpu | cuda (for --target ort)."),
+    Flag("precision", ("--precision",), "fp32 | fp16 | bf16 | int8 | fp8."),
+    Flag("output", ("-o", "--output"), "Bundle folder (default engines/<model>-<target>-<precision>).",
+         cli=Path | None, render=None),
+    Flag("force", ("--force",), "Replace an existing bundle.", cli=bool, render=None),
+    Flag("shapes", ("--shapes",), "Dim ranges NAME=MIN:OPT:MAX, comma-separated (e.g. batch=1:8:32,sequence=1:128:512).",
+         cli=str | None, parse=parse_shapes, render=None, panel="Export"),
+    Flag("dynamic", ("--dynamic",), "Dims to keep dynamic, comma-separated (others fixed at opt); 'none' for static.",
+         cli=str | None, parse=parse_dynamic, render=None, panel="Export"),
+    Flag("opset", ("--opset",), "ONNX opset (default: the exporter's recommended one).", cli=int | None, panel="Export"),
+    Flag("exporter", ("--exporter",), "auto | torch | transformers (auto: torch.onnx, then transformers' exporter for "
+         "HF models).", panel="Export"),
+    Flag("detector_outputs", ("--detector-outputs",), "Detectors: nms (boxes, scores, classes, count after NMS in the "
+         "graph) or raw (the head's pre-NMS boxes and scores).", panel="Export"),
+    Flag("data", ("--data",), "Real inputs for the gate: .npz, folder of .npz, .txt or .jsonl texts.",
+         cli=Path | None, render=_resolved, panel="Gate"),
+    Flag("tolerances", ("--tolerance",), "Override a gate tolerance: [OUTPUT:]METRIC=VALUE (repeatable).",
+         cli=list[str], parse=list, render=list, panel="Gate"),
+    Flag("skip_parity", ("--skip-parity",), "Do not run the gate (recorded as not checked).", cli=bool, render=None,
+         panel="Gate"),
+    Flag("calib", ("--calib",), "Calibration data for reduced precision (fp16/bf16: ranges for the lowering; int8/fp8: "
+         "Q/DQ scales): .txt/.jsonl texts, a folder of images or .npz feeds, or random[:N] (smoke tests only).",
+         cli=str | None, render=_calib_text, panel="Calibration"),
+    Flag("calib_method", ("--calib-method", "--method"), "minmax | entropy | percentile | all (all: compare them, keep "
+         "the best).", when=_quantized_with_calib, even_default=True, panel="Calibration"),
+    Flag("accuracy_budget", ("--accuracy-budget",), "[OUTPUT:]METRIC>=VALUE on held-out samples, METRIC cosine (worst "
+         "sample) or top1; the most sensitive layers stay in float until it holds. 'none': quantize all.",
+         render=lambda v: v or "none", when=_quantized_with_calib, even_default=True, panel="Calibration"),
+    Flag("smooth", ("--smooth",), "SmoothQuant alpha in (0,1]: move activation outliers into the weights before "
+         "quantizing (helps transformers; e.g. 0.7). Default: off.", cli=float | None, when=_with_calib,
+         panel="Calibration"),
+    Flag("image.resize", ("--resize",), "Images without a preprocessor_config.json: shortest edge before the center "
+         "crop.", cli=int | None, when=_with_calib, panel="Calibration"),
+    Flag("image.mean", ("--mean",), "Images without a preprocessor_config.json: per-channel mean of [0,1] pixels, e.g. "
+         "0.485,0.456,0.406.", cli=str | None, parse=_floats("--mean"), render=lambda v: ",".join(map(str, v)),
+         when=_with_calib, panel="Calibration"),
+    Flag("image.std", ("--std",), "Images without a preprocessor_config.json: per-channel std, e.g. 0.229,0.224,0.225.",
+         cli=str | None, parse=_floats("--std"), render=lambda v: ",".join(map(str, v)), when=_with_calib,
+         panel="Calibration"),
+    Flag("fp32_nodes", ("--fp32-nodes",), "fp16/bf16: keep nodes whose name matches this regex in FP32 (repeatable).",
+         cli=list[str], parse=list, render=list, panel="Mixed precision"),
+    Flag("fp32_ops", ("--fp32-ops",), "fp16/bf16: op types kept in FP32, comma-separated (e.g. "
+         "LayerNormalization,Softmax).", cli=str | None, parse=_comma_list, render=",".join, panel="Mixed precision"),
+    Flag("native_io", ("--native-io",), "fp16/bf16: graph inputs/outputs in the low precision (faster on GPU) instead "
+         "of FP32.", cli=bool, panel="Mixed precision"),
+    Flag("range_rules", ("--range-rules/--no-range-rules",), "fp16/bf16: AutoCast's weight/activation range rules (off: "
+         "naive cast, repaired only by the fallback).", cli=bool, panel="Mixed precision"),
+    Flag("fallback_budget", ("--fallback-budget",), "fp16/bf16: most nodes the parity-driven fallback may keep in FP32 "
+         "(0: off).", cli=int, panel="Mixed precision"),
+    Flag("lowering", ("--lowering",), "Causal LMs, fp16/bf16: autocast (AutoCast on the FP32 graphs) or native "
+         "(exported from torch in that dtype; the fast GPU path).", panel="Mixed precision"),
+    Flag("ort_fusions", ("--ort-fusions/--no-ort-fusions",), "ORT target: fuse attention, skip-LayerNorm and GELU into "
+         "ORT's own ops.", cli=bool, panel="Engine"),
+    Flag("trt.workspace", ("--workspace",), "trt: builder workspace limit, e.g. 512MiB, 4GiB (default: all GPU memory).",
+         cli=str | None, parse=lambda t: parse_size(t) if t else None, render=format_size, panel="TensorRT"),
+    Flag("trt.opt_level", ("--opt-level",), "trt: builder optimization level 0..5 (default 3; 0 ignores the timing "
+         "cache).", cli=int | None, panel="TensorRT"),
+    Flag("trt.hardware_compat", ("--hardware-compat",), "trt: none | ampere+ | same-cc (which GPUs the plan runs on).",
+         panel="TensorRT"),
+    Flag("trt.version_compatible", ("--version-compatible",), "trt: a plan later TensorRT versions and the lean runtime "
+         "can run.", cli=bool, panel="TensorRT"),
+    Flag("trt.exclude_lean_runtime", ("--exclude-lean-runtime",), "trt: leave the lean runtime out of a "
+         "version-compatible plan.", cli=bool, panel="TensorRT"),
+    Flag("trt.timing_cache", ("--timing-cache",), "trt: timing cache file, read before and updated after the build.",
+         cli=Path | None, render=_resolved, panel="TensorRT"),
+    Flag("trt.tf32", ("--tf32",), "trt: allow TF32 in FP32 matmuls and convolutions (off: FP32 means FP32).", cli=bool,
+         panel="TensorRT"),
+)
+_DEFAULTS = BuildOptions()
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _cli_default(flag: Flag) -> Any:
+    """The default as the command line shows it (the dataclass default, in its command-line form)."""
+    value = _get(_DEFAULTS, flag.path)
+    if flag.cli is bool:
+        return bool(value)
+    if value in (None, [], {}, ()):
+        return [] if flag.cli == list[str] else None
+    return str(value) if flag.cli in (str, str | None) else value
+
+
+def cli_parameters() -> list[inspect.Parameter]:
+    """The typer parameters of `enginekit build`, one per flag (grouped in --help by panel)."""
+    import typer
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(f.param, kind, annotation=f.cli,
+                              default=typer.Option(_cli_default(f), *f.names, help=f.help, rich_help_panel=f.panel))
+            for f in FLAGS]
+
+
+def options_from_cli(values: Mapping[str, Any]) -> BuildOptions:
+    """BuildOptions from the typer values of cli_parameters() (each parsed as its flag says)."""
+    flat: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {"trt": {}, "image": {}}
+    for f in FLAGS:
+        value = values[f.param]
+        if f.parse is not None:
+            value = f.parse(value)
+        head, _, rest = f.path.partition(".")
+        if rest:
+            nested[head][rest] = value
+        else:
+            flat[f.path] = value
+    return BuildOptions(**flat, trt=TrtBuildOptions(**nested["trt"]), image=ImageOptions(**nested["image"]))
+
+
+def flag_option(path: str, **overrides: Any) -> Any:
+    """The typer Option of one flag of the table, for commands that share it (export, calibrate)."""
+    import typer
+
+    f = next(f for f in FLAGS if f.path == path)
+    default = overrides.pop("default", _cli_default(f))
+    return typer.Option(default, *overrides.pop("names", f.names), help=overrides.pop("help", f.help), **overrides)
+
+
 def build_command(source: str, options: BuildOptions, output: Path, dims: dict[str, DimRange]) -> list[str]:
-    cmd = ["enginekit", "build", source, "--target", options.target, "--device", options.device,
-           "--precision", options.precision]
+    """The `enginekit build` command line that rebuilds this bundle: every flag whose value is not the
+    default (and whose `when` holds), the dims the bundle was built with, then -o OUTPUT --force."""
+    cmd = ["enginekit", "build", source, "--target", str(options.target), "--device", str(options.device),
+           "--precision", str(options.precision)]
     if dims:
         cmd += ["--shapes", ",".join(f"{k}={v}" for k, v in dims.items())]
-    if options.opset:
-        cmd += ["--opset", str(options.opset)]
-    if options.exporter != "auto":
-        cmd += ["--exporter", options.exporter]
-    if options.data:
-        cmd += ["--data", str(Path(options.data).resolve())]
-    for t in options.tolerances:
-        cmd += ["--tolerance", t]
-    if options.calib:
-        calib = options.calib if str(options.calib).startswith("random") else str(Path(options.calib).resolve())
-        cmd += ["--calib", calib]
-        if options.precision.quantized:
-            cmd += ["--calib-method", options.calib_method, "--accuracy-budget", options.accuracy_budget or "none"]
-        if options.smooth:
-            cmd += ["--smooth", str(options.smooth)]
-        img = options.image
-        for flag, value in (("--resize", img.resize), ("--mean", img.mean), ("--std", img.std)):
-            if value is not None:
-                cmd += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    for n in options.fp32_nodes:
-        cmd += ["--fp32-nodes", n]
-    if options.fp32_ops:
-        cmd += ["--fp32-ops", ",".join(options.fp32_ops)]
-    if options.native_io:
-        cmd += ["--native-io"]
-    if not options.range_rules:
-        cmd += ["--no-range-rules"]
-    if options.fallback_budget != 64:
-        cmd += ["--fallback-budget", str(options.fallback_budget)]
-    if options.lowering != "autocast":
-        cmd += ["--lowering", options.lowering]
-    if not options.ort_fusions:
-        cmd += ["--no-ort-fusions"]
-    if options.detector_outputs != "nms":
-        cmd += ["--detector-outputs", options.detector_outputs]
-    if options.target == "trt":
-        cmd += options.trt.cli_args()
+    for f in FLAGS:
+        if f.render is None or f.path in ("target", "device", "precision"):
+            continue
+        if f.path.startswith("trt.") and options.target != "trt":
+            continue
+        value = _get(options, f.path)
+        if f.when is not None and not f.when(options):
+            continue
+        if value == _get(_DEFAULTS, f.path) and not f.even_default:
+            continue
+        cmd += _rendered(f, value)
     return cmd + ["-o", str(output.resolve()), "--force"]
+
+
+def _rendered(f: Flag, value: Any) -> list[str]:
+    name = next(n for n in f.names if n.startswith("--"))
+    if f.cli is bool:
+        on, _, off = name.partition("/")
+        return [on] if value else ([off] if off else [])
+    assert f.render is not None
+    text = f.render(value)
+    if isinstance(text, list):
+        return [part for item in text for part in (name, str(item))]
+    return [name, text]

@@ -24,15 +24,16 @@ class Choice(str, Enum):
         return format(str(self.value), spec)
 
     @classmethod
-    def parse(cls: type[C], value: object, what: str) -> C:
-        """`value` as a member, or UsageError naming `what` (e.g. '--precision') and the choices."""
+    def parse(cls: type[C], value: object, what: str, hint: str = "") -> C:
+        """`value` as a member, or UsageError naming `what` (e.g. '--precision'), the choices and `hint`."""
         if isinstance(value, cls):
             return value
         text = str(value).strip().lower()
         for member in cls:
             if member.value == text:
                 return member
-        raise UsageError(f"Expected {what} to be one of {', '.join(m.value for m in cls)}, found '{value}'.")
+        raise UsageError(f"Expected {what} to be one of {', '.join(m.value for m in cls)}, found '{value}'."
+                         + (f" {hint}" if hint else ""))
 
 
 class Precision(Choice):

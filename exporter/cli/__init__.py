@@ -1,11 +1,13 @@
 """The `enginekit` command line (typer). Each command parses options and calls one library function.
 
 User errors (EnginekitError) print as one paragraph on stderr without a traceback and exit
-non-zero (2; the parity gate's failure exits 1). Anything else is a bug and keeps its traceback.
+non-zero (2; the parity gate's failure exits 1). Anything else is a bug: one paragraph naming the file
+its traceback was saved to, exit 3 (exporter/cli/common.py).
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,15 @@ import typer
 from exporter.cli import run as cli_run
 from exporter.cli.common import _console, _print_json, _quiet_libraries, handle_errors, stages
 from exporter.cli.printing import _print_calibration, _print_parity, _print_precision
+from exporter.options import (
+    BuildOptions,
+    cli_parameters,
+    flag_option,
+    options_from_cli,
+    parse_dynamic,
+    parse_floats,
+)
+from exporter.source.shapes import parse_shapes
 from runtimes._deps import require_build_toolchain
 
 app = typer.Typer(
@@ -23,50 +34,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# -- shared options -----------------------------------------------------------------------------------
-ShapesOpt = typer.Option(None, "--shapes", help="Dim ranges NAME=MIN:OPT:MAX, comma-separated (e.g. batch=1:8:32,sequence=1:128:512).")
-DynamicOpt = typer.Option(None, "--dynamic", help="Dims to keep dynamic, comma-separated (others fixed at opt); 'none' for static.")
-OpsetOpt = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's recommended one).")
-ExporterOpt = typer.Option("auto", "--exporter", help="auto | torch | transformers (auto: torch.onnx, then transformers' exporter for HF models).")
-
-
-CalibMethodOpt = typer.Option("percentile", "--calib-method", "--method",
-                              help="minmax | entropy | percentile | all (all: compare them, keep the best).")
-BudgetOpt = typer.Option("cosine>=0.99", "--accuracy-budget",
-                         help="[OUTPUT:]METRIC>=VALUE on held-out samples, METRIC cosine (worst sample) or top1; "
-                              "the most sensitive layers stay in float until it holds. 'none': quantize all.")
-ResizeOpt = typer.Option(None, "--resize", help="Images without a preprocessor_config.json: shortest edge before the center crop.")
-MeanOpt = typer.Option(None, "--mean", help="Images without a preprocessor_config.json: per-channel mean of [0,1] pixels, e.g. 0.485,0.456,0.406.")
-SmoothOpt = typer.Option(None, "--smooth", help="SmoothQuant alpha in (0,1]: move activation outliers into the weights before "
-                         "quantizing (helps transformers; e.g. 0.7). Default: off.")
-StdOpt = typer.Option(None, "--std", help="Images without a preprocessor_config.json: per-channel std, e.g. 0.229,0.224,0.225.")
-
-
-def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        from runtimes.errors import UsageError
-
-        raise UsageError(f"Expected {flag} as comma-separated numbers (e.g. 0.485,0.456,0.406), found '{text}'.") from None
+# -- shared options: each declared once, in exporter/options.py's FLAGS ------------------------------
+ShapesOpt = flag_option("shapes")
+DynamicOpt = flag_option("dynamic")
+OpsetOpt = flag_option("opset")
+ExporterOpt = flag_option("exporter")
+CalibMethodOpt = flag_option("calib_method")
+BudgetOpt = flag_option("accuracy_budget")
+ResizeOpt = flag_option("image.resize")
+MeanOpt = flag_option("image.mean")
+StdOpt = flag_option("image.std")
+SmoothOpt = flag_option("smooth")
 
 
 def _image_options(resize: int | None, mean: str | None, std: str | None) -> Any:
     from calibration.images import ImageOptions
 
-    return ImageOptions(resize=resize, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+    return ImageOptions(resize=resize, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
 
 
 def _build_options(**kw: Any) -> Any:
-    from exporter.pipeline import BuildOptions
-    from exporter.source.shapes import parse_shapes
-
-    dynamic = kw.pop("dynamic")
-    if dynamic is not None:
-        dynamic = [] if dynamic.strip().lower() == "none" else [d.strip() for d in dynamic.split(",") if d.strip()]
-    return BuildOptions(shapes=parse_shapes(kw.pop("shapes")), dynamic=dynamic, **kw)
+    """BuildOptions for the commands that take a few of build's flags (export, calibrate)."""
+    return BuildOptions(shapes=parse_shapes(kw.pop("shapes")), dynamic=parse_dynamic(kw.pop("dynamic")), **kw)
 
 
 # -- commands -----------------------------------------------------------------------------------------
@@ -134,64 +123,14 @@ def export(
         con.print("  dims " + ", ".join(f"{k}={v}" for k, v in result.io.dims.items()) + "  (min:opt:max)")
 
 
-@app.command()
-@handle_errors
-def build(
-    source: str = typer.Argument(..., help="hf:<folder or hub id>[#task] | py:<module>:<factory> | onnx:<file> | timm:<name>"),
-    target: str = typer.Option("ort", "--target", help="ort (ONNX Runtime) | trt (TensorRT)."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda (for --target ort)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | fp8."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Bundle folder (default engines/<model>-<target>-<precision>)."),
-    data: Path | None = typer.Option(None, "--data", help="Real inputs for the gate: .npz, folder of .npz, .txt or .jsonl texts."),
-    tolerance: list[str] = typer.Option([], "--tolerance", help="Override a gate tolerance: [OUTPUT:]METRIC=VALUE (repeatable)."),
-    shapes: str | None = ShapesOpt,
-    dynamic: str | None = DynamicOpt,
-    opset: int | None = OpsetOpt,
-    exporter: str = ExporterOpt,
-    force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
-    skip_parity: bool = typer.Option(False, "--skip-parity", help="Do not run the gate (recorded as not checked)."),
-    calib: str | None = typer.Option(None, "--calib", help="Calibration data for reduced precision (fp16/bf16: ranges for the lowering; int8/fp8: Q/DQ scales): .txt/.jsonl texts, a folder of images or .npz feeds, or random[:N] (smoke tests only)."),
-    calib_method: str = CalibMethodOpt,
-    accuracy_budget: str = BudgetOpt,
-    resize: int | None = ResizeOpt,
-    mean: str | None = MeanOpt,
-    std: str | None = StdOpt,
-    smooth: float | None = SmoothOpt,
-    fp32_nodes: list[str] = typer.Option([], "--fp32-nodes", help="fp16/bf16: keep nodes whose name matches this regex in FP32 (repeatable)."),
-    fp32_ops: str | None = typer.Option(None, "--fp32-ops", help="fp16/bf16: op types kept in FP32, comma-separated (e.g. LayerNormalization,Softmax)."),
-    native_io: bool = typer.Option(False, "--native-io", help="fp16/bf16: graph inputs/outputs in the low precision (faster on GPU) instead of FP32."),
-    range_rules: bool = typer.Option(True, "--range-rules/--no-range-rules", help="fp16/bf16: AutoCast's weight/activation range rules (off: naive cast, repaired only by the fallback)."),
-    fallback_budget: int = typer.Option(64, "--fallback-budget", help="fp16/bf16: most nodes the parity-driven fallback may keep in FP32 (0: off)."),
-    ort_fusions: bool = typer.Option(True, "--ort-fusions/--no-ort-fusions", help="ORT target: fuse attention, skip-LayerNorm and GELU into ORT's own ops."),
-    detector_outputs: str = typer.Option("nms", "--detector-outputs", help="Detectors: nms (boxes, scores, classes, count after NMS in the graph) or raw (the head's pre-NMS boxes and scores)."),
-    lowering: str = typer.Option("autocast", "--lowering", help="Causal LMs, fp16/bf16: autocast (AutoCast on the FP32 graphs) or native (exported from torch in that dtype; the fast GPU path)."),
-    workspace: str | None = typer.Option(None, "--workspace", help="trt: builder workspace limit, e.g. 512MiB, 4GiB (default: all GPU memory)."),
-    opt_level: int | None = typer.Option(None, "--opt-level", help="trt: builder optimization level 0..5 (default 3; 0 ignores the timing cache)."),
-    hardware_compat: str = typer.Option("none", "--hardware-compat", help="trt: none | ampere+ | same-cc (which GPUs the plan runs on)."),
-    version_compatible: bool = typer.Option(False, "--version-compatible", help="trt: a plan later TensorRT versions and the lean runtime can run."),
-    exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="trt: leave the lean runtime out of a version-compatible plan."),
-    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="trt: timing cache file, read before and updated after the build."),
-    tf32: bool = typer.Option(False, "--tf32", help="trt: allow TF32 in FP32 matmuls and convolutions (off: FP32 means FP32)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
+def _build(**kw: Any) -> None:
     """Export, lower, build and gate: writes an engine bundle only if parity passes."""
+    source, as_json = kw.pop("source"), kw.pop("as_json")
     require_build_toolchain("build")
     _quiet_libraries()
     from exporter.pipeline import build as run_build
-    from runtimes.trt.build import TrtBuildOptions, parse_size
 
-    trt = TrtBuildOptions(workspace=parse_size(workspace) if workspace else None, opt_level=opt_level,
-                          hardware_compat=hardware_compat, version_compatible=version_compatible,
-                          exclude_lean_runtime=exclude_lean_runtime, timing_cache=timing_cache, tf32=tf32)
-    opts = _build_options(target=target, device=device, precision=precision, output=output, data=data,
-                          tolerances=list(tolerance), shapes=shapes, dynamic=dynamic, opset=opset,
-                          exporter=exporter, force=force, skip_parity=skip_parity, calib=calib,
-                          fp32_nodes=list(fp32_nodes), fp32_ops=[o.strip() for o in (fp32_ops or "").split(",") if o.strip()],
-                          native_io=native_io, range_rules=range_rules, fallback_budget=fallback_budget,
-                          ort_fusions=ort_fusions, trt=trt, detector_outputs=detector_outputs,
-                          lowering=lowering,
-                          calib_method=calib_method, accuracy_budget=accuracy_budget,
-                          image=_image_options(resize, mean, std), smooth=smooth)
+    opts = options_from_cli(kw)
     with stages(not as_json) as say:
         result = run_build(source, opts, say)
     if as_json:
@@ -208,6 +147,19 @@ def build(
         con.print("[yellow]parity NOT CHECKED on this machine: run `enginekit parity " + str(result.bundle)
                   + "` where the engine can run before shipping it.[/]")
     con.print(f"[dim]gate report: {result.bundle / 'report.html'}[/]")
+
+
+build = handle_errors(_build)
+# The parameters come from the flag table (exporter/options.py FLAGS), not from a hand-written list.
+build.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str, default=typer.Argument(
+        ..., help="hf:<folder or hub id>[#task] | py:<module>:<factory> | onnx:<file> | timm:<name>")),
+    *cli_parameters(),
+    inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--json", help="Print JSON.")),
+])
+build.__annotations__ = {p.name: p.annotation for p in build.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command(name="build")(build)
 
 
 @app.command()

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -24,21 +25,47 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False, soft_wrap=False)
 
 
+INTERNAL_ERROR_EXIT = 3  # a bug in enginekit (user errors exit 2, a failed parity gate 1)
+
+
 def handle_errors(fn: F) -> F:
-    """Print EnginekitError as one paragraph (no traceback) and exit with its code."""
+    """Print EnginekitError as one paragraph (no traceback) and exit with its code; any other exception
+    is a bug: its traceback goes to a file, and one paragraph names that file (exit 3)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from rich.markup import escape
+
         try:
             return fn(*args, **kwargs)
         except EnginekitError as exc:
-            from rich.markup import escape
-
             # soft_wrap: never hard-break the paragraph, so the commands in it can be copied whole.
             _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a bug: never a raw traceback on the console
+            saved = save_traceback(exc)
+            _console(stderr=True).print(
+                f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc)[:300])}. This is a bug in "
+                f"enginekit, not a problem with your input; the traceback is saved in {escape(str(saved))}. Please report "
+                "it with that file.", soft_wrap=True)
+            raise typer.Exit(INTERNAL_ERROR_EXIT) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def save_traceback(exc: BaseException) -> Path:
+    """Write `exc`'s traceback to ENGINEKIT_CRASH_DIR (default: <tmp>/enginekit-crashes), one file each."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(os.environ.get("ENGINEKIT_CRASH_DIR") or Path(tempfile.gettempdir()) / "enginekit-crashes")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text(f"enginekit {' '.join(sys.argv)}\n\n" + "".join(traceback.format_exception(exc)), encoding="utf-8")
+    return path
 
 
 @contextmanager

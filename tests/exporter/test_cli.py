@@ -127,3 +127,57 @@ def test_bad_inputs_exit_nonzero_with_one_paragraph(args, message, tmp_path, tin
 def test_bad_input_in_a_real_subprocess_has_no_traceback(tmp_path):
     proc = run_cli("build", "hf:/no/such/model", "-o", str(tmp_path / "x"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "found nothing there" in proc.stderr
+
+
+def test_an_internal_error_is_one_paragraph_with_the_saved_traceback(monkeypatch, tmp_path):
+    from exporter import doctor
+
+    def broken() -> None:
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(doctor, "doctor_report", broken)
+    monkeypatch.setenv("ENGINEKIT_CRASH_DIR", str(tmp_path))
+    res = runner.invoke(app, ["doctor"])
+    assert res.exit_code == 3 and "Traceback" not in res.output
+    text = " ".join(res.output.split())
+    assert "internal error: RuntimeError: planted bug" in text and "This is a bug in enginekit" in text
+    (saved,) = tmp_path.glob("*.txt")
+    assert str(saved) in text.replace(" ", "") or saved.name in text
+    assert "Traceback" in saved.read_text() and "planted bug" in saved.read_text()
+
+
+def test_every_build_flag_round_trips_through_the_rebuild_command(tmp_path):
+    """build_command writes every non-default option as flags that `enginekit build` parses back into
+    the same BuildOptions (the flag table is the one declaration of both directions)."""
+    import typer.main
+
+    from calibration.images import ImageOptions
+    from exporter.options import FLAGS, BuildOptions, build_command, options_from_cli
+    from exporter.source.shapes import parse_shapes
+    from runtimes.trt.build import TrtBuildOptions
+
+    data, cache = tmp_path / "held-out.txt", tmp_path / "timing.cache"
+    cases = [
+        BuildOptions(precision="int8", calib=str(tmp_path / "calib.txt"), calib_method="entropy",
+                     accuracy_budget="top1>=0.98", smooth=0.7, data=data, tolerances=["logits:rel_l2=0.05", "cosine=0.9"],
+                     image=ImageOptions(resize=256, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), opset=18,
+                     exporter="torch", detector_outputs="raw"),
+        BuildOptions(precision="fp16", device="cuda", fp32_nodes=["/attn/.*", "LayerNorm_1"], fp32_ops=["Softmax", "Pow"],
+                     native_io=True, range_rules=False, fallback_budget=8, ort_fusions=False, lowering="native"),
+        BuildOptions(target="trt", device="cuda", precision="bf16",
+                     trt=TrtBuildOptions(workspace=1 << 30, opt_level=5, hardware_compat="ampere+",
+                                         version_compatible=True, exclude_lean_runtime=True, timing_cache=cache,
+                                         tf32=True)),
+    ]
+    command = typer.main.get_command(app).commands["build"]  # type: ignore[attr-defined]
+    dims = parse_shapes("batch=1:4:16")
+    for options in cases:
+        args = build_command("hf:./m", options, tmp_path / "out", dims)
+        ctx = command.make_context("build", args[2:])
+        params = dict(ctx.params)
+        params.pop("source"), params.pop("as_json")
+        again = options_from_cli(params)
+        expected = options.__class__(**{**options.__dict__, "output": (tmp_path / "out").resolve(), "force": True,
+                                        "shapes": dims})
+        assert again == expected, [f.path for f in FLAGS if getattr(again, f.path.split(".")[0]) !=
+                                   getattr(expected, f.path.split(".")[0])]
