@@ -1,7 +1,6 @@
 """torch → ONNX: named dims with recorded ranges, clear errors for what cannot be exported."""
 
 import json
-from pathlib import Path
 
 import onnx
 import pytest
@@ -13,8 +12,7 @@ from exporter.source.shapes import parse_shapes
 from exporter.source.spec import parse_source
 from runtimes.errors import BuildError, ExportError, UsageError
 from runtimes.manifest import DimRange
-
-MODELS = Path(__file__).resolve().parents[1] / "models"
+from tests.conftest import MODELS
 
 
 def _dims(graph_io):

@@ -16,9 +16,9 @@ from exporter.source.shapes import parse_shapes
 from exporter.source.spec import parse_source
 from runtimes.errors import BuildError, ParityError, UsageError
 from runtimes.samples import generate_feeds
+from tests.conftest import MODELS, ROOT
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-SENTENCES = Path(__file__).resolve().parents[2] / "exporter" / "data" / "sentences.txt"
+SENTENCES = ROOT / "exporter" / "data" / "sentences.txt"
 
 
 def _check_bundle_equals_torch(bundle: Path, source: str, points=("min", "opt", "max")):

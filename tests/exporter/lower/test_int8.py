@@ -2,7 +2,6 @@
 the held-out gate, bad inputs; and all-MiniLM-L6-v2 with its real weights on real sentences."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,10 +11,9 @@ from typer.testing import CliRunner
 import runtimes
 from exporter.cli import app
 from exporter.pipeline import BuildOptions, build
-from tests.conftest import run_cli
+from tests.conftest import MODELS, ROOT, run_cli
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-DATA = Path(__file__).resolve().parents[2] / "exporter" / "data"
+DATA = ROOT / "exporter" / "data"
 CONV = f"py:{MODELS / 'convnet.py'}:make"
 runner = CliRunner()
 

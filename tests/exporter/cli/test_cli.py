@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from tests.conftest import run_cli
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
 runner = CliRunner()
 
 

@@ -1,6 +1,5 @@
 """SOURCE parsing and loading, including every bad source the CLI must explain."""
 
-from pathlib import Path
 
 import onnx
 import pytest
@@ -9,8 +8,7 @@ from exporter.source.families import family_for
 from exporter.source.loading import load_source
 from exporter.source.spec import model_name, parse_source
 from runtimes.errors import SourceError
-
-MODELS = Path(__file__).resolve().parents[1] / "models"
+from tests.conftest import MODELS
 
 
 def test_parse_forms(tmp_path):

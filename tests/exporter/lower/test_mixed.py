@@ -2,7 +2,6 @@
 parity-driven FP32 fallback that repairs what a naive cast breaks."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,9 +12,9 @@ import runtimes
 from exporter.lower.emulate import emulation_model, run_outputs
 from exporter.pipeline import BuildOptions, build
 from runtimes.errors import BuildError, InvalidInput, ParityError, UsageError
+from tests.conftest import MODELS
 
 pytest.importorskip("modelopt.onnx.autocast")
-MODELS = Path(__file__).resolve().parents[1] / "models"
 PLANTED = f"py:{MODELS / 'planted.py'}:make"
 
 
