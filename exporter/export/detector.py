@@ -1,6 +1,6 @@
 """Detectors in the build: which outputs the engine ships, and how the gate still sees the raw ones.
 
-A detector source (a py: factory returning `exporter.nms.Detector`, whose `enginekit_info` puts
+A detector source (a py: factory returning `exporter.export.nms.Detector`, whose `enginekit_info` puts
 task 'object-detection' and its NMS settings in the manifest) exports with NMS in the graph and
 six outputs: the final num_detections, boxes, scores, classes and the pre-NMS raw_boxes and
 raw_scores. The engine ships only the final four (copying every anchor's scores off the GPU on each
@@ -49,7 +49,7 @@ def set_outputs(loaded: LoadedSource, mode: str) -> None:
         if mode == "raw":
             raise UsageError(
                 f"Expected a detector source for --detector-outputs raw (a py: factory returning "
-                f"exporter.nms.Detector), found '{loaded.spec}' (task {loaded.info.get('task')}). Drop the option."
+                f"exporter.export.nms.Detector), found '{loaded.spec}' (task {loaded.info.get('task')}). Drop the option."
             )
         return
     if mode == "raw":
