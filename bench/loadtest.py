@@ -57,10 +57,13 @@ class ServerProcess:
 
 
 @contextmanager
-def serve_process(command: Sequence[str], *, ready_timeout: float = 90.0) -> Iterator[ServerProcess]:
-    """Run a server command that prints `ready on http://127.0.0.1:PORT`; stop it on exit."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+def serve_process(command: Sequence[str], *, ready_timeout: float = 90.0, env: dict[str, str] | None = None,
+                  cwd: Path = ROOT) -> Iterator[ServerProcess]:
+    """Run a server command that prints `ready on http://127.0.0.1:PORT`; stop it on exit. env: the
+    server's environment (default: this one, with the checkout on PYTHONPATH); cwd: where it runs."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT)) if env is None else dict(env)
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:

@@ -4,9 +4,11 @@ that the lock does not pin or pins otherwise."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
+from types import ModuleType
 
 import pytest
 from packaging.requirements import Requirement
@@ -18,13 +20,17 @@ tomllib = pytest.importorskip("tomllib")
 LOCK = ROOT / "lock" / "requirements.txt"
 
 
+def _check_module() -> ModuleType:
+    """lock/check.py (a script, not a package module), imported from its file."""
+    spec = importlib.util.spec_from_file_location("enginekit_lock_check", ROOT / "lock" / "check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _pins() -> dict[str, str]:
-    sys.path.insert(0, str(ROOT / "lock"))
-    try:
-        from check import read_pins  # lock/check.py
-    finally:
-        sys.path.pop(0)
-    return read_pins(LOCK.read_text().splitlines())
+    return dict(_check_module().read_pins(LOCK.read_text().splitlines()))
 
 
 def _make_extras() -> list[str]:
@@ -58,11 +64,7 @@ def test_the_lock_pins_torch_without_a_local_build_label():
 
 
 def test_check_flags_drift_and_passes_the_lock_itself(tmp_path):
-    sys.path.insert(0, str(ROOT / "lock"))
-    try:
-        from check import mismatches
-    finally:
-        sys.path.pop(0)
+    mismatches = _check_module().mismatches
     pins = {"numpy": "2.4.6", "torch": "2.13.0"}
     assert mismatches(pins, {"numpy": "2.4.6", "torch": "2.13.0+cpu", "pip": "23.2.1"}) == []
     assert mismatches(pins, {"numpy": "2.5.0"}) == ["numpy==2.5.0 is installed, the lock says 2.4.6"]

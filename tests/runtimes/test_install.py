@@ -11,8 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +26,15 @@ pytestmark = pytest.mark.slow
 
 # What a runtime-only install must not contain (distribution names as pip sees them).
 BUILD_ONLY = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "polygraphy", "nvidia-modelopt")
-READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
+
+
+def _env() -> dict[str, str]:
+    """This environment without the checkout on PYTHONPATH and without this venv."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=_env())
 
 
 @pytest.fixture(scope="module")
@@ -86,38 +87,18 @@ def test_runtime_only_install_loads_infers_and_serves(runtime_venv, bert_bundle,
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-6)
 
-    from bench.loadtest import decode_response, make_request
+    from bench.loadtest import decode_response, make_request, serve_process
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    server = subprocess.Popen([str(runtime_venv / "bin" / "enginekit"), "serve", str(bert_bundle), "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
-    lines: list[str] = []
-    found: list[str] = []
-
-    def pump() -> None:
-        assert server.stdout is not None
-        for line in server.stdout:
-            lines.append(line)
-            if (m := READY.search(line)) and not found:
-                found.append(m.group(1))
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        deadline = time.monotonic() + 90
-        while not found and server.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert found, "".join(lines)[-2000:]
-        url = found[0]
-        assert httpx.get(f"{url}/v2/health/ready", timeout=10).json()["ready"] is True
+    # The installed console script, outside the checkout and without it on PYTHONPATH.
+    with serve_process([str(runtime_venv / "bin" / "enginekit"), "serve", str(bert_bundle), "--port", "0"],
+                       env=_env(), cwd=tmp_path) as server:
+        assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).json()["ready"] is True
         req = make_request("bert", feeds, fmt="npz")
-        resp = httpx.post(url + req.path, content=req.body, headers={"content-type": req.content_type}, timeout=30)
+        resp = httpx.post(server.url + req.path, content=req.body, headers={"content-type": req.content_type}, timeout=30)
         assert resp.status_code == 200, resp.text[:300]
         served = decode_response(resp.content, resp.headers["content-type"])
         for name, value in want.items():
             np.testing.assert_allclose(served[name], value, rtol=1e-5, atol=1e-5)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_build_commands_name_the_build_extra(runtime_venv, tiny_bert_dir, tmp_path):
