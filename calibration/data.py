@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.base import value_problems
 from runtimes.errors import DataError
 from runtimes.manifest import IOSpec
 
@@ -88,7 +89,9 @@ def load_feeds(
     notes: list[str] = []
     opts = image_options or ImageOptions()
     kind, items, _ = _decoded(kind, items, io, source, tokenizer_dir, opts, notes)
-    return _to_feeds(kind, items, io, source, tokenizer_dir, batch_size, notes)
+    feeds = _to_feeds(kind, items, io, source, tokenizer_dir, batch_size, notes)
+    check_fits(feeds, io, str(source))
+    return feeds
 
 
 def load_split(
@@ -274,6 +277,7 @@ def check_fits(feeds: Sequence[Feeds], io: IOSpec, source: str) -> None:
                 if (isinstance(want, int) and size != want) or (rng is not None and not rng.min <= size <= rng.max):
                     allowed = str(want) if isinstance(want, int) else f"{want}={rng.min}..{rng.max}" if rng else want
                     problems.append(f"batch {i} '{spec.name}' axis {axis} is {size}, expected {allowed}")
+        problems += [f"batch {i} {p}" for p in value_problems(feed, io.values)]
     if problems:
         expected = "; ".join(s.describe() for s in io.inputs)
         raise DataError(
@@ -284,7 +288,13 @@ def check_fits(feeds: Sequence[Feeds], io: IOSpec, source: str) -> None:
 
 
 def read_texts(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"Expected '{path}' to be UTF-8 text (one text per line), but byte {exc.start} is not valid UTF-8 "
+            f"({exc.reason}). Convert it, e.g. `iconv -f LATIN1 -t UTF-8 {path} > fixed{path.suffix}`, and pass that."
+        ) from None
     if path.suffix == ".jsonl":
         texts = []
         for i, line in enumerate(lines, 1):

@@ -175,9 +175,9 @@ def export_triton(bundle: Path, repo: Path, options: TritonOptions | None = None
         platform, model_file = PLATFORMS[manifest.target.backend]
         engine_files = manifest.target.engine_files
         # The first engine file is the model; the rest (external data) keep the names it refers to.
-        shutil.copy2(bundle / engine_files[0], version / model_file)
+        shutil.copy2(manifest.file(bundle, engine_files[0], "engine file"), version / model_file)
         for extra in engine_files[1:]:
-            shutil.copy2(bundle / extra, version / extra)
+            shutil.copy2(manifest.file(bundle, extra, "engine file"), version / extra)
         (staging / "config.pbtxt").write_text(config, encoding="utf-8")
         publish(staging, destination)
     finally:

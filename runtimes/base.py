@@ -121,6 +121,7 @@ class Runner(ABC):
                         "a dim must agree"
                     )
                 seen_dims.setdefault(want, (size, name))
+        problems += value_problems(arrays, self.manifest.io.values)
         if problems:
             expected = "; ".join(s.describe() for s in specs.values())
             ranges = ", ".join(f"{k}={v.min}..{v.max}" for k, v in self.manifest.io.dims.items())
@@ -130,3 +131,20 @@ class Runner(ABC):
                 "wider range (--shapes NAME=MIN:OPT:MAX)."
             )
         return arrays
+
+
+def value_problems(arrays: Mapping[str, np.ndarray], hints: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Integer inputs outside the range the manifest records for them (token ids: 0 .. vocabulary - 1).
+    An embedding lookup does not fail on them: ONNX Runtime's Gather reads index -1 as the last row
+    (ONNX allows negative indices), so -1 ... -vocab would give another token's answer silently."""
+    problems = []
+    for name, arr in arrays.items():
+        hint = hints.get(name) or {}
+        if hint.get("kind") != "randint" or arr.dtype.kind not in "iu" or arr.size == 0:
+            continue
+        low, high = int(hint.get("low", 0)), int(hint.get("high", 0))
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < low or hi >= high:
+            problems.append(f"'{name}' holds values {lo}..{hi}, outside the valid range {low}..{high - 1} the "
+                            "manifest records (for token ids: the vocabulary)")
+    return problems

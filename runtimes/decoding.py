@@ -143,6 +143,29 @@ class _CudaStep:
         return (logits, values[1].numpy()), values[2:]
 
 
+def _read_spec(bundle: Path, manifest: Manifest) -> dict[str, Any]:
+    """generation.json, checked to name only engine files the manifest lists (IncompatibleEngine otherwise)."""
+    path = manifest.file(bundle, GENERATION_FILE, "generation spec")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        files = [c["file"] for c in spec["components"].values()]
+        if "vision" in spec:
+            files.append(spec["vision"]["file"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IncompatibleEngine(
+            f"Expected {path} to be the generation spec enginekit wrote, but it cannot be read ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). Rebuild the bundle with: {manifest.rebuild_command}"
+        ) from None
+    unlisted = [f for f in files if f not in manifest.target.engine_files]
+    if unlisted:
+        raise IncompatibleEngine(
+            f"Expected {path} to name only the bundle's engine files ({', '.join(manifest.target.engine_files)}), "
+            f"found {[str(f)[:200] for f in unlisted]}. An unlisted engine is never run. Rebuild the bundle with: "
+            f"{manifest.rebuild_command}"
+        )
+    return dict(spec)
+
+
 class Generator:
     """Runs a generation bundle. device: None (the bundle's), 'cpu' or 'cuda'; threads: CPU intra-op
     threads (None: ORT's default); verify: check the files' sha256 against the manifest."""
@@ -154,7 +177,7 @@ class Generator:
         self.bundle = Path(bundle)
         self.manifest = Manifest.read(self.bundle)
         spec_path = self.bundle / GENERATION_FILE
-        if not spec_path.is_file():
+        if GENERATION_FILE not in self.manifest.files or not spec_path.is_file():
             raise IncompatibleEngine(
                 f"Expected a generation bundle (with {GENERATION_FILE}, written by `enginekit build` for a causal LM) "
                 f"at '{self.bundle}', found a bundle for task '{self.manifest.source.get('task')}'. Run it with "
@@ -162,9 +185,9 @@ class Generator:
             )
         if verify:
             verify_files(self.bundle, self.manifest)
-        self.spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        self.spec = _read_spec(self.bundle, self.manifest)
         tok = self.spec.get("tokenizer")
-        self._tokenizer = Tokenizer(self.bundle / tok) if tok else None
+        self._tokenizer = Tokenizer(self.manifest.file(self.bundle, tok, "tokenizer")) if tok else None
         self.device = device or self.manifest.target.device
         self.io = {name: IOSpec.from_dict(c["io"]) for name, c in self.spec["components"].items()}
         self.cache_in = [s.name for s in self.io["decode"].inputs if s.name.startswith("past_key_values.")]
@@ -310,6 +333,11 @@ class Generator:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def vocab_size(self) -> int | None:
+        """Valid token ids are 0 .. vocab_size - 1 (the input_ids range recorded at build time)."""
+        hints = [io.values.get("input_ids") for io in self.io.values()]
+        return next((int(h["high"]) for h in hints if h and h.get("kind") == "randint"), None)
+
     # -- internals ------------------------------------------------------------------------------------------
     def _check_batch(self, prompts: Sequence[Sequence[int]], opts: SamplingOptions) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -317,6 +345,13 @@ class Generator:
         if len(prompts) > self.max_batch:
             raise InvalidInput(f"Expected at most {self.max_batch} prompts at once (the engine's batch range), "
                                f"found {len(prompts)}. Split them, or rebuild with --shapes batch=1:1:{len(prompts)}.")
+        vocab = self.vocab_size()
+        bad = sorted({int(t) for p in prompts for t in p if not 0 <= int(t) < vocab}) if vocab else []
+        if bad:
+            raise InvalidInput(
+                f"Expected token ids in 0..{vocab - 1} (the vocabulary the manifest records), found {bad[:8]}. "
+                "A negative id would silently read another token's embedding row; tokenize with the bundle's tokenizer."
+            )
         width = max(len(p) for p in prompts)
         if width >= self.max_length:
             raise InvalidInput(

@@ -10,9 +10,9 @@ as runtimes/vlm.py's VisionLanguageGenerator (whose generate() also takes images
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .choices import Kind
 from .decoding import (
     GENERATION_FILE,
     TOKENIZER_FILE,
@@ -22,6 +22,7 @@ from .decoding import (
     Tokenizer,
     sample_next,
 )
+from .manifest import Manifest
 from .vlm import VisionLanguageGenerator
 
 __all__ = ["GENERATION_FILE", "TOKENIZER_FILE", "Generation", "Generator", "SamplingOptions", "Tokenizer",
@@ -32,7 +33,6 @@ def load_generator(bundle: str | Path, *, device: str | None = None, threads: in
                    verify: bool = True) -> Generator:
     """Open a generation bundle (see runtimes.decoding.Generator); a VLM bundle (generation.json names
     a vision engine) opens as a VisionLanguageGenerator."""
-    spec = Path(bundle) / GENERATION_FILE
-    if spec.is_file() and "vision" in json.loads(spec.read_text(encoding="utf-8")):
+    if Manifest.read(bundle).kind is Kind.VISION_LANGUAGE:  # the manifest says it; generation.json is read once checked
         return VisionLanguageGenerator(bundle, device=device, threads=threads, verify=verify)
     return Generator(bundle, device=device, threads=threads, verify=verify)

@@ -11,9 +11,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shlex
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from .choices import Kind
@@ -24,6 +25,12 @@ MANIFEST_NAME = "manifest.json"
 # The backend name a composite CLIP bundle records: one engine bundle per tower inside (runtimes/zeroshot.py).
 ZERO_SHOT_BACKEND = "zero-shot"
 ShapePoint = Literal["min", "opt", "max"]
+# Element types a manifest may name for an input or output: numpy's, plus the ONNX types numpy lacks.
+DTYPES = frozenset({
+    "bool", "int4", "uint4", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "bfloat16", "float32", "float64", "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz",
+})
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -190,12 +197,100 @@ class Manifest:
                 + (f": {shlex.join(raw['build_command'])}" if isinstance(raw, dict) and raw.get("build_command") else ".")
             )
         try:
-            return cls.from_dict(raw)
-        except (KeyError, TypeError, ValueError) as exc:
+            manifest = cls.from_dict(raw)
+            problems = _structure_problems(manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            problems = [f"it is malformed ({type(exc).__name__}: {str(exc)[:200]})"]
+        if problems:
             raise IncompatibleEngine(
-                f"Expected a complete enginekit manifest in {path}, but it is malformed ({exc!r}). "
-                "Rebuild the bundle with `enginekit build`."
-            ) from None
+                f"Expected a complete enginekit manifest in {path}, but {'; '.join(problems)}. A bundle that does "
+                "not say exactly which of its own files it runs is not loaded. Rebuild it with `enginekit build`."
+            )
+        check_confined(bundle, manifest)
+        return manifest
+
+    def hashed(self, bundle: str | os.PathLike[str]) -> Manifest:
+        """A copy whose `files` also list the engine files with their sha256 as they are in `bundle` now: the
+        build gates its staging bundle before the manifest is final, through the same rule as every load."""
+        files = {**self.files, **{f: file_sha256(confined_path(Path(bundle), f, "engine file"))
+                                  for f in self.target.engine_files}}
+        return replace(self, files=files)
+
+    def file(self, bundle: str | os.PathLike[str], rel: str, what: str = "file") -> Path:
+        """`bundle / rel` for a file this manifest lists with its sha256 in `files`, inside the bundle
+        (symlinks resolved); IncompatibleEngine for anything else. Every file the runtime opens comes
+        from here, so a manifest cannot point a loader at a file outside its bundle or one never hashed."""
+        if rel not in self.files:
+            raise IncompatibleEngine(
+                f"Expected the {what} '{str(rel)[:200]}' of bundle '{bundle}' to be listed with its sha256 in the "
+                f"manifest's files ({', '.join(sorted(self.files)[:8]) or 'none listed'}), but it is not: an unlisted "
+                f"file is never run. Rebuild the bundle with: {self.rebuild_command}"
+            )
+        return confined_path(Path(bundle), rel, what)
+
+
+def _structure_problems(m: Manifest) -> list[str]:
+    """What makes a parsed manifest unusable: wrong types, unknown dtypes, engine files not hashed."""
+    problems = []
+    if not isinstance(m.files, dict) or not all(isinstance(k, str) and isinstance(v, str) and _SHA256.match(v)
+                                                for k, v in m.files.items()):
+        return ["'files' is not a map of relative path -> sha256 hex digest"]
+    engine_files = m.target.engine_files
+    if not isinstance(engine_files, list) or not all(isinstance(f, str) for f in engine_files):
+        return [f"target.engine_files is {type(engine_files).__name__}, not a list of file names"]
+    if not engine_files and m.target.backend != ZERO_SHOT_BACKEND:
+        problems.append("target.engine_files is empty (no engine to load)")
+    unlisted = [f for f in engine_files if f not in m.files]
+    if unlisted:
+        problems.append(f"engine file(s) {[f[:200] for f in unlisted][:4]} are not listed with a sha256 in 'files'")
+    for spec in m.io.inputs + m.io.outputs:
+        if not isinstance(spec.name, str) or spec.dtype not in DTYPES:
+            problems.append(f"io entry {str(spec.name)[:100]!r} has dtype {str(spec.dtype)[:50]!r}, not one of "
+                            f"{', '.join(sorted(DTYPES))}")
+        elif not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in spec.shape):
+            problems.append(f"io entry '{spec.name[:100]}' has a shape that is not made of ints and dim names")
+    for name, r in m.io.dims.items():
+        if not all(type(v) is int for v in (r.min, r.opt, r.max)):
+            problems.append(f"dim '{str(name)[:100]}' has a range that is not three integers")
+    if not isinstance(m.build_command, list) or not all(isinstance(a, str) for a in m.build_command):
+        problems.append("build_command is not a list of strings")
+    return problems
+
+
+def confined_path(bundle: Path, rel: object, what: str = "file") -> Path:
+    """`bundle / rel`, refused (IncompatibleEngine) unless `rel` is a relative, normalised POSIX path
+    that stays inside the bundle once symlinks are resolved."""
+    text = rel if isinstance(rel, str) else ""
+    posix = PurePosixPath(text)
+    bad = (not text or "\\" in text or "\0" in text or posix.is_absolute() or PureWindowsPath(text).is_absolute()
+           or PureWindowsPath(text).drive or posix.as_posix() != text or any(p in ("..", ".") for p in posix.parts))
+    path = Path(bundle) / text
+    if not bad:
+        root = Path(bundle).resolve()
+        bad = not path.resolve().is_relative_to(root)
+    if bad:
+        raise IncompatibleEngine(
+            f"Expected every path in the manifest of bundle '{bundle}' to be relative, normalised and inside the "
+            f"bundle, but its {what} is {str(rel)[:200]!r}. A bundle may only name its own files; this one is not "
+            "loaded. Rebuild it with `enginekit build`, or remove the altered entry."
+        )
+    return path
+
+
+def check_confined(bundle: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Every path the manifest names (files, engine files, a zero-shot bundle's tower folders) is inside `bundle`."""
+    bundle = Path(bundle)
+    for rel in manifest.files:
+        confined_path(bundle, rel, "listed file")
+    parts = manifest.target.options.get("parts") if isinstance(manifest.target.options, dict) else None
+    if manifest.target.backend == ZERO_SHOT_BACKEND:
+        if not isinstance(parts, dict):
+            raise IncompatibleEngine(
+                f"Expected the zero-shot bundle '{bundle}' to name its tower folders in target.options.parts, found "
+                f"{type(parts).__name__}. Rebuild it with: {manifest.rebuild_command}"
+            )
+        for role, folder in parts.items():
+            confined_path(bundle, folder, f"'{str(role)[:50]}' tower folder")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -210,7 +305,7 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
     """Refuse a bundle whose files differ from what the build recorded (IncompatibleEngine)."""
     problems = []
     for rel, digest in manifest.files.items():
-        p = Path(bundle) / rel
+        p = confined_path(Path(bundle), rel, "listed file")
         if not p.is_file():
             problems.append(f"{rel} is missing")
         elif file_sha256(p) != digest:

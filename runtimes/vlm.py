@@ -176,7 +176,11 @@ class VisionLanguageGenerator(Generator):
                              "bundle. Open it with runtimes.generate.load_generator.")
         self.vision = VisionSpec.from_dict(self.spec["vision"])
         # Memory-mapped: a decode step reads one row per token, never the whole table.
-        self.embeddings = np.load(self.bundle / self.spec["embeddings"]["file"], mmap_mode="r")
+        self.embeddings = np.load(self.manifest.file(self.bundle, self.spec["embeddings"]["file"], "embedding table"),
+                                  mmap_mode="r", allow_pickle=False)
+
+    def vocab_size(self) -> int | None:
+        return int(self.embeddings.shape[0])  # the decoder reads embedding rows: ids index this table
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.embeddings[ids], np.float32)

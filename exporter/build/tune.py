@@ -33,7 +33,7 @@ def tune_cuda(bundle: Path, manifest: Manifest, *, runs: int = 30) -> dict[str, 
     feeds = generate_feeds(manifest.io, "opt", seed=7)
     trials = []
     for options in candidates(bundle / manifest.target.engine_files[0]):
-        runner = OrtRunner(bundle, manifest, device="cuda", provider_options=options)
+        runner = OrtRunner(bundle, manifest.hashed(bundle), device="cuda", provider_options=options)
         try:
             slot = runner.prepare(feeds)
             stats = measure(lambda slot=slot, runner=runner: runner.run_prepared(slot), warmup=5, runs=runs)

@@ -212,7 +212,8 @@ def calibrate(
 @handle_errors
 def parity(
     bundle: Path = typer.Argument(..., help="An engine bundle folder."),
-    reference: str | None = typer.Option(None, "--reference", help="Reference source (default: the one in the manifest)."),
+    reference: str | None = typer.Option(None, "--reference", help="Reference source (default: the one the manifest records, when it is a hub id or timm name; a recorded py: or path source must be named here)."),
+    trust_recorded: bool = typer.Option(False, "--trust-recorded-source", help="Use the manifest's recorded source even when it is py: code or a path (it will be imported or read)."),
     data: Path | None = typer.Option(None, "--data", help="Real inputs: .npz, folder of .npz, .txt or .jsonl texts."),
     tolerance: list[str] = typer.Option([], "--tolerance", help="[OUTPUT:]METRIC=VALUE (repeatable)."),
     device: str | None = typer.Option(None, "--device", help="Run the engine on cpu or cuda (default: its own)."),
@@ -226,7 +227,7 @@ def parity(
 
     with stages(not as_json) as say:
         result = check_bundle(bundle, reference=reference, data=data, tolerances=list(tolerance), device=device,
-                              html=report, progress=say)
+                              html=report, progress=say, trust_recorded=trust_recorded)
     if as_json:
         _print_json(result.to_dict())
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,22 +17,54 @@ from exporter.source.loading import load_source
 from exporter.source.spec import parse_source
 from exporter.timing import Progress
 from runtimes.choices import Device, Kind, Precision
-from runtimes.manifest import Manifest
+from runtimes.errors import UsageError
+from runtimes.manifest import Manifest, verify_files
+
+# A hub id (`hf:org/name`) or a timm model name: names a model, not a file or code on this machine.
+_NAME_ONLY = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def reference_source(bundle: Path, manifest: Manifest, reference: str | None, trust_recorded: bool) -> str:
+    """The reference to gate against: `reference` when the user names one; else the source the manifest
+    records, but only when it is a model name (hf: hub id, timm:). A manifest is data: a recorded py:
+    source is code to run and an hf:/onnx: folder is a path to read, so those need the user to name the
+    reference on the command line (or to pass trust_recorded, `--trust-recorded-source`)."""
+    if reference:
+        return reference
+    recorded = manifest.source.get("spec")
+    if not isinstance(recorded, str) or not recorded:
+        raise UsageError(f"Expected bundle '{bundle}' to record its source, found none. Name the reference: "
+                         f"enginekit parity {shlex.quote(str(bundle))} --reference SOURCE.")
+    kind, _, location = recorded.partition(":")
+    location = location.partition("#")[0]
+    if trust_recorded or kind == "timm" or (kind == "hf" and _NAME_ONLY.match(location) and not Path(location).exists()):
+        return recorded
+    what = "code to import and run" if kind == "py" else "a path on this machine to read"
+    raise UsageError(
+        f"Expected a reference named on the command line, because the source bundle '{bundle}' records "
+        f"({recorded[:300]!r}) is {what}, and a manifest is data: enginekit does not run code or read a path "
+        "because a bundle names it. Check that source, then name it yourself: enginekit parity "
+        f"{shlex.quote(str(bundle))} --reference {shlex.quote(recorded[:300])} (or pass --trust-recorded-source)."
+    )
 
 
 def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | None = None,
                  tolerances: list[str] | None = None, device: str | None = None, html: Path | None = None,
-                 progress: Progress | None = None, seed: int = 0) -> ParityReport:
-    """Gate `bundle` on the same shapes it was built for; the bundle itself is not modified."""
+                 progress: Progress | None = None, seed: int = 0, trust_recorded: bool = False) -> ParityReport:
+    """Gate `bundle` on the same shapes it was built for; the bundle itself is not modified.
+    reference: the source to compare against (default: the recorded one when it is a model name;
+    see reference_source); trust_recorded: also use a recorded py:/path source (default False)."""
     say = progress or (lambda _m: None)
-    if Manifest.read(bundle).kind in (Kind.GENERATION, Kind.VISION_LANGUAGE):  # gated on tokens
-        return check_generation_bundle(bundle, reference=reference, data=data, tolerances=tolerances, device=device,
-                                       progress=say)
     manifest = Manifest.read(bundle)
+    verify_files(bundle, manifest)  # an altered bundle says so first, whatever the reference
+    source = reference_source(bundle, manifest, reference, trust_recorded)
+    if manifest.kind in (Kind.GENERATION, Kind.VISION_LANGUAGE):  # gated on tokens
+        return check_generation_bundle(bundle, reference=source, data=data, tolerances=tolerances, device=device,
+                                       progress=say)
     say("Loading engine")
     runner = runtimes.load(bundle, device=device)  # refuses an altered or unrunnable bundle first
     try:
-        spec = parse_source(reference or manifest.source["spec"])
+        spec = parse_source(source)
         say(f"Loading reference {spec}")
         loaded = load_source(spec)
         # The engine's io is the contract: same inputs, dims and value hints as at build time.
@@ -67,7 +101,8 @@ def check_generation_bundle(bundle: Path, *, reference: str | None = None, data:
                             tolerances: list[str] | None = None, device: str | None = None,
                             progress: Progress | None = None) -> ParityReport:
     """`enginekit parity BUNDLE` for a generation bundle: the token gate again, on this machine
-    (the way to check a BF16 CUDA bundle that was built where no GPU was)."""
+    (the way to check a BF16 CUDA bundle that was built where no GPU was). reference: as check_bundle's,
+    with trust_recorded=False."""
     from types import SimpleNamespace
 
     from exporter.gate.tokens import parity_prompts, token_gate
@@ -76,7 +111,7 @@ def check_generation_bundle(bundle: Path, *, reference: str | None = None, data:
 
     say = progress or (lambda _m: None)
     manifest = Manifest.read(bundle)
-    spec = parse_source(reference or manifest.source["spec"])
+    spec = parse_source(reference_source(bundle, manifest, reference, False))
     say(f"Loading reference {spec}")
     if manifest.source.get("family") == "vlm":
         from exporter.export.vlm import load_vlm

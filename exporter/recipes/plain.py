@@ -287,7 +287,7 @@ def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases
     notes = []
     runner = None
     try:
-        runner = open_runner(bundle, manifest, device=options.device)
+        runner = open_runner(bundle, manifest.hashed(bundle), device=options.device)
     except (IncompatibleEngine, MissingDependency) as exc:
         notes.append(f"parity not checked: the {options.precision} engine cannot run here "
                      f"({not_runnable_here(exc, options.device, options.precision)}); run `enginekit parity` on a "

@@ -145,7 +145,7 @@ class OrtRunner(Runner):
                 self.cuda_options["use_tf32"] = 0
             self.cuda_options.update(manifest.target.options.get("cuda_provider_options", {}))
             self.cuda_options.update(provider_options or {})
-        self.model_path = self.bundle / manifest.target.engine_files[0]
+        self.model_path = manifest.file(self.bundle, manifest.target.engine_files[0], "engine file")
         self.session = self._session()
         graph_inputs = {i.name for i in self.session.get_inputs()}
         declared = {s.name for s in manifest.io.inputs}

@@ -192,7 +192,7 @@ class TrtRunner(Runner):
 
     def _deserialize(self, plan: PlanInfo, modules: list[tuple[str, Any]], cc: tuple[int, int]) -> Any:
         """Deserialize the plan with the first module that fits this machine and succeeds."""
-        blob = (self.bundle / self.manifest.target.engine_files[0]).read_bytes()
+        blob = self.manifest.file(self.bundle, self.manifest.target.engine_files[0], "engine file").read_bytes()
         tried: list[str] = []
         for module_name, trt in modules:
             problems = compatibility_problems(plan, module_name, trt.__version__, cc)

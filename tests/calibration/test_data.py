@@ -62,6 +62,9 @@ def test_text_and_jsonl_are_tokenized_and_truncated(tmp_path, tiny_bert_dir):
         (lambda p: (p / "b.jsonl").write_text("{not json}\n") and p / "b.jsonl", "not JSON"),
         (lambda p: (p / "c.jsonl").write_text('{"t": 1}\n') and p / "c.jsonl", '"text"'),
         (lambda p: (p / "x.csv").write_text("a") and p / "x.csv", ".npz file"),
+        (lambda p: (p / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1")) and p / "latin1.txt",
+         "byte 3 is not valid UTF-8"),
+        (lambda p: (p / "l.jsonl").write_bytes(b'{"text": "\xff"}\n') and p / "l.jsonl", "not valid UTF-8"),
     ],
 )
 def test_bad_data_is_a_clear_error(tmp_path, tiny_bert_dir, make, message):

@@ -148,9 +148,13 @@ def test_threads_setting_is_applied(bert_bundle):
 
 
 def test_values_the_engine_refuses_are_invalid_input(bert_bundle):
-    """A token id beyond the vocabulary passes the shape checks; ORT's refusal comes back as InvalidInput."""
+    """A token id beyond the vocabulary passes the shape checks and is refused by the recorded range;
+    without a recorded range (an onnx: model with no hint), ORT's own refusal comes back as InvalidInput."""
     with runtimes.load(bert_bundle) as r:
         feeds = generate_feeds(r.manifest.io, "min")
         feeds["input_ids"] = feeds["input_ids"] + 10_000
+        with pytest.raises(InvalidInput, match="outside the valid range 0"):
+            r.infer(feeds)
+        del r.manifest.io.values["input_ids"]
         with pytest.raises(InvalidInput, match="ONNX Runtime refused them: .*Gather"):
             r.infer(feeds)

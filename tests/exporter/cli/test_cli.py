@@ -58,13 +58,16 @@ def test_build_inspect_parity_in_a_subprocess(tiny_bert_dir, tmp_path):
     proc = run_cli("inspect", str(out))
     assert proc.returncode == 0 and "last_hidden_state" in proc.stdout and "parity: passed" in proc.stdout
     report = tmp_path / "again.html"
-    proc = run_cli("parity", str(out), "--report", str(report))
+    proc = run_cli("parity", str(out), "--report", str(report))  # the recorded source is a folder: named, not read
+    assert proc.returncode == 2 and "--reference" in proc.stderr and "Traceback" not in proc.stderr
+    assert not report.exists()
+    proc = run_cli("parity", str(out), "--report", str(report), "--reference", f"hf:{tiny_bert_dir}")
     assert proc.returncode == 0, proc.stderr
     assert "passed" in proc.stdout and report.read_text().startswith("<!doctype html>")
 
 
 def test_parity_failure_exits_1(bert_bundle, tmp_path):
-    res = runner.invoke(app, ["parity", str(bert_bundle), "--tolerance", "cosine=1.5"])
+    res = runner.invoke(app, ["parity", str(bert_bundle), "--tolerance", "cosine=1.5", "--trust-recorded-source"])
     assert res.exit_code == 1
     assert "parity failed" in res.output and "last_hidden_state" in res.output
 
@@ -160,7 +163,7 @@ def test_every_build_flag_round_trips_through_the_rebuild_command(tmp_path):
         BuildOptions(precision="int8", calib=str(tmp_path / "calib.txt"), calib_method="entropy",
                      accuracy_budget="top1>=0.98", smooth=0.7, data=data, tolerances=["logits:rel_l2=0.05", "cosine=0.9"],
                      image=ImageOptions(resize=256, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), opset=18,
-                     exporter="torch", detector_outputs="raw"),
+                     exporter="torch", detector_outputs="raw", memory_limit=48.0),
         BuildOptions(precision="fp16", device="cuda", fp32_nodes=["/attn/.*", "LayerNorm_1"], fp32_ops=["Softmax", "Pow"],
                      native_io=True, range_rules=False, fallback_budget=8, ort_fusions=False, lowering="native"),
         BuildOptions(target="trt", device="cuda", precision="bf16",
@@ -176,7 +179,7 @@ def test_every_build_flag_round_trips_through_the_rebuild_command(tmp_path):
         params = dict(ctx.params)
         params.pop("source"), params.pop("as_json")
         again = options_from_cli(params)
-        expected = options.__class__(**{**options.__dict__, "output": (tmp_path / "out").resolve(), "force": True,
+        expected = options.__class__(**{**options.__dict__, "output": tmp_path / "out", "force": True,
                                         "shapes": dims})
         assert again == expected, [f.path for f in FLAGS if getattr(again, f.path.split(".")[0]) !=
                                    getattr(expected, f.path.split(".")[0])]

@@ -24,10 +24,10 @@ def test_tower_sources_load_the_projection_heads(tiny_clip_dir):
 
 
 def test_zero_shot_gate_and_parity_command(clip_bundle):
-    report = check_bundle(clip_bundle)  # the whole model again, against transformers' CLIPModel
+    report = check_bundle(clip_bundle, trust_recorded=True)  # the whole model again, against transformers' CLIPModel
     assert report.passed and {c.checks[0].name for c in report.cases} == {"zero-shot"}
     assert report.worst_checks()["zero-shot"]["order"] == 1.0
-    tower = check_bundle(clip_bundle / "image")  # a tower against CLIPVisionModelWithProjection
+    tower = check_bundle(clip_bundle / "image", trust_recorded=True)  # a tower against CLIPVisionModelWithProjection
     assert tower.passed and set(tower.worst()) == {"image_embeds"}
 
 

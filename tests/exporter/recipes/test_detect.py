@@ -67,7 +67,8 @@ def test_detector_bundle_ships_final_outputs_and_gates_raw_ones(detector_bundle)
 
 
 def test_parity_command_rechecks_a_detector_with_matching(detector_bundle, tmp_path):
-    report = check_bundle(detector_bundle, tolerances=["detections:matched=1.0"], html=tmp_path / "r.html")
+    report = check_bundle(detector_bundle, tolerances=["detections:matched=1.0"], html=tmp_path / "r.html",
+                          trust_recorded=True)
     assert report.passed and all(c.checks and c.checks[0].name == "detections" for c in report.cases)
     assert {o.name for c in report.cases for o in c.outputs} == {"raw_boxes", "raw_scores"}  # re-exposed from model.onnx
     assert (tmp_path / "r.html").is_file()

@@ -146,5 +146,5 @@ def test_smollm2_real_weights_match_transformers(tmp_path):
 def test_parity_command_reruns_the_token_gate(qwen2_bundle):
     from exporter.gate.recheck import check_bundle
 
-    report = check_bundle(qwen2_bundle)
+    report = check_bundle(qwen2_bundle, trust_recorded=True)
     assert report.passed and {o.name for c in report.cases for o in c.outputs} == {"logits", "tokens"}

@@ -54,5 +54,5 @@ def test_refusals(tiny_qwen2_vl_dir, tmp_path, vlm_bundle):
 def test_parity_command_reruns_the_vlm_gate(vlm_bundle):
     from exporter.gate.recheck import check_bundle
 
-    report = check_bundle(vlm_bundle)
+    report = check_bundle(vlm_bundle, trust_recorded=True)
     assert report.passed and {o.name for c in report.cases for o in c.outputs} == {"image_embeds", "logits", "tokens"}
