@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 lock=lock/requirements.txt
 carry=(transformers huggingface-hub httpx2 httpcore2 truststore hf-xet tokenizers onnx onnx-ir onnxscript
-       starlette uvicorn httptools)
+       starlette uvicorn h11)
 pins=()
 for name in "${carry[@]}"; do
   pin=$(grep -iE "^${name}==" "$lock" | head -1)

@@ -198,6 +198,8 @@ def serve(
     max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for batch-mates."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests per model before answering 503."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (413 above it)."),
+    body_timeout_s: float = typer.Option(10.0, "--body-timeout-s", help="Time a request body may take to arrive (408 after it)."),
+    limit_concurrency: int = typer.Option(1024, "--limit-concurrency", help="Connections or requests at once before answering 503."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads per engine (default: ORT's, one per core; 1 serves better on a small shared CPU)."),
 ) -> None:
@@ -206,7 +208,7 @@ def serve(
 
     run_server(bundles, host=host, port=port, config=ServeConfig(
         max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)),
-        device=device, threads=threads))
+        body_timeout_s=body_timeout_s, limit_concurrency=limit_concurrency, device=device, threads=threads))
 
 
 @handle_errors

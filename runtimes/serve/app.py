@@ -4,8 +4,9 @@ Why Starlette on uvicorn: Starlette is the small ASGI toolkit that FastAPI itsel
 this service needs none of FastAPI's pydantic models (inputs are checked against the manifest by
 Runner.validate, the one source of truth, and .npz bodies are not JSON schemas anyway). uvicorn is
 the reference ASGI server: on SIGTERM/SIGINT it stops accepting connections, lets requests in flight
-finish (up to `graceful_timeout_s`), then runs the app's shutdown, which drains the batchers. With
-httptools and uvloop installed (the `serve` extra) it uses them.
+finish (up to `graceful_timeout_s`), then runs the app's shutdown, which drains the batchers; the
+process then exits 0. How run_server sets uvicorn up (h11 with a header limit, the socket bound before
+the models load, the exit code) is in server.py; where bodies are decoded, off the loop, in offload.py.
 
 Endpoints (the paths follow the KServe v2 / Triton HTTP layout, so moving to Triton keeps the URLs):
 
@@ -16,9 +17,16 @@ Endpoints (the paths follow the KServe v2 / Triton HTTP layout, so moving to Tri
     POST /v2/models/{name}/infer    JSON or .npz body (see codec.py); ?outputs=a,b selects outputs
     GET  /metrics                   Prometheus text format
 
-Status codes: 400 unreadable body, 404 unknown model, 413 body too large, 415 other content type,
-422 inputs that do not fit the engine (Runner.validate's message), 503 warming up / queue full /
-shutting down, 500 only for bugs. Every error body is {"error": "<one paragraph>"}.
+Status codes: 400 unreadable body, 404 unknown model, 408 body not received within --body-timeout-s
+(10 s; the connection is closed), 413 body too large, 415 a Content-Type other than application/json
+or application/x-npz, or none, 422 inputs that do not fit the engine (Runner.validate's message) or an
+?outputs= that names none or unknown ones, 503 warming up / queue full / shutting down (a request
+still sending its body when SIGTERM arrives gets it at once, with the connection closed), 500 only
+for bugs. Every such error body is {"error": "<one paragraph>"}. 499 is never sent: it is how the
+metrics count a client that disconnected before its body was complete (nginx's convention). uvicorn
+itself answers, in plain text and closing the connection, 400 to a request head (request line +
+headers) still incomplete after 64 KiB (server.py says why a head that arrives in one read may be
+larger), and 503 to requests beyond --limit-concurrency (1,024 connections or requests at once).
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,26 +50,38 @@ from ..errors import EnginekitError, InvalidInput, UsageError
 from ..manifest import IOSpec
 from ..samples import SHAPE_POINTS, generate_feeds
 from .batching import DynamicBatcher, Overloaded
-from .codec import RequestError, decode_inputs, encode_outputs, response_kind
+from .codec import RequestError, response_kind
+from .offload import Codec
 
 log = logging.getLogger("enginekit.serve")
-STATUS_KIND = {400: "bad_request", 404: "unknown_model", 413: "too_large", 415: "unsupported_media_type",
-               422: "invalid_input", 503: "unavailable", 500: "internal"}
+STATUS_KIND = {400: "bad_request", 404: "unknown_model", 408: "body_timeout", 413: "too_large",
+               415: "unsupported_media_type", 422: "invalid_input", 499: "client_disconnect", 503: "unavailable",
+               500: "internal"}
+STOP_POLL_S = 0.1  # how often a request waiting for its body checks for shutdown (uvicorn's own tick)
 
 
 @dataclass
 class ServeConfig:
     """Defaults: batches up to the engine's max batch, 2 ms delay budget, 1,024 queued requests per
-    model, 64 MiB bodies, 30 s for in-flight requests at shutdown, the bundle's own device."""
+    model, 64 MiB bodies that must arrive within 10 s, 30 s for in-flight requests at shutdown, the
+    bundle's own device. run_server also applies the HTTP limits: idle keep-alive connections close
+    after 5 s, 1,024 connections or requests at once, request heads of 64 KiB (server.py).
+    codec_threads / codec_processes: where bodies are decoded and answers encoded (offload.py)."""
 
     max_batch: int | None = None
     max_delay_ms: float = 2.0
     max_queue: int = 1024
     max_body_bytes: int = 64 << 20
+    body_timeout_s: float = 10.0
     graceful_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    limit_concurrency: int | None = 1024
+    max_header_bytes: int = 64 << 10
     device: str | None = None
     threads: int | None = None
     warmup: bool = True
+    codec_threads: int = 2
+    codec_processes: int = 1
 
 
 def batch_dim(io: IOSpec) -> str | None:
@@ -68,6 +89,17 @@ def batch_dim(io: IOSpec) -> str | None:
     firsts = {s.shape[0] if s.shape else None for s in io.inputs + io.outputs}
     name = firsts.pop() if len(firsts) == 1 else None
     return name if isinstance(name, str) and name in io.dims else None
+
+
+def public_source(source: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's source as clients may see it: its kind, the last component of its location and
+    the task. The spec itself is where the model was on the build machine (hf:/home/u/models/x,
+    py:/srv/app/models.py:make), which is none of a client's business and helps an attacker."""
+    kind, _, location = str(source.get("spec") or "").partition(":")
+    if kind in ("hf", "timm"):  # hf:<dir or hub id>#task, timm:<name>#pretrained
+        location = location.partition("#")[0]
+    name = re.split(r"[\\/]", location.rstrip("\\/"))[-1]
+    return {"kind": source.get("kind") or kind or None, "name": name or None, "task": source.get("task")}
 
 
 class ModelService:
@@ -111,7 +143,7 @@ class ModelService:
             "dims": {k: {"min": v.min, "opt": v.opt, "max": v.max} for k, v in m.io.dims.items()},
             "batching": {"dim": self.batch_dim, "max_batch": self.batcher.max_batch, "max_delay_ms": self.max_delay_ms,
                          "policy": "requests with equal non-batch shapes share an engine run"},
-            "precision": m.precision, "source": m.source.get("spec"),
+            "precision": m.precision, "source": public_source(m.source),
             "parity": (m.parity or {}).get("status"), "enginekit_version": m.enginekit_version,
             "created_at": m.created_at,
         }
@@ -168,14 +200,17 @@ def load_models(bundles: Sequence[str | os.PathLike[str]], config: ServeConfig, 
 
 
 def create_app(models: Sequence[ModelService], metrics: Metrics, config: ServeConfig,
-               on_ready: Callable[[], Awaitable[None]] | None = None) -> Any:
-    """The Starlette app serving `models`; warm-up runs in the background and flips readiness."""
+               on_ready: Callable[[], Awaitable[None]] | None = None,
+               stopping: Callable[[], bool] | None = None) -> Any:
+    """The Starlette app serving `models`; warm-up runs in the background and flips readiness.
+    stopping: True once the server shuts down (run_server passes uvicorn's should_exit); requests
+    still waiting for their body then get 503 at once instead of holding the shutdown up."""
     require("starlette", extra="serve", purpose="enginekit serve")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    h = _Handlers(models, metrics, config, on_ready)
+    h = _Handlers(models, metrics, config, on_ready, stopping or (lambda: False))
     return Starlette(
         routes=[
             Route("/v2/health/live", h.live), Route("/v2/health/ready", h.ready),
@@ -197,15 +232,19 @@ class _Handlers:
     """The service's routes and lifespan over one set of models (create_app wires them to Starlette)."""
 
     def __init__(self, models: Sequence[ModelService], metrics: Metrics, config: ServeConfig,
-                 on_ready: Callable[[], Awaitable[None]] | None):
+                 on_ready: Callable[[], Awaitable[None]] | None, stopping: Callable[[], bool]):
         self.models, self.metrics, self.config, self.on_ready = models, metrics, config, on_ready
+        self.stopping = stopping
         self.by_name = {m.name: m for m in models}
         self.state: dict[str, Any] = {"ready": False, "reason": "warming up"}
+        # not the engine's one-thread executor: decoding a request must not wait for engine runs
+        self.codec = Codec(config.codec_threads, config.codec_processes)
 
     async def warm_up(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.codec.threads, self.codec.start)
             if self.config.warmup:
-                loop = asyncio.get_running_loop()
                 for m in self.models:
                     await loop.run_in_executor(m.executor, m.warm_up)
             self.state.update(ready=True, reason="")
@@ -228,6 +267,7 @@ class _Handlers:
         for m in self.models:
             await m.batcher.close()
             m.close()
+        self.codec.close()
 
     async def live(self, _request: Any) -> Any:
         return _reply({"live": True})
@@ -261,8 +301,12 @@ class _Handlers:
             status = _status_of(exc)
             if status == 500:
                 log.exception("inference on '%s' failed", name)
+            elif status == 499:  # the client's doing, and nobody is left to read an answer
+                log.debug("client left before sending the whole body of a request to '%s'", name)
             metrics.errors.labels(label, STATUS_KIND.get(status, str(status))).inc()
-            response = _reply({"error": str(exc)}, status, **({"Connection": "close"} if status == 413 else {}))
+            # 408 and 413 leave a body unread, and while shutting down no connection is kept
+            close = status in (408, 413) or self.stopping()
+            response = _reply({"error": str(exc)}, status, **({"Connection": "close"} if close else {}))
         finally:
             metrics.inflight.labels(label).dec()
         metrics.requests.labels(label, str(response.status_code)).inc()
@@ -275,14 +319,15 @@ class _Handlers:
         model = _find(self.by_name, name)
         if not self.state["ready"]:
             raise Overloaded(f"Expected a ready service, but it is {self.state['reason']}. Poll /v2/health/ready.")
-        body = await _read_body(request, self.config.max_body_bytes)
+        body = await _read_body(request, self.config, self.stopping)
         content_type = request.headers.get("content-type")
-        feeds = model.runner.validate(decode_inputs(body, content_type, model.runner.input_specs(),
-                                                    limit=self.config.max_body_bytes))
+        feeds = await self.codec.decode(body, content_type, model.runner.input_specs(),
+                                        limit=self.config.max_body_bytes, validate=model.runner.validate)
+        del body  # a large body need not stay alive while the request waits for its batch
         wanted = _wanted_outputs(model, request.query_params.get("outputs"))
         outputs = await model.batcher.submit(feeds)
         kind = response_kind(request.headers.get("accept"), content_type)
-        return Response(encode_outputs(name, {k: outputs[k] for k in wanted}, kind), media_type=kind)
+        return Response(await self.codec.encode(name, {k: outputs[k] for k in wanted}, kind), media_type=kind)
 
     async def http_error(self, _request: Any, exc: Exception) -> Any:
         return _reply({"error": getattr(exc, "detail", str(exc))}, getattr(exc, "status_code", 500))
@@ -299,41 +344,83 @@ def _find(by_name: dict[str, ModelService], name: str) -> ModelService:
 
 
 def _wanted_outputs(model: ModelService, param: str | None) -> list[str]:
+    """Every output without ?outputs=; with it, the ones it names (at least one, all known)."""
     names = [s.name for s in model.runner.output_specs()]
-    if not param:
+    if param is None:
         return names
     wanted = [w.strip() for w in param.split(",") if w.strip()]
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        raise InvalidInput(f"Expected ?outputs= to name outputs of '{model.name}' ({', '.join(names)}), found "
-                           f"{unknown}.")
-    return wanted
+    unknown = [w[:100] for w in wanted if w not in names][:10]
+    if unknown or not wanted:
+        found = f"unknown ones {unknown}" if unknown else f"no output name ('{param[:100]}')"
+        raise InvalidInput(f"Expected ?outputs= to name outputs of '{model.name}' ({', '.join(names)}), comma-"
+                           f"separated, found {found}. Name at least one of them, or leave ?outputs= out for all.")
+    return list(dict.fromkeys(wanted))
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
-    """The body; 413 when it exceeds `limit`. An oversized body is still read (and dropped) up to 8x the
-    limit, because closing a socket with unread data makes the kernel reset the connection, and the
-    client would see a broken connection instead of the 413; beyond that it is cut off."""
+async def _read_body(request: Any, config: ServeConfig, stopping: Callable[[], bool]) -> bytes:
+    """The body, read within config.body_timeout_s (else 408); 413 when it exceeds the limit.
+
+    An oversized body is still read (and dropped) up to 8x the limit, because closing a socket with
+    unread data makes the kernel reset the connection, and the client would see a broken connection
+    instead of the 413; beyond that it is cut off. The ASGI messages are read here rather than with
+    Starlette's request.stream(), so that waiting for them can stop at the deadline or at shutdown."""
+    from starlette.requests import ClientDisconnect
+
+    limit = config.max_body_bytes
     too_large = RequestError(f"Expected a request body of at most {limit} bytes, but it is larger. Split the "
                              "batch into smaller requests, or start the service with a larger --max-body-mb.",
                              status=413)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > 8 * limit:
         raise too_large
+    deadline = asyncio.get_running_loop().time() + config.body_timeout_s
     body = bytearray()
     seen = 0
-    async for chunk in request.stream():
+    while True:
+        message = await _receive(request.receive, deadline, stopping)
+        if message is None:
+            raise RequestError(
+                f"Expected the request body ({declared or 'unknown length'} bytes declared) within "
+                f"{config.body_timeout_s:g} s, but only {seen} bytes arrived. Send the body without stalling, or "
+                "start the service with a larger --body-timeout-s.", status=408)
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect(f"The client disconnected after {seen} bytes of its request body.")
+        chunk = message.get("body", b"")
         seen += len(chunk)
         if seen <= limit:
             body += chunk
-        elif seen > 8 * limit:
+        if seen > 8 * limit or not message.get("more_body", False):
             break
     if seen > limit:
         raise too_large
     return bytes(body)
 
 
+async def _receive(receive: Callable[[], Awaitable[dict[str, Any]]], deadline: float,
+                   stopping: Callable[[], bool]) -> dict[str, Any] | None:
+    """The next ASGI message; None once `deadline` passes; Overloaded (503) once shutdown begins."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(receive())
+    try:
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            done, _ = await asyncio.wait({task}, timeout=min(left, STOP_POLL_S))
+            if done:
+                return task.result()
+            if stopping():  # uvicorn would otherwise wait up to graceful_timeout_s for this body
+                raise Overloaded("Expected the rest of the request body, but the service is shutting down and "
+                                 "stopped waiting for it. Retry against another instance, or after the restart.")
+    finally:
+        task.cancel()  # a no-op once it is done
+
+
 def _status_of(exc: Exception) -> int:
+    from starlette.requests import ClientDisconnect
+
+    if isinstance(exc, ClientDisconnect):
+        return 499
     if isinstance(exc, RequestError):
         return exc.status
     if isinstance(exc, InvalidInput):
@@ -347,28 +434,43 @@ def _status_of(exc: Exception) -> int:
 
 def run_server(bundles: Sequence[str | os.PathLike[str]], *, host: str = "127.0.0.1", port: int = 8000,
                config: ServeConfig | None = None, log_level: str = "info") -> None:
-    """Load the bundles (errors surface here, before anything binds), then serve until SIGTERM/SIGINT.
+    """Bind host:port, load the bundles (a taken port or a bad bundle is reported here, in a second or
+    two, before any model is warmed up), then serve until SIGTERM/SIGINT, drain, and return.
 
     Prints one line `enginekit serve: ready on http://HOST:PORT (models)` once warmed up; with
     port 0 the system picks a free port and the line says which.
     """
-    uvicorn = require("uvicorn", extra="serve", purpose="enginekit serve")
+    require("uvicorn", extra="serve", purpose="enginekit serve")
+    from .server import bind_socket, make_server
+
     config = config or ServeConfig()
-    metrics = Metrics()
-    models = load_models([Path(b) for b in bundles], config, metrics)
-    server: Any = None
+    _check(config)
+    sock = bind_socket(host, port)
+    try:
+        metrics = Metrics()
+        models = load_models([Path(b) for b in bundles], config, metrics)
+        server: Any = None
 
-    async def announce() -> None:
-        while not server.started:  # warm-up can finish before uvicorn has bound its socket
-            await asyncio.sleep(0.01)
-        bound_host, bound_port = server.servers[0].sockets[0].getsockname()[:2]
-        print(f"enginekit serve: ready on http://{bound_host}:{bound_port} ({', '.join(m.name for m in models)})",
-              flush=True)
+        async def announce() -> None:
+            while not server.started:  # warm-up can finish before uvicorn serves the socket
+                await asyncio.sleep(0.01)
+            bound_host, bound_port = sock.getsockname()[:2]
+            print(f"enginekit serve: ready on http://{bound_host}:{bound_port} ({', '.join(m.name for m in models)})",
+                  flush=True)
 
-    app = create_app(models, metrics, config, on_ready=announce)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                           timeout_graceful_shutdown=config.graceful_timeout_s))
-    server.run()
+        app = create_app(models, metrics, config, on_ready=announce, stopping=lambda: server.should_exit)
+        server = make_server(app, graceful_timeout_s=config.graceful_timeout_s, keep_alive_s=config.keep_alive_s,
+                             limit_concurrency=config.limit_concurrency, max_header_bytes=config.max_header_bytes,
+                             log_level=log_level)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _check(config: ServeConfig) -> None:
+    for flag, value in (("--body-timeout-s", config.body_timeout_s), ("--limit-concurrency", config.limit_concurrency)):
+        if value is not None and not value > 0:
+            raise UsageError(f"Expected {flag} > 0, found {value}. Leave it out for the default.")
 
 
 __all__ = ["Metrics", "ModelService", "ServeConfig", "batch_dim", "create_app", "load_models", "run_server"]

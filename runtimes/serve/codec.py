@@ -43,14 +43,17 @@ def media_type(header: str | None) -> str:
 def decode_inputs(body: bytes, content_type: str | None, specs: list[TensorSpec], *, limit: int) -> dict[str, Any]:
     """Feeds from a request body (JSON or .npz); RequestError when the body cannot be read.
 
-    Names, ranks and shapes are not checked here: Runner.validate does that, in one message."""
+    Names, ranks and shapes are not checked here: Runner.validate does that, in one message. The
+    Content-Type is required: a body without one is not guessed to be JSON (an .npz body taken for
+    JSON would get a misleading "does not parse")."""
     kind = media_type(content_type)
     if kind in (NPZ, "application/octet-stream"):
         return _decode_npz(body, limit)
-    if kind in (JSON, ""):
+    if kind == JSON:
         return _decode_json(body, {s.name: s for s in specs})
-    raise RequestError(f"Expected Content-Type {JSON} or {NPZ}, found '{kind}'. Send JSON "
-                       "({\"inputs\": {name: nested list}}) or an np.savez body.", status=415)
+    found = f"'{kind[:100]}'" if kind else "no Content-Type header"
+    raise RequestError(f"Expected Content-Type {JSON} or {NPZ}, found {found}. Send JSON "
+                       f'({{"inputs": {{name: nested list}}}}) as {JSON}, or an np.savez body as {NPZ}.', status=415)
 
 
 def _decode_json(body: bytes, specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
