@@ -9,6 +9,8 @@ runtime-only install imports it)."""
 from __future__ import annotations
 
 import inspect
+import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from calibration.images import ImageOptions
 from exporter.source.shapes import parse_shapes
 from exporter.source.spec import model_name, parse_source
 from runtimes.choices import Device, Precision
-from runtimes.errors import UsageError
+from runtimes.errors import DataError, UsageError
 from runtimes.manifest import DimRange
 from runtimes.trt.build import TrtBuildOptions, format_size, parse_size
 
@@ -67,6 +69,9 @@ class BuildOptions:
     # issue 8, causal LMs: fp16/bf16 by AutoCast on the FP32 graphs, or "native" (exported from torch
     # in that dtype: the KV cache too, and the graph ONNX Runtime's GPU fusions match)
     lowering: str = "autocast"
+    # GiB that the dim ranges may need at their max shapes (exporter/export/memory.py); None: the
+    # memory available when the build starts.
+    memory_limit: float | None = None
 
     def __post_init__(self) -> None:
         # Parsed once, where the Python API or the CLI hands the values in; past this point they are typed.
@@ -92,6 +97,9 @@ class BuildOptions:
             )
         if self.exporter not in ("auto", "torch", "transformers"):
             raise UsageError(f"Expected --exporter auto, torch or transformers, found '{self.exporter}'.")
+        if self.memory_limit is not None and not (math.isfinite(self.memory_limit) and self.memory_limit > 0):
+            raise UsageError(f"Expected --memory-limit as a positive number of GiB (e.g. 32), found {self.memory_limit}.")
+        self._validate_inputs()
         if self.precision is Precision.BF16 and self.target == "ort" and not self.device.gpu:
             raise UsageError(
                 "Expected a target that runs BF16, found --target ort --device cpu: ONNX Runtime's CPU provider has "
@@ -111,6 +119,20 @@ class BuildOptions:
                     "newer one (`enginekit doctor` shows what this machine supports)."
                 )
         self._validate_calibration()
+
+    def _validate_inputs(self) -> None:
+        """What needs no model, checked before the (possibly long) export: --tolerance syntax and
+        values, that --data/--calib exist and can be read, and that the target's backend imports."""
+        from exporter.gate.task import check_tolerances
+
+        check_tolerances(self.tolerances)
+        check_data_path(self.data, "--data")
+        if self.calib is not None and not str(self.calib).startswith("random"):
+            check_data_path(self.calib, "--calib")
+        if self.target == "ort":
+            from runtimes._deps import require
+
+            require("onnxruntime", extra="cpu", purpose="--target ort (building and gating an ONNX Runtime engine)")
 
     def _validate_calibration(self) -> None:
         from calibration.budget import parse_budget
@@ -152,6 +174,29 @@ class BuildOptions:
             raise UsageError(f"Expected --smooth as a SmoothQuant alpha in (0, 1] (e.g. 0.7), found {self.smooth}.")
 
 
+def check_data_path(value: str | Path | None, flag: str) -> None:
+    """Refuse a --data/--calib path that does not exist or cannot be read (several comma-separated
+    paths, as the zero-shot recipe routes them to its towers, are each checked)."""
+    if value is None:
+        return
+    text = str(value)
+    items = [text] if Path(text).exists() else [t.strip() for t in text.split(",") if t.strip()]
+    for item in items:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise DataError(
+                f"Expected {flag} to name a data file or folder, found nothing at '{item}'"
+                + ("" if path.is_absolute() else f" (read from the current folder, {os.getcwd()})")
+                + ". Check the path; nothing was exported."
+            )
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise DataError(
+                f"Expected {flag} '{item}' to be readable, but this user may not read it"
+                f"{' (or list the folder)' if path.is_dir() else ''}. Fix its permissions or copy it somewhere readable; "
+                "nothing was exported."
+            )
+
+
 def default_output(source_text: str, options: BuildOptions) -> Path:
     return Path("engines") / f"{model_name(parse_source(source_text))}-{options.target}-{options.precision}"
 
@@ -179,12 +224,38 @@ def parse_dynamic(text: str | None) -> list[str] | None:
     return [] if text.strip().lower() == "none" else _comma_list(text)
 
 
-def _resolved(value: Any) -> str:
-    return str(Path(value).resolve())
+def shown_path(path: str | Path) -> str:
+    """A path as a printed or recorded command writes it: a relative one as the user gave it (never
+    expanded: the command is copied to other machines and folders), an absolute one relative to the
+    current folder when it lies under it, else as it is."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    for here, there in ((Path.cwd(), p), (Path.cwd().resolve(), p.resolve())):
+        try:
+            return str(there.relative_to(here))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def command_source(text: str) -> str:
+    """SOURCE as a printed or recorded command writes it: the kind prefix made explicit, an hf:/onnx:
+    path as shown_path writes it (parse_source resolves it; the user's own text is what is kept)."""
+    spec = parse_source(text)
+    if spec.kind not in ("hf", "onnx") or not Path(spec.location).exists():
+        return text.strip() if spec.kind == "py" else str(spec)
+    raw = text.strip()
+    kind, sep, rest = raw.partition(":")
+    given = rest if sep and kind == spec.kind else raw
+    if spec.kind == "hf":
+        given = given.partition("#")[0]
+    return f"{spec.kind}:{shown_path(Path(given).expanduser())}" + (f"#{spec.task}" if spec.task else "")
 
 
 def _calib_text(value: Any) -> str:
-    return value if str(value).startswith("random") else _resolved(value)
+    text = str(value)
+    return text if text.startswith("random") else ",".join(shown_path(v.strip()) for v in text.split(","))
 
 
 def _with_calib(options: BuildOptions) -> bool:
@@ -230,10 +301,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("opset", ("--opset",), "ONNX opset (default: the exporter's recommended one).", cli=int | None, panel="Export"),
     Flag("exporter", ("--exporter",), "auto | torch | transformers (auto: torch.onnx, then transformers' exporter for "
          "HF models).", panel="Export"),
+    Flag("memory_limit", ("--memory-limit",), "GiB the dim ranges may need at their max shapes (default: the memory "
+         "available now); a build whose estimate exceeds it is refused before export.", cli=float | None,
+         panel="Export"),
     Flag("detector_outputs", ("--detector-outputs",), "Detectors: nms (boxes, scores, classes, count after NMS in the "
          "graph) or raw (the head's pre-NMS boxes and scores).", panel="Export"),
     Flag("data", ("--data",), "Real inputs for the gate: .npz, folder of .npz, .txt or .jsonl texts.",
-         cli=Path | None, render=_resolved, panel="Gate"),
+         cli=Path | None, render=shown_path, panel="Gate"),
     Flag("tolerances", ("--tolerance",), "Override a gate tolerance: [OUTPUT:]METRIC=VALUE (repeatable).",
          cli=list[str], parse=list, render=list, panel="Gate"),
     Flag("skip_parity", ("--skip-parity",), "Do not run the gate (recorded as not checked).", cli=bool, render=None,
@@ -282,7 +356,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("trt.exclude_lean_runtime", ("--exclude-lean-runtime",), "trt: leave the lean runtime out of a "
          "version-compatible plan.", cli=bool, panel="TensorRT"),
     Flag("trt.timing_cache", ("--timing-cache",), "trt: timing cache file, read before and updated after the build.",
-         cli=Path | None, render=_resolved, panel="TensorRT"),
+         cli=Path | None, render=shown_path, panel="TensorRT"),
     Flag("trt.tf32", ("--tf32",), "trt: allow TF32 in FP32 matmuls and convolutions (off: FP32 means FP32).", cli=bool,
          panel="TensorRT"),
 )
@@ -342,8 +416,10 @@ def flag_option(path: str, **overrides: Any) -> Any:
 
 def build_command(source: str, options: BuildOptions, output: Path, dims: dict[str, DimRange]) -> list[str]:
     """The `enginekit build` command line that rebuilds this bundle: every flag whose value is not the
-    default (and whose `when` holds), the dims the bundle was built with, then -o OUTPUT --force."""
-    cmd = ["enginekit", "build", source, "--target", str(options.target), "--device", str(options.device),
+    default (and whose `when` holds), the dims the bundle was built with, then -o OUTPUT --force.
+    Paths are written as the user gave them, or relative to the current folder (shown_path): this
+    command is recorded in the manifest and printed in errors, and read on other machines."""
+    cmd = ["enginekit", "build", command_source(source), "--target", str(options.target), "--device", str(options.device),
            "--precision", str(options.precision)]
     if dims:
         cmd += ["--shapes", ",".join(f"{k}={v}" for k, v in dims.items())]
@@ -358,7 +434,7 @@ def build_command(source: str, options: BuildOptions, output: Path, dims: dict[s
         if value == _get(_DEFAULTS, f.path) and not f.even_default:
             continue
         cmd += _rendered(f, value)
-    return cmd + ["-o", str(output.resolve()), "--force"]
+    return cmd + ["-o", shown_path(output), "--force"]
 
 
 def _rendered(f: Flag, value: Any) -> list[str]:

@@ -11,12 +11,11 @@ loading, export, precision/mixed/fallback, engine, gate/parity, bundle.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from exporter.bundle.assemble import BuildResult
-from exporter.bundle.staging import new_staging
+from exporter.bundle.staging import new_staging, remove_staging
 from exporter.options import DEVICES, TARGETS, BuildOptions, build_command, default_output
 from exporter.recipes import RECIPES, build, select_recipe
 from exporter.source.spec import parse_source
@@ -52,4 +51,4 @@ def export_model(source_text: str, output: Path, options: BuildOptions, progress
         result.path = output
         return result
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)

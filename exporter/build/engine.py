@@ -57,7 +57,7 @@ def check_tensorrt(loaded: LoadedSource, onnx_path: Path, lowered: Lowered, opti
     else:
         reference = loaded.reference_onnx or (Path(onnx_path) if Path(lowered.path) != Path(onnx_path) else None)
         kept = keep_lowered(Path(lowered.path), reference, loaded.io, options.precision, dest)
-    finish = build_command(f"onnx:{kept.resolve()}", options, output, loaded.io.dims)
+    finish = build_command(f"onnx:{kept}", options, output, loaded.io.dims)  # as given: the command runs elsewhere
     raise tensorrt_missing(reason, kept, shlex.join(finish))
 
 

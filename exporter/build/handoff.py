@@ -12,15 +12,13 @@ that the parity gate compares against lies (`reference/model.onnx`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 
-from exporter.bundle.staging import new_staging
+from exporter.bundle.staging import new_staging, publish, remove_staging
 from exporter.export.onnxutil import METADATA_DIMS, METADATA_LOWERED, METADATA_REFERENCE, METADATA_VALUES
 from runtimes.errors import MissingDependency
 from runtimes.manifest import IOSpec
@@ -47,13 +45,9 @@ def keep_lowered(lowered: Path, reference: Path | None, io: IOSpec, precision: s
                                                              METADATA_VALUES: meta[METADATA_VALUES]})
             meta[METADATA_REFERENCE] = KEPT_REFERENCE
         _copy_onnx(lowered, staging / KEPT_MODEL, meta)
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(staging, dest)  # an older kept folder is swapped out atomically
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
     return dest / KEPT_MODEL
 
 
@@ -67,7 +61,7 @@ def _copy_onnx(src: Path, dst: Path, metadata: dict[str, str]) -> None:
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for location in sorted(_external_files(model.graph)):
+    for location in sorted(external_files(model.graph)):
         target = dst.parent / location
         target.parent.mkdir(parents=True, exist_ok=True)
         # A copy, not a hard link: the ONNX checker refuses external data with several links.
@@ -76,14 +70,14 @@ def _copy_onnx(src: Path, dst: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(dst))
 
 
-def _external_files(graph: onnx.GraphProto) -> set[str]:
+def external_files(graph: onnx.GraphProto) -> set[str]:
     tensors = list(graph.initializer)
     files = set()
     for node in graph.node:
         for attr in node.attribute:
             tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                files |= _external_files(sub)
+                files |= external_files(sub)
     for t in tensors:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             files |= {e.value for e in t.external_data if e.key == "location"}

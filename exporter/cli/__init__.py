@@ -8,6 +8,7 @@ its traceback was saved to, exit 3 (exporter/cli/common.py).
 from __future__ import annotations
 
 import inspect
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +283,7 @@ def inspect_cmd(
                       f"{'met' if cal['budget_met'] else 'not set' if cal['budget_met'] is None else 'missed'}")
         p = m.get("parity") or {}
         con.print(f"parity: {p.get('status', 'none')}" + (f"  failures: {p['failures']}" if p.get("failures") else ""))
-        con.print(f"rebuild: {' '.join(m['build_command'])}")
+        con.print(f"rebuild: {shlex.join(m['build_command'])}")
         return None
     con.print(f"[bold]{info['path']}[/]  opsets {info['opsets']}  {info['nodes']} nodes  "
               f"{info['initializers']} initializers ({info['weight_bytes'] / 1e6:.1f} MB)  producer {info['producer']}")

@@ -22,7 +22,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    # emoji=False: messages quote the user's text, and rich would draw ':b:' in '--shapes batch=a:b:c' as 🅱.
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, emoji=False)
 
 
 INTERNAL_ERROR_EXIT = 3  # a bug in enginekit (user errors exit 2, a failed parity gate 1)

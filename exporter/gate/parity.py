@@ -89,11 +89,26 @@ def parse_tolerance(text: str) -> tuple[str | None, Tolerance]:
         key, _, val = pair.partition("=")
         if key not in names:
             raise UsageError(f"Unknown tolerance metric '{key}' in '{text}'; expected one of {names}.")
-        try:
-            values[key] = float(val)
-        except ValueError:
-            raise UsageError(f"Expected a number for '{key}' in --tolerance '{text}', found '{val}'.") from None
+        values[key] = tolerance_value(key, val, text, signed=key == "cosine")
     return m.group("out"), Tolerance(**values)
+
+
+def tolerance_value(key: str, val: str, text: str, *, signed: bool = False) -> float:
+    """The number of one METRIC=VALUE of --tolerance `text`: finite, and >= 0 unless `signed` (cosine,
+    whose range is [-1, 1]; a value above 1 is allowed: it forces a failure, which tests use). NaN would
+    switch the check off: every comparison with NaN is false, so `max_abs > nan` never fails."""
+    try:
+        value = float(val)
+    except ValueError:
+        raise UsageError(f"Expected a number for '{key}' in --tolerance '{text}', found '{val}'.") from None
+    if not math.isfinite(value) or (value < 0 and not signed):
+        raise UsageError(
+            f"Expected a finite{'' if signed else ', non-negative'} number for '{key}' in --tolerance '{text}', found "
+            f"'{val}': a NaN, infinite{'' if signed else ' or negative'} tolerance decides the check whatever the "
+            f"engine computes (NaN passes everything). Give a number such as {key}=1e-3, or drop '{key}' to keep its "
+            "default."
+        )
+    return value
 
 
 @dataclass

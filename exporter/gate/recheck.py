@@ -12,7 +12,7 @@ from exporter.export import detector as detect
 from exporter.gate.cases import gate_cases, run_gate
 from exporter.gate.parity import ParityReport
 from exporter.gate.report import write_html
-from exporter.gate.task import gate_policy
+from exporter.gate.task import check_tolerance_outputs, gate_policy
 from exporter.source.loading import load_source
 from exporter.source.spec import parse_source
 from exporter.timing import Progress
@@ -57,8 +57,12 @@ def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | Non
     say = progress or (lambda _m: None)
     manifest = Manifest.read(bundle)
     verify_files(bundle, manifest)  # an altered bundle says so first, whatever the reference
+    generation = manifest.kind in (Kind.GENERATION, Kind.VISION_LANGUAGE)
+    # what the gate compares: the token gate's checks for generation bundles, else the engine's outputs
+    compared = ["logits", "tokens", *(["image_embeds"] if manifest.kind is Kind.VISION_LANGUAGE else [])]
+    check_tolerance_outputs(tolerances or [], compared if generation else [o.name for o in manifest.io.outputs])
     source = reference_source(bundle, manifest, reference, trust_recorded)
-    if manifest.kind in (Kind.GENERATION, Kind.VISION_LANGUAGE):  # gated on tokens
+    if generation:  # gated on tokens
         return check_generation_bundle(bundle, reference=source, data=data, tolerances=tolerances, device=device,
                                        progress=say)
     say("Loading engine")

@@ -28,7 +28,7 @@ from exporter.gate.detection import (
     compare_detections,
     is_detection_io,
 )
-from exporter.gate.parity import TaskCheck, TolerancePolicy
+from exporter.gate.parity import TaskCheck, TolerancePolicy, parse_tolerance, tolerance_value
 from runtimes.errors import UsageError
 
 ZERO_SHOT = "zero-shot"
@@ -117,20 +117,52 @@ def split_tolerances(overrides: Sequence[str]) -> tuple[list[str], dict[str, dic
         if sep and head in (DETECTIONS, ZERO_SHOT):
             allowed = [f.name for f in fields(DetectionTolerance if head == DETECTIONS else ZeroShotTolerance)]
             for pair in rest.split(","):
-                key, _, val = pair.partition("=")
-                try:
-                    value = float(val)
-                except ValueError:
-                    value = None
-                if key not in allowed or value is None:
+                key, sep, val = pair.partition("=")
+                if key not in allowed or not sep:
                     raise UsageError(
                         f"Expected --tolerance {head}:METRIC=VALUE with METRIC in {allowed}, found '{text}'. "
                         f"Example: --tolerance {head}:{allowed[0]}=0.9."
                     )
-                task.setdefault(head, {})[key] = value
+                task.setdefault(head, {})[key] = tolerance_value(key, val, text)
         else:
             plain.append(text)
     return plain, task
+
+
+def check_tolerances(overrides: Sequence[str]) -> None:
+    """Refuse a malformed --tolerance (syntax, metric names, non-finite values) before anything runs;
+    which outputs they may name is known only once the model is loaded (check_tolerance_outputs)."""
+    plain, _ = split_tolerances(overrides)
+    for text in plain:
+        parse_tolerance(text)
+
+
+def tolerance_output(text: str) -> str | None:
+    """The OUTPUT (or task check) an --tolerance value names; None when it sets every output."""
+    head, sep, _ = text.strip().partition(":")
+    return head.strip() if sep and "=" not in head else None
+
+
+def task_checks(output_names: Sequence[str]) -> tuple[str, ...]:
+    """The task checks that gate_policy may add for a model with these outputs."""
+    return ((DETECTIONS,) if is_detection_io(list(output_names)) else ()) + \
+        ((ZERO_SHOT,) if "logits_per_image" in output_names else ())
+
+
+def check_tolerance_outputs(overrides: Sequence[str], output_names: Sequence[str],
+                            checks: Sequence[str] | None = None) -> None:
+    """Refuse an --tolerance OUTPUT: prefix that names neither an output of the model nor one of its
+    task checks (default: task_checks): the policy would keep it for an output that never comes, and
+    the gate would run with the default tolerance the user meant to change."""
+    known = list(output_names) + list(task_checks(output_names) if checks is None else checks)
+    for text in overrides:
+        name = tolerance_output(text)
+        if name is not None and name not in known:
+            raise UsageError(
+                "Expected --tolerance OUTPUT:METRIC=VALUE to name one of this model's outputs"
+                + (" or checks" if len(known) > len(output_names) else "") + f" ({', '.join(known)}), found "
+                f"'{name}' in '{text}'. Use one of those names, or drop '{name}:' to set the tolerance for every output."
+            )
 
 
 def gate_policy(precision: str, overrides: Sequence[str], source: Mapping[str, Any],

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.bundle.assemble import BuildResult, check_output, staging_for
+from exporter.bundle.assemble import BuildResult, check_output, keep_named_files, staging_for
 from exporter.export.vlm import UNSUPPORTED_VLM, VLM_MODEL_TYPES
-from exporter.options import BuildOptions, default_output
+from exporter.options import BuildOptions, default_output, shown_path
 from exporter.recipes import generation, plain, zeroshot
 from exporter.source.causal import CAUSAL_SUFFIXES, gguf_file
 from exporter.source.spec import SourceSpec, parse_source
 from exporter.source.towers import DUAL_ENCODERS
 from exporter.timing import Progress, no_progress
+from runtimes.errors import EnginekitError
 
 Config = dict[str, Any]  # the source's config.json as JSON ({} when it has none)
 
@@ -116,12 +117,35 @@ def build(source_text: str, options: BuildOptions, progress: Progress | None = N
     recipe = select_recipe(spec, config)
     recipe.validate(options, spec, config)
     output = Path(options.output) if options.output else default_output(source_text, options)
+    _note_handoff(options, output, say)
     return build_at(recipe, spec, source_text, options, output, say)
 
 
 def build_at(recipe: Recipe, spec: SourceSpec, source_text: str, options: BuildOptions, output: Path,
              say: Progress) -> BuildResult:
-    """Run `recipe` into a staging folder beside `output` (refused if it exists, unless --force)."""
+    """Run `recipe` into a staging folder beside `output` (refused if it exists, unless --force). An
+    error that names a file of the staging folder (the graph ONNX Runtime refused) gets that file
+    kept at `<output>.rejected/`, and names it there: the staging folder is gone when it is read."""
     check_output(output, options.force)
     with staging_for(output) as staging:
-        return recipe.build(spec, source_text, options, output, staging, say)
+        try:
+            return recipe.build(spec, source_text, options, output, staging, say)
+        except EnginekitError as exc:
+            moved = keep_named_files(exc, staging, output)
+            if moved is None:
+                raise
+            raise moved from None
+
+
+def _note_handoff(options: BuildOptions, output: Path, say: Progress) -> None:
+    """Say at the start, not after a long export, that a TensorRT build stops after lowering here
+    (exporter/build/handoff.py keeps the lowered ONNX for a machine with TensorRT)."""
+    if options.target != "trt":
+        return
+    from exporter.build.handoff import kept_folder
+    from runtimes.trt.build import tensorrt_unavailable
+
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        say(f"Note: TensorRT cannot build here, {reason}: this build stops after lowering and keeps the lowered "
+            f"ONNX in '{shown_path(kept_folder(output))}/', with the command that finishes it on a TensorRT machine")

@@ -24,8 +24,10 @@ import numpy as np
 
 from exporter.build.engine import build_engine
 from exporter.bundle.assemble import BuildResult, finish_bundle
-from exporter.export.generation import GenerationExport, export_generation
+from exporter.export.generation import GenerationExport, cache_layout, component_io, export_generation
+from exporter.export.memory import check_memory
 from exporter.export.vlm import vlm_model_type
+from exporter.gate.task import check_tolerance_outputs
 from exporter.lower.mixed import mixed_options
 from exporter.options import build_command
 from exporter.source.causal import DEFAULT_PROMPT, DEFAULT_TOTAL, load_causal_lm
@@ -112,30 +114,17 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     work.mkdir()
     bundle.mkdir()
     vlm = vlm_model_type(spec) is not None
+    # The gate compares these outputs (exporter/gate/tokens.py, vision_language.py): checked before loading.
+    check_tolerance_outputs(options.tolerances, ["logits", "tokens"] + (["image_embeds"] if vlm else []))
     with timed(timings, "load", say, f"Loading {spec}"):
-        if vlm:
-            from exporter.export.vlm import load_vlm, split_vision_shapes, vision_spec
-
-            model, tokenizer, processor, info = load_vlm(spec)
-            text_shapes, vision_shapes = split_vision_shapes(options.shapes)
-            dims = default_dims(model.config, text_shapes)
-            vision = vision_spec(model, tokenizer, processor, vision_shapes)
-            info["image_size"] = list(vision.image_size)  # fixed per bundle; the runtime refuses others
-        else:
-            model, tokenizer, info = load_causal_lm(spec)
-            dims = default_dims(model.config, options.shapes)
+        model, tokenizer, processor, info, dims, vision = _load(spec, options, vlm)
+    check_memory(_decode_io(model, dims, options, vlm), options.memory_limit, gate_cases=False)
     native = options.lowering == "native"
     with timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"
                 + (f" in {options.precision}" if native else "") + (" and the vision engine" if vlm else "")):
-        exported = export_generation(_in_dtype(model, options.precision) if native else model, work, dims,
-                                     exporter=options.exporter, opset=options.opset, vlm=vlm)
-        if vlm:
-            from exporter.export.generation import GraphExport
-            from exporter.export.vlm import DEFAULT_IMAGES, export_vision
-
-            images = options.shapes.get("images") or DEFAULT_IMAGES
-            vision_io = export_vision(model, vision, work / "vision.onnx", images, opset=options.opset)
-            exported.components["vision"] = GraphExport(work / "vision.onnx", vision_io)
+        exported = _export(model, options, work, dims, vision)
+    for part in exported.components.values():
+        check_memory(part.io, options.memory_limit, graph=part.path)
     prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
     with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
         lowered, realised = _lower_all(exported, options, prompts, work)
@@ -178,6 +167,46 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
         else:
             report = token_gate(model, tokenizer, bundle, prompts, options, lowered, say)
     return manifest, report
+
+
+def _load(spec: SourceSpec, options: Any, vlm: bool) -> tuple[Any, Any, Any, dict[str, Any], dict[str, DimRange], Any]:
+    """(model, tokenizer, processor, info, dims, vision spec); processor and vision are None for a causal LM."""
+    if not vlm:
+        model, tokenizer, info = load_causal_lm(spec)
+        return model, tokenizer, None, info, default_dims(model.config, options.shapes), None
+    from exporter.export.vlm import load_vlm, split_vision_shapes, vision_spec
+
+    model, tokenizer, processor, info = load_vlm(spec)
+    text_shapes, vision_shapes = split_vision_shapes(options.shapes)
+    dims = default_dims(model.config, text_shapes)
+    vision = vision_spec(model, tokenizer, processor, vision_shapes)
+    info["image_size"] = list(vision.image_size)  # fixed per bundle; the runtime refuses others
+    return model, tokenizer, processor, info, dims, vision
+
+
+def _decode_io(model: Any, dims: dict[str, DimRange], options: Any, vlm: bool) -> IOSpec:
+    """The decode graph's IOSpec before export (its KV cache dominates the inputs at the max shape), in
+    the dtype the cache will have: FP16/BF16 for --lowering native, else FP32."""
+    cache = cache_layout(model.config)
+    if options.lowering == "native" and options.precision.mixed:
+        cache.dtype = {"fp16": "float16", "bf16": "bfloat16"}[options.precision]
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    embeds = int(model.get_input_embeddings().weight.shape[1]) if vlm else None
+    return component_io("decode", cache, vocab, dims, embeds=embeds, mrope=vlm)
+
+
+def _export(model: Any, options: Any, work: Path, dims: dict[str, DimRange], vision: Any) -> GenerationExport:
+    native, vlm = options.lowering == "native", vision is not None
+    exported = export_generation(_in_dtype(model, options.precision) if native else model, work, dims,
+                                 exporter=options.exporter, opset=options.opset, vlm=vlm)
+    if vlm:
+        from exporter.export.generation import GraphExport
+        from exporter.export.vlm import DEFAULT_IMAGES, export_vision
+
+        images = options.shapes.get("images") or DEFAULT_IMAGES
+        vision_io = export_vision(model, vision, work / "vision.onnx", images, opset=options.opset)
+        exported.components["vision"] = GraphExport(work / "vision.onnx", vision_io)
+    return exported
 
 
 def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]],

@@ -23,9 +23,10 @@ import onnx
 from exporter.build.engine import build_engine, check_tensorrt, has_cuda_provider, realised, torch_cuda
 from exporter.bundle.assemble import BuildResult, finish_bundle
 from exporter.export import detector as detect
+from exporter.export.memory import check_memory
 from exporter.gate.cases import CachedReference, Feeds, gate_cases, not_runnable_here, run_gate, shrink
 from exporter.gate.parity import ParityReport
-from exporter.gate.task import gate_policy
+from exporter.gate.task import check_tolerance_outputs, gate_policy
 from exporter.lower.emulate import emulated_runner
 from exporter.lower.mixed import MixedOptions, keep_unrunnable_op, mixed_options
 from exporter.lower.precision import Lowered, census, lower_precision
@@ -92,7 +93,13 @@ def _load_and_export(run: _Run) -> tuple[LoadedSource, dict[str, Any]]:
         loaded = load_source(run.spec)
         loaded.io = prepare_dims(loaded, options.shapes, options.dynamic)
         detect.set_outputs(loaded, options.detector_outputs)
+    # Before export (tens of seconds for a large model): tolerances that name outputs it lacks, and
+    # dim ranges whose gate inputs alone would not fit in memory.
+    names = list(loaded.module.output_names) if loaded.module is not None else [o.name for o in loaded.io.outputs]
+    check_tolerance_outputs(options.tolerances, names)
+    check_memory(loaded.io, options.memory_limit)
     if loaded.onnx_path is not None:
+        check_memory(loaded.io, options.memory_limit, graph=loaded.onnx_path)
         return loaded, {"path": loaded.onnx_path, "exporter": "none (onnx: source)", "opset": loaded.info.get("opset"),
                         "sha256": file_sha256(loaded.onnx_path)}
     from exporter.export.graph import export_onnx
@@ -100,6 +107,7 @@ def _load_and_export(run: _Run) -> tuple[LoadedSource, dict[str, Any]]:
     with timed(run.timings, "export", run.say, "Exporting to ONNX (torch.export → torch.onnx)"):
         exported = export_onnx(loaded, run.work / "model.onnx", opset=options.opset, exporter=options.exporter)
     loaded.io = exported.io
+    check_memory(loaded.io, options.memory_limit, graph=exported.path)
     return loaded, {"path": exported.path, "exporter": exported.exporter, "opset": exported.opset,
                     "sha256": exported.sha256}
 
@@ -151,7 +159,7 @@ def _manifest(run: _Run, loaded: LoadedSource, onnx_info: dict[str, Any], lowere
         io=io,
         precision={"requested": options.precision, "realised": realised(lowered, target)},
         target=target,
-        build_command=build_command(run.source_text if spec.kind == "py" else str(spec), options, run.output, io.dims),
+        build_command=build_command(run.source_text, options, run.output, io.dims),
         enginekit_version=__version__,
     )
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from exporter.bundle.assemble import BuildResult, finish_bundle, staging_for
+from exporter.export.memory import check_memory
 from exporter.gate.cases import gate_cases, not_runnable_here, run_gate
 from exporter.gate.parity import ParityReport
-from exporter.gate.task import gate_policy
+from exporter.gate.task import ZERO_SHOT, check_tolerance_outputs, gate_policy, tolerance_output
 from exporter.options import build_command
 from exporter.recipes.plain import build_plain
 from exporter.source.loading import load_source, prepare_dims
@@ -32,6 +33,9 @@ from runtimes._version import __version__
 from runtimes.errors import IncompatibleEngine, MissingDependency, UsageError
 from runtimes.manifest import DimRange, Manifest, Target, TensorSpec, file_sha256
 from runtimes.zeroshot import BACKEND, ROLES
+
+# The pair's outputs (CLIPModel's, as the zero-shot gate compares them); ROLES maps each tower to its own.
+OUTPUTS = ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds")
 
 
 def _routed(value: Any, role: str) -> Any:
@@ -77,23 +81,22 @@ def build_dual_encoder(spec: SourceSpec, source_text: str, options: Any, output:
                 f"tower in --calib '{options.calib}'. Give a folder of images and a .txt of prompts, comma-separated: "
                 "--calib photos/,prompts.txt."
             )
+    check_tolerance_outputs(options.tolerances, OUTPUTS, checks=[ZERO_SHOT])
     parts: dict[str, Any] = {}
     for role in ROLES:
+        # A tower's gate takes the tolerances for every output and for its own; the rest are the pair's.
+        mine = [t for t in options.tolerances if tolerance_output(t) in (None, ROLES[role])]
         part_opts = replace(options, output=staging / role, force=False, shapes=_part_shapes(options.shapes, role),
                             dynamic=_part_dynamic(options.dynamic, role),
-                            data=_routed(options.data, role), calib=_routed(options.calib, role),
-                            tolerances=[t for t in options.tolerances if not t.startswith("zero-shot:")])
+                            data=_routed(options.data, role), calib=_routed(options.calib, role), tolerances=mine)
         tower = SourceSpec("hf", spec.location, PART_TASK[role])
         with staging_for(staging / role) as part_staging:
             parts[role] = build_plain(tower, str(tower), part_opts, staging / role, part_staging,
                                       lambda msg, role=role: say(f"{role} tower: {msg}"))
-        part = Manifest.read(staging / role)
-        part.name = f"{output.name}-{role}"  # distinct model names when both towers are served
-        part.write(staging / role)
-    return _assemble(spec, options, output, staging, parts, say)
+    return _assemble(spec, source_text, options, output, staging, parts, say)
 
 
-def _assemble(spec: SourceSpec, options: Any, output: Path, staging: Path, parts: dict[str, Any],
+def _assemble(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path, parts: dict[str, Any],
               say: Progress) -> BuildResult:
     say("Zero-shot gate: loading CLIPModel as the reference")
     whole = load_source(SourceSpec("hf", spec.location, None))
@@ -101,6 +104,13 @@ def _assemble(spec: SourceSpec, options: Any, output: Path, staging: Path, parts
     dims = {"image_batch": image.io.dims["batch"], "text_batch": text.io.dims["batch"],
             **{k: v for k, v in text.io.dims.items() if k != "batch"}}
     whole.io = prepare_dims(whole, dims, None)
+    check_memory(whole.io, options.memory_limit)
+    command = build_command(source_text, options, output, {k: v for k, v in dims.items() if k != "batch"})
+    for role in ROLES:
+        part = Manifest.read(staging / role)
+        part.name = f"{output.name}-{role}"  # distinct model names when both towers are served
+        part.build_command = command  # a tower is rebuilt with its pair: its own command names the staging folder
+        part.write(staging / role)
     out_shapes = {"logits_per_image": ("image_batch", "text_batch"), "logits_per_text": ("text_batch", "image_batch"),
                   "text_embeds": ("text_batch", text.io.outputs[0].shape[-1]),
                   "image_embeds": ("image_batch", image.io.outputs[0].shape[-1])}
@@ -115,7 +125,7 @@ def _assemble(spec: SourceSpec, options: Any, output: Path, staging: Path, parts
         target=Target(backend=BACKEND, device=options.device, engine_files=[],
                       options={"parts": {r: r for r in ROLES}, "logit_scale": logit_scale},
                       versions=dict(image.target.versions), gpu=image.target.gpu),
-        build_command=build_command(str(spec), options, output, {k: v for k, v in dims.items() if k != "batch"}),
+        build_command=command,
         enginekit_version=__version__,
         files={f"{r}/manifest.json": file_sha256(staging / r / "manifest.json") for r in ROLES},
     )

@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from runtimes.errors import UsageError
 from runtimes.manifest import DimRange
 
-_RANGE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(\d+)(?::(\d+)(?::(\d+))?)?\s*$")
+_NAME = re.compile(r"[A-Za-z_][\w.]*")
+_FORM = ("Expected --shapes as NAME=MIN:OPT:MAX[,NAME=...] (e.g. batch=1:8:32,sequence=1:128:512; a single number "
+         "fixes the dim, MIN:MAX uses MAX as opt)")
 
 
 def parse_shapes(text: str | None) -> dict[str, DimRange]:
@@ -19,20 +21,39 @@ def parse_shapes(text: str | None) -> dict[str, DimRange]:
     for part in text.split(","):
         if not part.strip():
             continue
-        m = _RANGE.match(part)
-        if not m:
-            raise UsageError(
-                f"Expected --shapes as NAME=MIN:OPT:MAX[,NAME=...] (e.g. batch=1:8:32,sequence=1:128:512), "
-                f"found '{part.strip()}'. A single number fixes the dim; MIN:MAX uses MAX as opt."
-            )
-        name, a, b, c = m.groups()
-        lo, hi = int(a), int(c or b or a)
-        opt = int(b) if c else hi if b else lo
+        name, lo, opt, hi = _parse_range(part.strip(), text)
         try:
             out[name] = DimRange(lo, opt, hi)
-        except ValueError as exc:
-            raise UsageError(f"Invalid range for '{name}' in --shapes: {exc}.") from None
+        except ValueError:
+            order = ":".join(str(v) for v in sorted((lo, opt, hi)))
+            raise UsageError(
+                f"Expected 1 <= MIN <= OPT <= MAX for '{name}' in --shapes '{text}', found {lo}:{opt}:{hi}. "
+                + ("Every size must be at least 1." if min(lo, opt, hi) < 1 else f"Put them in order: {name}={order}.")
+            ) from None
     return out
+
+
+def _parse_range(part: str, text: str) -> tuple[str, int, int, int]:
+    """One NAME=MIN[:OPT]:MAX of --shapes `text`, as (name, min, opt, max); the UsageError says which
+    piece is wrong, quoting the user's text as given."""
+    name, sep, values = (s.strip() for s in part.partition("="))
+    where = f"'{part}'" + (f" of --shapes '{text}'" if part != text.strip() else "")
+    if not sep:
+        raise UsageError(f"{_FORM}, found {where}, which has no '='. Write it as {name or 'NAME'}=MIN:OPT:MAX.")
+    if not _NAME.fullmatch(name):
+        raise UsageError(f"{_FORM}, found {where}, whose NAME '{name}' is not a dim name (letters, digits, _ and "
+                         ".; not starting with a digit). Use the model's dim names, e.g. batch or sequence.")
+    pieces = [v.strip() for v in values.split(":")]
+    if len(pieces) > 3:
+        raise UsageError(f"{_FORM}, found {where}, which has {len(pieces)} numbers; give at most three (MIN:OPT:MAX).")
+    roles = {1: ("value",), 2: ("MIN", "MAX"), 3: ("MIN", "OPT", "MAX")}[len(pieces)]
+    for role, piece in zip(roles, pieces):
+        if not piece.isdigit() or not piece.isascii():
+            raise UsageError(f"{_FORM}, found {where}, whose {role} '{piece}' is not a whole number. Give whole "
+                             f"numbers, e.g. {name}=1:8:32.")
+    nums = [int(p) for p in pieces]
+    lo, hi = nums[0], nums[-1]
+    return name, lo, (nums[1] if len(nums) == 3 else hi if len(nums) == 2 else lo), hi
 
 
 def merge_dims(defaults: Mapping[str, DimRange], overrides: Mapping[str, DimRange], dynamic: list[str] | None) -> dict[str, DimRange]:

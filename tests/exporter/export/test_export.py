@@ -61,7 +61,7 @@ def test_unknown_dims_in_options_are_usage_errors(tiny_bert_dir, tmp_path):
         export_model(f"hf:{tiny_bert_dir}", tmp_path / "a.onnx", BuildOptions(dynamic=["width"]))
     with pytest.raises(UsageError, match="NAME=MIN:OPT:MAX"):
         parse_shapes("batch=1:x")
-    with pytest.raises(UsageError, match="min <= opt <= max"):
+    with pytest.raises(UsageError, match="MIN <= OPT <= MAX.*found 8:4:2. Put them in order: batch=2:4:8"):
         parse_shapes("batch=8:4:2")
 
 

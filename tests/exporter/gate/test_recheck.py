@@ -85,3 +85,10 @@ def test_bad_parity_data_is_one_paragraph(bert_bundle, tiny_bert_dir, tmp_path, 
     res = runner.invoke(app, ["parity", str(bert_bundle), "--reference", f"hf:{tiny_bert_dir}", "--data", str(data)])
     assert res.exit_code == 2, res.output
     assert found in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+def test_a_tolerance_for_an_output_the_bundle_lacks_is_refused(tmp_path):
+    bundle = _bundle_recording(tmp_path, "py:tests/models/convnet.py:make")
+    with pytest.raises(UsageError, match="'nosuchoutput'.*output"):
+        check_bundle(bundle, tolerances=["nosuchoutput:rel_l2=1e-3"], trust_recorded=True)
+    assert check_bundle(bundle, tolerances=["output:rel_l2=1e-3"], trust_recorded=True).passed
