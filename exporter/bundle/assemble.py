@@ -55,7 +55,7 @@ def finish_bundle(bundle: Path, output: Path, manifest: Manifest, report: Parity
     at `<output>.rejected` and raise ParityError(failure(failures, rejected_path)) when the gate failed."""
     manifest.parity = report.summary()
     (bundle / "parity.json").write_text(report.to_json() + "\n", encoding="utf-8")
-    write_html(report, bundle / "report.html", title=title, context=context)
+    write_html(report, bundle / "report.html", title=title, context=context, precision=manifest.precision)
     manifest.write(bundle)
     if report.status == "failed":
         rejected = keep_rejected(bundle, output)

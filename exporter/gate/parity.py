@@ -330,7 +330,8 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) 
     if tol.rel_l2 is not None and m.rel_l2 > tol.rel_l2:
         m.failures.append(f"rel_l2 {m.rel_l2:.3g} > {tol.rel_l2:g}")
     if tol.cosine is not None and m.cosine < tol.cosine:
-        m.failures.append(f"cosine {m.cosine:.6f} < {tol.cosine}")
+        # in 1 − cos terms: a failing cosine of 0.99999987 would print as 1.000000 at 6 decimals
+        m.failures.append(f"1 − cos {1 - m.cosine:.2e} > {1 - tol.cosine:.2g} (cosine ≥ {tol.cosine} required)")
     return m
 
 

@@ -97,7 +97,8 @@ def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | Non
         runner.close()
     if html:
         write_html(report, html, title=f"Parity: {manifest.name}",
-                   context={"bundle": str(bundle), "reference": str(spec), "precision": precision})
+                   context={"bundle": str(bundle), "reference": str(spec), "precision": precision},
+                   precision=manifest.precision)
     return report
 
 
