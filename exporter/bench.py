@@ -76,6 +76,15 @@ class Row:
     memory_mib: float | None
     speedup: float | None = None  # vs torch FP32 eager at the same batch
     note: str = ""
+    compile_s: float | None = None  # torch.compile variants: the first call, compilation included
+
+
+def out_of_range(io: IOSpec, batch: int) -> str | None:
+    """Why `batch` cannot run on an engine with these dims (None when it can)."""
+    for name, r in io.dims.items():
+        if "batch" in name and not r.min <= batch <= r.max:
+            return f"outside the engine's {name} range {r.min}..{r.max}"
+    return None
 
 
 def batch_feeds(io: IOSpec, batch: int, seed: int) -> dict[str, np.ndarray] | None:
@@ -146,7 +155,7 @@ def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None]
             feeds = batch_feeds(manifest.io, batch, options.seed)
             if feeds is None:
                 continue
-            say(f"Bench: {variant}, batch {batch}")
+            say(f"Bench {variant}: batch {batch}")
             # A fresh runner per batch: its memory is measured alone (a CUDA graph is one session per shape).
             with memory.track() as grown:
                 runner = runtimes.load(bundle, threads=options.threads, cuda_graph=graph)
@@ -240,10 +249,10 @@ def bench_torch(manifest: Manifest, options: BenchOptions, say: Callable[[str], 
             args = inputs(batch, dt[dname])
             if args is None:
                 continue
-            say(f"Bench: {variant}, batch {batch}")
+            say(f"Bench {variant}: batch {batch}")
             with memory.track() as grown:
                 model = _copy_to(base, dev, dt[dname])
-                fn, note = model, ""
+                fn, compile_s = model, None
                 try:
                     if mode is not None:
                         torch._dynamo.reset()
@@ -253,10 +262,11 @@ def bench_torch(manifest: Manifest, options: BenchOptions, say: Callable[[str], 
                             fn(*args)
                             if cuda:
                                 torch.cuda.synchronize()
-                        note = f"compiled in {time.perf_counter() - t0:.1f} s"
+                        compile_s = round(time.perf_counter() - t0, 2)
                     with torch.inference_mode():
                         stats = timed(lambda fn=fn, args=args: fn(*args))
-                    rows.append(_row(variant, "torch", batch, stats, grown(), note))
+                    rows.append(_row(variant, "torch", batch, stats, grown()))
+                    rows[-1].compile_s = compile_s
                     if on_row:
                         on_row(rows[-1])
                 except Exception as exc:
@@ -284,6 +294,10 @@ def run_bench(bundles: list[Path], options: BenchOptions, progress: Callable[[st
     profiles: dict[str, Any] = {}
     notes: list[str] = []
     env = environment(manifests)
+    # A batch an engine cannot take is a row that says so, not a silent gap (its baselines skip it too).
+    skipped = [{"bundle": str(b), "variant": m.name, "batch": batch, "reason": why}
+               for b, m in zip(bundles, manifests) for batch in options.batches
+               if (why := out_of_range(m.io, batch)) is not None]
 
     def result(partial: bool) -> dict[str, Any]:
         for batch in options.batches:
@@ -297,8 +311,8 @@ def run_bench(bundles: list[Path], options: BenchOptions, progress: Callable[[st
             if comp:
                 best_compile[batch] = min(comp, key=lambda r: r.p50_ms).variant
         return {"bundles": [str(b) for b in bundles], "environment": env, "options": asdict(options),
-                "rows": [asdict(r) for r in rows], "best_compile": best_compile, "profiles": profiles,
-                "notes": notes, **({"partial": True} if partial else {})}
+                "rows": [asdict(r) for r in rows], "skipped": skipped, "best_compile": best_compile,
+                "profiles": profiles, "notes": notes, **({"partial": True} if partial else {})}
 
     def on_row(row: Row) -> None:
         rows.append(row)

@@ -9,6 +9,8 @@ latency against PyTorch eager.
 
 from __future__ import annotations
 
+import datetime as _dt
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 from exporter.options import BuildOptions
 from exporter.recipes import build
 from exporter.source.shapes import parse_shapes
-from exporter.timing import Progress, measure
+from exporter.timing import Progress, compare, noise_warning
 from runtimes._deps import require
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
@@ -82,11 +84,10 @@ def run_demo(output: Path = DEFAULT_OUTPUT, progress: Progress | None = None) ->
             f = {k: v[:batch] for k, v in feeds.items()}
             used = int(f["attention_mask"].sum(1).max())
             f = {k: np.ascontiguousarray(v[:, :used]) for k, v in f.items()}
-            latency[batch] = {
-                "seq": used,
-                "torch_eager": measure(lambda f=f: torch_embed(f), runs=40),
-                "engine": measure(lambda f=f: runner.infer(f), runs=40),
-            }
+            timings = compare({"torch_eager": lambda f=f: torch_embed(f), "engine": lambda f=f: runner.infer(f)})
+            latency[batch] = {"seq": used, **timings, "warning": noise_warning(timings),
+                              "speedup_p50": timings["torch_eager"]["p50_ms"] / timings["engine"]["p50_ms"],
+                              "speedup_min": timings["torch_eager"]["min_ms"] / timings["engine"]["min_ms"]}
     return {
         "bundle": str(result.bundle),
         "model_dir": str(model_dir),
@@ -99,5 +100,9 @@ def run_demo(output: Path = DEFAULT_OUTPUT, progress: Progress | None = None) ->
         "retrieval_top1_torch": float(np.mean(nn_torch == pairs)),
         "retrieval_agreement": float(np.mean(nn_engine == nn_torch)),
         "latency": latency,
+        "latency_method": "alternating rounds (exporter.timing.compare): 5 warm-up runs each, then 8 rounds of 8 runs, "
+                          "the order reversed every other round",
+        "measured_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu_count": os.cpu_count(),
         "threads": "onnxruntime default (one per core); torch " + str(torch.get_num_threads()),
     }

@@ -15,7 +15,15 @@ from typing import Any
 import typer
 
 from exporter.cli import run as cli_run
-from exporter.cli.common import _console, _print_json, _quiet_libraries, handle_errors, stages
+from exporter.cli.common import (
+    _console,
+    _print_json,
+    _quiet_libraries,
+    configure_output,
+    flags_without_type_tags,
+    handle_errors,
+    stages,
+)
 from exporter.cli.printing import _print_calibration, _print_parity, _print_precision
 from exporter.options import (
     BuildOptions,
@@ -35,6 +43,31 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+flags_without_type_tags()
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from runtimes import __version__
+
+        typer.echo(f"enginekit {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def global_options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print enginekit's version and exit."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only errors: no progress lines, log level ERROR."),
+    verbose: int = typer.Option(0, "-v", "--verbose", count=True,
+                                help="More detail: -v logs INFO and ONNX Runtime's warnings, -vv DEBUG and all of ONNX Runtime's log."),
+) -> None:
+    """Export PyTorch models to ONNX, lower precision, build ONNX Runtime / TensorRT engines, prove parity."""
+    if quiet and verbose:
+        raise typer.BadParameter("-q and -v contradict each other; pass one of them.")
+    configure_output(quiet, verbose)
+
+
 # -- shared options: each declared once, in exporter/options.py's FLAGS ------------------------------
 ShapesOpt = flag_option("shapes")
 DynamicOpt = flag_option("dynamic")
@@ -117,9 +150,9 @@ def export(
     con = _console()
     con.print(f"wrote [bold]{result.path}[/] ({result.exporter}, opset {result.opset})")
     for s in result.io.inputs:
-        con.print(f"  in   {s.describe()}")
+        con.print(f"  in   {s.describe()}", markup=False)
     for s in result.io.outputs:
-        con.print(f"  out  {s.describe()}")
+        con.print(f"  out  {s.describe()}", markup=False)
     if result.io.dims:
         con.print("  dims " + ", ".join(f"{k}={v}" for k, v in result.io.dims.items()) + "  (min:opt:max)")
 
@@ -251,7 +284,7 @@ def parity(
 @handle_errors
 def inspect_cmd(
     path: Path = typer.Argument(..., help="An engine bundle folder or an .onnx file."),
-    layers: bool = typer.Option(False, "--layers", help="List every node (ONNX files)."),
+    layers: bool = typer.Option(False, "--layers", help="List every node (an ONNX file, or each ONNX engine of a bundle)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show a bundle's manifest (io, precision, target, parity) or an ONNX graph's summary."""
@@ -267,9 +300,9 @@ def inspect_cmd(
                   f"{m['precision']['requested']}  (enginekit {m['enginekit_version']}, {m['created_at']})")
         con.print(f"source: {m['source']['spec']}  task={m['source'].get('task')}  exporter={m['source'].get('exporter')}")
         for s in m["io"]["inputs"]:
-            con.print(f"  in   {s['name']}: {s['dtype']}[{', '.join(map(str, s['shape']))}]")
+            con.print(f"  in   {s['name']}: {s['dtype']}[{', '.join(map(str, s['shape']))}]", markup=False)
         for s in m["io"]["outputs"]:
-            con.print(f"  out  {s['name']}: {s['dtype']}[{', '.join(map(str, s['shape']))}]")
+            con.print(f"  out  {s['name']}: {s['dtype']}[{', '.join(map(str, s['shape']))}]", markup=False)
         if m["io"]["dims"]:
             con.print("  dims " + ", ".join(f"{k}={v['min']}:{v['opt']}:{v['max']}" for k, v in m["io"]["dims"].items()))
         con.print(f"versions: {m['target']['versions']}  providers: {m['target']['providers']}")
@@ -284,13 +317,16 @@ def inspect_cmd(
         p = m.get("parity") or {}
         con.print(f"parity: {p.get('status', 'none')}" + (f"  failures: {p['failures']}" if p.get("failures") else ""))
         con.print(f"rebuild: {shlex.join(m['build_command'])}")
+        for name, text in info.get("layers", {}).items():
+            con.print(f"\n[bold]{name}[/]")
+            con.print(text, markup=False)
         return None
     con.print(f"[bold]{info['path']}[/]  opsets {info['opsets']}  {info['nodes']} nodes  "
               f"{info['initializers']} initializers ({info['weight_bytes'] / 1e6:.1f} MB)  producer {info['producer']}")
     for s in info["inputs"]:
-        con.print(f"  in   {s}")
+        con.print(f"  in   {s}", markup=False)
     for s in info["outputs"]:
-        con.print(f"  out  {s}")
+        con.print(f"  out  {s}", markup=False)
     if info["dims"]:
         con.print("  dims " + ", ".join(f"{k}={v}" for k, v in info["dims"].items()) + "  (recorded by enginekit export)")
     con.print("  ops  " + ", ".join(f"{k}×{v}" for k, v in list(info["ops"].items())[:20]))

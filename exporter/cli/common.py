@@ -19,11 +19,23 @@ from runtimes.errors import EnginekitError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Set once per command by the app's callback (exporter/cli/__init__.py): -q hides progress, -v shows debug logs.
+VERBOSITY = {"level": 0}
+
+
+def plain_output(stream: Any) -> bool:
+    """True where output is read later rather than watched: not a terminal (a CI log, `| tee`), or CI
+    / NO_COLOR set. There rich would cut table cells to 80 columns ('9.54e-…'), so nothing is cut."""
+    return not getattr(stream, "isatty", lambda: False)() or bool(os.environ.get("CI") or os.environ.get("NO_COLOR"))
+
+
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     # emoji=False: messages quote the user's text, and rich would draw ':b:' in '--shapes batch=a:b:c' as 🅱.
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, emoji=False)
+    # Off a terminal: a width no table reaches, so cells are never truncated or folded; each row stays one line.
+    width = 10_000 if plain_output(sys.stderr if stderr else sys.stdout) else None
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, emoji=False, width=width)
 
 
 INTERNAL_ERROR_EXIT = 3  # a bug in enginekit (user errors exit 2, a failed parity gate 1)
@@ -37,20 +49,26 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from rich.markup import escape
 
+        as_json = bool(kwargs.get("as_json"))  # under --json, stdout stays one JSON document, errors included
         try:
             return fn(*args, **kwargs)
         except EnginekitError as exc:
-            # soft_wrap: never hard-break the paragraph, so the commands in it can be copied whole.
-            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            if as_json:
+                _print_json({"error": str(exc), "exit_code": exc.exit_code, "kind": type(exc).__name__})
+            else:  # soft_wrap: never hard-break the paragraph, so the commands in it can be copied whole.
+                _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a bug: never a raw traceback on the console
             saved = save_traceback(exc)
-            _console(stderr=True).print(
-                f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc)[:300])}. This is a bug in "
-                f"enginekit, not a problem with your input; the traceback is saved in {escape(str(saved))}. Please report "
-                "it with that file.", soft_wrap=True)
+            text = (f"{type(exc).__name__}: {str(exc)[:300]}. This is a bug in enginekit, not a problem with your input; "
+                    f"the traceback is saved in {saved}. Please report it with that file.")
+            if as_json:
+                _print_json({"error": text, "exit_code": INTERNAL_ERROR_EXIT, "kind": "InternalError",
+                             "traceback": str(saved)})
+            else:
+                _console(stderr=True).print(f"[bold red]internal error:[/] {escape(text)}", soft_wrap=True)
             raise typer.Exit(INTERNAL_ERROR_EXIT) from None
 
     return wrapper  # type: ignore[return-value]
@@ -71,8 +89,9 @@ def save_traceback(exc: BaseException) -> Path:
 
 @contextmanager
 def stages(enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """A progress callback: a spinner on the current stage, a ✓ line with its time for each done."""
-    if not enabled:
+    """A progress callback: a spinner on the current stage, a ✓ line with its time for each done
+    (nothing under -q)."""
+    if not enabled or VERBOSITY["level"] < 0:
         yield lambda _msg: None
         return
     import time
@@ -119,3 +138,34 @@ def _quiet_libraries() -> None:
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def configure_output(quiet: bool, verbose: int) -> None:
+    """-q / -v for every command: enginekit's own log level (WARNING by default, ERROR under -q, INFO
+    and DEBUG under -v and -vv), the progress display, and ONNX Runtime's log severity (its log lines
+    bypass Python's logging; by default only fatal ones print, since every error it reports also
+    comes back as an exception that enginekit turns into one paragraph)."""
+    import logging
+
+    VERBOSITY["level"] = -1 if quiet else verbose
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    if verbose:
+        os.environ["ENGINEKIT_ORT_LOG_LEVEL"] = "2" if verbose == 1 else "0"  # warnings / everything
+
+
+def flags_without_type_tags() -> None:
+    """typer 0.29 tags every option in --help with its type, flags included ('--force <bool>'), which reads
+    as if the flag took a value; flags (and --help) are shown without one, valued options keep theirs."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "flags_untagged", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    display_type_rich.flags_untagged = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]

@@ -29,16 +29,28 @@ def _print_precision(con: Any, precision: dict[str, Any]) -> None:
             con.print(f"[dim]… and {len(fp32) - 40} more (manifest.json: precision.realised.fp32_nodes)[/]")
 
 
+def one_minus(cosine: float) -> str:
+    """1 − cosine in scientific notation: cosines of a passing gate all print as 1.0000000 otherwise."""
+    gap = 1.0 - float(cosine)
+    return "0" if gap == 0 else f"{gap:.2e}"
+
+
 def _print_parity(con: Any, report: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
+    if not report.cases:  # --skip-parity, or an engine that cannot run here: nothing was compared
+        con.print(f"parity gate: {report.status} (no case was run)")
+        for note in report.notes:
+            con.print(f"[dim]note: {escape(note)}[/]")
+        return
     t = Table(title=f"parity gate: {report.status}", title_justify="left")
-    for col in ("output", "cases", "max abs", "rel L2", "cosine", "argmax", "NaN/Inf", "verdict"):
+    for col in ("output", "cases", "max abs", "rel L2", "1 − cosine", "argmax", "NaN/Inf", "verdict"):
         t.add_column(col, justify="left" if col in ("output", "verdict") else "right")
     worst = report.worst()
     failing = {o.name for c in report.cases for o in c.outputs if not o.passed}
     for name, w in worst.items():
-        t.add_row(name, str(len(report.cases)), f"{w['max_abs']:.3g}", f"{w['rel_l2']:.3g}", f"{w['cosine']:.7f}",
+        t.add_row(name, str(len(report.cases)), f"{w['max_abs']:.3g}", f"{w['rel_l2']:.3g}", one_minus(w['cosine']),
                   f"{w['argmax']:.4f}" if "argmax" in w else "–", str(int(w.get("nan_inf", 0))),
                   "[red]fail[/]" if name in failing else "[green]pass[/]")
     con.print(t)
@@ -47,7 +59,7 @@ def _print_parity(con: Any, report: Any) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in w.items())
         con.print(f"{name}: {shown}  " + ("[red]fail[/]" if bad else "[green]pass[/]"))
     for note in report.notes:
-        con.print(f"[dim]note: {note}[/]")
+        con.print(f"[dim]note: {escape(note)}[/]")
 
 
 def _print_calibration(con: Any, cal: dict[str, Any], realised: dict[str, Any]) -> None:

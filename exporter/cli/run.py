@@ -4,6 +4,7 @@ triton. Plain functions: exporter/cli/__init__.py registers each on its typer ap
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import typer
 
 from exporter.cli.common import _console, _print_json, _quiet_libraries, handle_errors, stages
+from exporter.cli.printing import one_minus
 from runtimes._deps import require_build_toolchain
 from runtimes.errors import UsageError
 
@@ -60,12 +62,15 @@ def bench(
     con = _console()
     gpu = (result["environment"].get("gpu") or {}).get("name", "CPU")
     t = Table(title=f"bench on {gpu} (speedup vs torch eager fp32, same batch)", title_justify="left")
-    for col in ("batch", "variant", "p50 ms", "p90 ms", "p99 ms", "samples/s", "memory MiB", "speedup"):
+    for col in ("batch", "variant", "p50 ms", "p90 ms", "p99 ms", "samples/s", "memory MiB", "compile s", "speedup"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for r in sorted(result["rows"], key=lambda r: (r["batch"], r["p50_ms"])):
         t.add_row(str(r["batch"]), r["variant"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
                   f"{r['throughput']:.1f}", "–" if r["memory_mib"] is None else f"{r['memory_mib']:.0f}",
+                  "–" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
                   "–" if r["speedup"] is None else f"{r['speedup']:.2f}×")
+    for k in result.get("skipped", []):
+        t.add_row(str(k["batch"]), f"{k['variant']}: skipped, {k['reason']}", *["–"] * 7)
     con.print(t)
     for note in result["notes"]:
         con.print(f"[yellow]note:[/] {note}")
@@ -94,29 +99,38 @@ def demo(
     p = result["parity"]
     t = Table(title=f"Parity gate vs PyTorch FP32 ({len(p['cases'])} cases: real sentences + generated shapes): "
                     f"{p['status'].upper()}", title_justify="left")
-    for col in ("output", "worst max abs", "worst rel L2", "worst cosine", "verdict"):
+    for col in ("output", "worst max abs", "worst rel L2", "worst 1 − cosine", "verdict"):
         t.add_column(col, justify="left" if col in ("output", "verdict") else "right")
     for name, w in p["worst"].items():
-        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", f"{w['cosine']:.7f}",
+        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", one_minus(w['cosine']),
                   "[green]pass[/]" if not any(f.split(": ")[0].endswith("/" + name) for f in p["failures"]) else "[red]fail[/]")
     con.print(t)
     a = Table(title=f"Thin runtime vs PyTorch on {result['sentences']} sentences (24 paraphrase pairs)", title_justify="left")
     a.add_column("check")
     a.add_column("engine", justify="right")
     a.add_column("PyTorch", justify="right")
-    a.add_row("sentence embeddings: min cosine(engine, torch)", f"{result['embedding_cosine_min']:.7f}", "1")
+    a.add_row("sentence embeddings: max 1 − cosine(engine, torch)", one_minus(result['embedding_cosine_min']), "0")
     a.add_row("paraphrase retrieval top-1", f"{result['retrieval_top1_engine']:.0%}", f"{result['retrieval_top1_torch']:.0%}")
     a.add_row("nearest neighbour agrees with torch", f"{result['retrieval_agreement']:.0%}", "–")
     con.print(a)
-    lt = Table(title="Latency, CPU (median of 40 runs after warm-up)", title_justify="left")
-    for col in ("batch", "tokens", "PyTorch eager p50", "engine p50", "speedup"):
+    lt = Table(title=f"Latency, CPU ({result['cpu_count']} cores, {result['measured_at']}; 8 alternating rounds of 8 runs "
+                     "after warm-up)", title_justify="left")
+    for col in ("batch", "tokens", "PyTorch eager min / p50", "engine min / p50", "speedup p50 (min)", "round spread"):
         lt.add_column(col, justify="right")
+    warnings = []
     for batch, v in result["latency"].items():
-        e, tt = v["engine"]["p50_ms"], v["torch_eager"]["p50_ms"]
-        lt.add_row(str(batch), str(v["seq"]), f"{tt:.2f} ms", f"{e:.2f} ms", f"{tt / e:.2f}×")
+        e, tt = v["engine"], v["torch_eager"]
+        lt.add_row(str(batch), str(v["seq"]), f"{tt['min_ms']:.2f} / {tt['p50_ms']:.2f} ms",
+                   f"{e['min_ms']:.2f} / {e['p50_ms']:.2f} ms", f"{v['speedup_p50']:.2f}× ({v['speedup_min']:.2f}×)",
+                   f"{tt['spread']:.0%} / {e['spread']:.0%}")
+        if v.get("warning"):
+            warnings.append(f"batch {batch}: {v['warning']}")
     con.print(lt)
+    for w in warnings:
+        con.print(f"[yellow]warning:[/] {w}")
     con.print(f"bundle: [bold]{result['bundle']}[/]  (report: {result['bundle']}/report.html)")
-    con.print("next: enginekit inspect " + result["bundle"] + "   ·   enginekit parity " + result["bundle"])
+    con.print("next: enginekit inspect " + result["bundle"] + "   ·   enginekit parity " + result["bundle"]
+              + " --reference " + shlex.quote("hf:" + result["model_dir"]), markup=False)
     return None
 
 

@@ -347,7 +347,11 @@ def compare_case(label: str, feeds: Mapping[str, np.ndarray], reference: Mapping
     return CaseReport(label, {k: list(np.shape(v)) for k, v in feeds.items()}, outputs)
 
 
-def format_failures(report: ParityReport, limit: int = 12) -> str:
+def format_failures(report: ParityReport, limit: int = 2) -> str:
+    """The first `limit` failures (case/output: what exceeded its tolerance) and how many more there are:
+    short enough for one terminal paragraph; report.html and parity.json list them all."""
     items = report.failures()
     text = "; ".join(items[:limit])
-    return text + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+    failed = {c.label for c in report.cases if any(o.failures for o in [*c.outputs, *c.checks])}
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{text}{more} ({len(failed)} of {len(report.cases)} cases failed)"

@@ -15,6 +15,7 @@ CUDA path (what `enginekit bench` and `enginekit serve` run):
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,6 +96,15 @@ class _CpuSlot:
         return dict(zip(self.outputs, self.values))
 
 
+def ort_log_level() -> int:
+    """ONNX Runtime's log severity for its sessions: ENGINEKIT_ORT_LOG_LEVEL (0 verbose .. 4 fatal; `enginekit -v`
+    sets 2), default 4. Its log lines go straight to stderr, past Python's logging, and every error it would
+    print (a refused input, say: one red line per bad request in a server log) also comes back as an
+    exception that the runner turns into InvalidInput or IncompatibleEngine, so by default only fatal ones print."""
+    value = os.environ.get("ENGINEKIT_ORT_LOG_LEVEL", "4").strip()
+    return int(value) if value in ("0", "1", "2", "3", "4") else 4
+
+
 class OrtRunner(Runner):
     """An `onnxruntime.InferenceSession` over the bundle's model.onnx.
 
@@ -108,6 +118,8 @@ class OrtRunner(Runner):
                  cuda_graph: bool = False, provider_options: dict[str, Any] | None = None, max_graphs: int = 4):
         super().__init__(bundle, manifest)
         ort = require("onnxruntime", extra="cpu", purpose="Running an ONNX Runtime engine")
+        # ORT's process-wide logger (its start-up warnings, e.g. 1.31's "No registered plugin EP device"): errors only
+        ort.set_default_logger_severity(min(ort_log_level(), 3))
         self.ort = ort
         built_with = str(manifest.target.versions.get("onnxruntime", ""))
         if built_with and _major(built_with) != _major(ort.__version__):
@@ -166,7 +178,7 @@ class OrtRunner(Runner):
         ort = self.ort
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = ort_log_level()
         if self.threads:
             so.intra_op_num_threads = int(self.threads)
         for name, size in (dims or {}).items():

@@ -64,9 +64,14 @@ def _decode_json(body: bytes, specs: Mapping[str, TensorSpec]) -> dict[str, Any]
                            '{"inputs": {"input_name": [[...]], ...}}.') from None
     inputs = doc.get("inputs") if isinstance(doc, dict) else None
     if not isinstance(inputs, dict):
+        if not isinstance(doc, dict):
+            found = f"a JSON {_json_kind(doc)} as the body"
+        elif "inputs" not in doc:
+            found = "no 'inputs' key (" + (f"keys: {', '.join(sorted(map(str, doc))[:5])}" if doc else "an empty object") + ")"
+        else:
+            found = f"a JSON {_json_kind(inputs)} under 'inputs'"
         raise RequestError('Expected a JSON object {"inputs": {name: nested list, ...}}, found '
-                           f"{type(inputs if isinstance(doc, dict) else doc).__name__} under the body's 'inputs'. "
-                           f"The engine's inputs are {sorted(specs)}.")
+                           f"{found[:300]}. The engine's inputs are {sorted(specs)}.")
     feeds: dict[str, Any] = {}
     problems = []
     for name, value in inputs.items():
@@ -88,6 +93,12 @@ def _decode_json(body: bytes, specs: Mapping[str, TensorSpec]) -> dict[str, Any]
         raise InvalidInput(f"Expected JSON numbers that fit each input's dtype, but {'; '.join(problems)}. "
                            f"The engine expects {'; '.join(s.describe() for s in specs.values())}.")
     return feeds
+
+
+def _json_kind(value: Any) -> str:
+    """JSON's own name for a decoded value's type (a client knows 'array', not Python's 'list')."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _json_to_dtype(arr: np.ndarray, spec: TensorSpec) -> np.ndarray | str:

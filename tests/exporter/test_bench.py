@@ -15,6 +15,8 @@ def test_bench_rows_speedups_and_files(bert_bundle, tmp_path):
     rows = result["rows"]
     assert {r["variant"] for r in rows} == {"torch eager fp32", "ort-cpu fp32"}
     assert {r["batch"] for r in rows} == {1, 2}  # 64 is outside the bundle's batch range 1..16: skipped
+    assert result["skipped"] == [{"bundle": str(bert_bundle), "variant": "bert", "batch": 64,
+                                  "reason": "outside the engine's batch range 1..16"}]
     for r in rows:
         assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert abs(r["throughput"] - r["batch"] * 1000 / r["p50_ms"]) < 0.01 * r["throughput"]
@@ -38,10 +40,13 @@ def test_batch_feeds_sets_every_batch_dim(bert_bundle):
 @pytest.mark.slow
 def test_bench_cli(bert_bundle, tmp_path):
     out = tmp_path / "r.json"
-    proc = run_cli("bench", str(bert_bundle), "--baseline", "eager", "--batch", "1", "--runs", "3",
+    proc = run_cli("bench", str(bert_bundle), "--baseline", "eager", "--batch", "1,64", "--runs", "3",
                    "--min-seconds", "0", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "ort-cpu fp32" in proc.stdout and out.exists() and out.with_suffix(".png").exists()
+    assert "bert: skipped, outside the engine's batch range 1..16" in proc.stdout
+    # each variant is its own progress stage, with its own time
+    assert "✓ Bench torch eager fp32: batch 1" in proc.stderr and "✓ Bench ort-cpu fp32: batch 1" in proc.stderr
     bad = run_cli("bench", str(bert_bundle), "--batch", "one")
     assert bad.returncode == 2 and "--batch" in bad.stderr and "Traceback" not in bad.stderr
 

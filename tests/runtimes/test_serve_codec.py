@@ -87,3 +87,17 @@ def test_other_content_types_are_415_and_responses_follow_accept():
 
     back = np.asarray(json.loads(encode_outputs("m", {"y": out}, JSON))["outputs"]["y"], np.float32)
     assert np.array_equal(back, out)  # float32 survives JSON exactly
+
+
+@pytest.mark.parametrize("body, found", [
+    (b'{"input": {"ids": [[1]]}}', "found no 'inputs' key (keys: input)"),
+    (b"{}", "found no 'inputs' key (an empty object)"),
+    (b"[1, 2]", "found a JSON array as the body"),
+    (b'{"inputs": null}', "found a JSON null under 'inputs'"),
+    (b'{"inputs": [[1, 2]]}', "found a JSON array under 'inputs'"),
+])
+def test_a_body_without_an_inputs_object_says_what_it_found(body, found):
+    """Not Python's type names ("found NoneType"): what the client sent, in JSON's terms."""
+    with pytest.raises(RequestError) as err:
+        decode_inputs(body, JSON, SPECS, limit=1 << 20)
+    assert found in str(err.value) and "NoneType" not in str(err.value)
