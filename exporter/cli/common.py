@@ -160,8 +160,8 @@ def flags_without_type_tags() -> None:
     as if the flag took a value; flags (and --help) are shown without one, valued options keep theirs."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "flags_untagged", False):
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_untagged", False):  # older typer (0.2x) tags nothing: leave it
         return
 
     def display_type_rich(self: Any, ctx: Any) -> str | None:

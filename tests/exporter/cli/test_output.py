@@ -111,3 +111,18 @@ except InvalidInput as exc:
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), ENGINEKIT_ORT_LOG_LEVEL="3"))
     assert "[E:onnxruntime" in loud.stderr  # the line is ORT's, and the variable brings it back
+
+
+def test_the_help_patch_leaves_an_older_typer_alone(monkeypatch):
+    """typer 0.27 (the GPU machine's) has no TyperOption.display_type_rich and tags nothing: the patch
+    must not touch it (the GPU smoke found every CLI step failing at import when it did)."""
+    import typer.core
+
+    from exporter.cli.common import flags_without_type_tags
+
+    class OldOption:  # what typer 0.27's TyperOption offers for this purpose: nothing
+        pass
+
+    monkeypatch.setattr(typer.core, "TyperOption", OldOption)
+    flags_without_type_tags()
+    assert not hasattr(OldOption, "display_type_rich")
