@@ -2,6 +2,7 @@
 
     REPO/<name>/config.pbtxt        platform, max_batch_size, inputs/outputs, dynamic batching, instances
     REPO/<name>/1/model.onnx        (onnxruntime_onnx; + model.onnx.data) or model.plan (tensorrt_plan)
+    REPO/<name>/1/model.py + bundle/ (--backend python: enginekit's runtime inside Triton; exporter/triton_python.py)
 
 Triton's convention: with max_batch_size > 0 the batch dim is implicit and left out of `dims`;
 every other dynamic dim is -1. An engine without a batch axis shared by all inputs and outputs
@@ -22,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from exporter.bundle.staging import new_staging, publish
+from exporter.triton_python import check_python_bundle, env_parameter, write_python_model
 from runtimes.choices import Kind
 from runtimes.errors import BuildError, UsageError
 from runtimes.manifest import Manifest, TensorSpec, verify_files
@@ -34,6 +36,7 @@ TRITON_TYPES = {
     "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
     "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
 }
+BACKENDS = {"onnxruntime": "ort", "tensorrt": "trt", "python": None}  # --backend → the bundle backend it needs
 NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -46,6 +49,20 @@ class TritonOptions:
     max_delay_ms: float = 2.0
     instances: int = 1
     force: bool = False
+    backend: str | None = None  # onnxruntime | tensorrt | python; None: the bundle's own (onnxruntime or tensorrt)
+    python_env: Path | None = None  # --backend python: the venv the python backend's stub activates
+
+
+def triton_backend(manifest: Manifest, options: TritonOptions) -> str:
+    """The Triton backend the model is written for: options.backend, else the one of the bundle's backend."""
+    own = {v: k for k, v in BACKENDS.items() if v}.get(manifest.target.backend)
+    chosen = options.backend or own
+    if chosen not in BACKENDS or (BACKENDS[chosen] and chosen != own):
+        raise UsageError(f"Expected --backend {' or '.join(b for b in BACKENDS if b in (own, 'python'))} for the "
+                         f"'{manifest.target.backend}' bundle '{manifest.name}', found '{chosen}'.")
+    if options.python_env is not None and chosen != "python":
+        raise UsageError(f"Expected --python-env only with --backend python, found it with '{chosen}'.")
+    return chosen
 
 
 def triton_config(manifest: Manifest, options: TritonOptions) -> str:
@@ -58,13 +75,14 @@ def triton_config(manifest: Manifest, options: TritonOptions) -> str:
                          f"{options.max_delay_ms}.")
     io = manifest.io
     batch, max_batch = triton_batching(manifest, options)
-    platform = PLATFORMS[backend][0]
+    chosen = triton_backend(manifest, options)
+    platform = f"backend: {_quote('python')}" if chosen == "python" else f"platform: {_quote(PLATFORMS[backend][0])}"
     kind = "KIND_GPU" if manifest.target.device == "cuda" or backend == "trt" else "KIND_CPU"
     lines = [
         (f"# Written by enginekit {manifest.enginekit_version or ''} from bundle '{manifest.name}' "
          f"({backend}/{manifest.target.device}/{manifest.precision.get('requested', '?')})."),
         f"name: {_quote(options.name or manifest.name)}",
-        f"platform: {_quote(platform)}",
+        platform,
         f"max_batch_size: {max_batch}",
         _tensors("input", io.inputs, batch is not None, manifest),
         _tensors("output", io.outputs, batch is not None, manifest),
@@ -72,6 +90,8 @@ def triton_config(manifest: Manifest, options: TritonOptions) -> str:
     if batch is not None:
         lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {round(options.max_delay_ms * 1000)}", "}"]
     lines += ["instance_group [", "  {", f"    count: {options.instances}", f"    kind: {kind}", "  }", "]"]
+    if chosen == "python" and options.python_env is not None:
+        lines.append(env_parameter(options.python_env))
     return "\n".join(lines) + "\n"
 
 
@@ -150,14 +170,18 @@ def export_triton(bundle: Path, repo: Path, options: TritonOptions | None = None
     bundle, repo = Path(bundle), Path(repo)
     manifest = Manifest.read(bundle)
     verify_files(bundle, manifest)
+    python = options.backend == "python"
     parts = manifest.target.options.get("parts") if manifest.kind is Kind.ZERO_SHOT else None
     if parts:
+        flags = " --backend python" if python else ""
         raise UsageError(
             f"Expected a bundle with one engine, found the zero-shot bundle '{bundle}' with one per tower "
             f"({', '.join(parts)}). Export each tower as its own Triton model: "
-            + " and ".join(f"enginekit triton {bundle / p} --repo {repo}" for p in parts.values())
+            + " and ".join(f"enginekit triton {bundle / p} --repo {repo}{flags}" for p in parts.values())
             + " (the similarity is a matrix product on the client)."
         )
+    if python:
+        check_python_bundle(bundle, manifest)
     name = options.name or manifest.name
     if not NAME_OK.match(name):
         raise UsageError(f"Expected a model name of letters, digits, '_', '.', '-' (a folder name for Triton), found "
@@ -172,24 +196,39 @@ def export_triton(bundle: Path, repo: Path, options: TritonOptions | None = None
     try:
         version = staging / "1"
         version.mkdir(parents=True)
-        platform, model_file = PLATFORMS[manifest.target.backend]
-        engine_files = manifest.target.engine_files
-        # The first engine file is the model; the rest (external data) keep the names it refers to.
-        shutil.copy2(manifest.file(bundle, engine_files[0], "engine file"), version / model_file)
-        for extra in engine_files[1:]:
-            shutil.copy2(manifest.file(bundle, extra, "engine file"), version / extra)
+        if python:
+            write_python_model(bundle, manifest, version)
+        else:
+            model_file = PLATFORMS[manifest.target.backend][1]
+            engine_files = manifest.target.engine_files
+            # The first engine file is the model; the rest (external data) keep the names it refers to.
+            shutil.copy2(manifest.file(bundle, engine_files[0], "engine file"), version / model_file)
+            for extra in engine_files[1:]:
+                shutil.copy2(manifest.file(bundle, extra, "engine file"), version / extra)
         (staging / "config.pbtxt").write_text(config, encoding="utf-8")
         publish(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    versions = manifest.target.versions
-    notes = [f"Triton's {'TensorRT' if manifest.target.backend == 'trt' else 'ONNX Runtime'} should match the "
-             f"build's ({', '.join(f'{k} {v}' for k, v in versions.items()) or 'versions not recorded'}): "
-             + ("a plan runs only on the TensorRT version it was built with." if manifest.target.backend == "trt"
-                else "the ONNX was offline-optimized by that version.")]
-    if parsed is None:
-        notes.append("config.pbtxt not checked against Triton's schema: pip install tritonclient to check it.")
-    return {"model_dir": str(destination), "config": str(destination / "config.pbtxt"), "platform": platform,
+    return {"model_dir": str(destination), "config": str(destination / "config.pbtxt"),
+            "platform": "python" if python else PLATFORMS[manifest.target.backend][0],
             "max_batch_size": triton_batching(manifest, options)[1],
             "files": sorted(str(p.relative_to(destination)) for p in destination.rglob("*") if p.is_file()),
-            "validated": parsed is not None, "notes": notes}
+            "validated": parsed is not None, "notes": _notes(manifest, options, parsed is not None)}
+
+
+def _notes(manifest: Manifest, options: TritonOptions, validated: bool) -> list[str]:
+    trt = manifest.target.backend == "trt"
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.target.versions.items()) or "versions not recorded"
+    if options.backend == "python":
+        where = (f"the venv {Path(options.python_env).expanduser().resolve()} (EXECUTION_ENV_PATH)"
+                 if options.python_env else "the server's Python (pass --python-env VENV to use a venv instead)")
+        notes = [f"{where} must have numpy, {'tensorrt' if trt else 'onnxruntime'} and enginekit's runtime "
+                 f"(the `runtimes` package) installed, matching the build ({versions}); Triton's python backend "
+                 "stub must be built for that Python version."]
+    else:
+        notes = [f"Triton's {'TensorRT' if trt else 'ONNX Runtime'} should match the build's ({versions}): "
+                 + ("a plan runs only on the TensorRT version it was built with." if trt
+                    else "the ONNX was offline-optimized by that version.")]
+    if not validated:
+        notes.append("config.pbtxt not checked against Triton's schema: pip install tritonclient to check it.")
+    return notes

@@ -147,3 +147,34 @@ def vlm_bundle(tiny_qwen2_vl_dir: Path, bundles: Path) -> Path:
 
     return build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=bundles / "qwen2-vl-gen",
                                                         shapes=parse_shapes(VLM_SHAPES))).bundle
+
+
+# -- issue 17: a real Triton server ---------------------------------------------------------------------
+OS_PYTHON = Path("/usr/bin/python3.11")
+
+
+@pytest.fixture(scope="session")
+def triton_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A venv from the OS's own python3.11 with lock/triton.txt (nvidia-pytriton's tritonserver 2.51 and
+    python backend, tritonclient[http,grpc], onnxruntime) and this checkout on its path (a .pth file).
+    Why the OS python: Triton's python-backend stub links against it; a pyenv Python's stub fails. Skipped
+    with the reason where that interpreter is missing, except under CI, which must run it."""
+    if not OS_PYTHON.is_file():
+        why = f"Triton's python-backend stub needs the OS's python3.11 at {OS_PYTHON}, which is missing"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    venv = tmp_path_factory.mktemp("triton") / "venv"
+    subprocess.run([str(OS_PYTHON), "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-r", str(ROOT / "lock" / "triton.txt")], check=True,
+                   timeout=900)
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "enginekit-checkout.pth").write_text(str(ROOT) + "\n")
+    server = site / "pytriton" / "tritonserver"
+    # PyTriton copies the stub for the running Python next to the backend before it starts the server.
+    stub = server / "backends" / "python" / "triton_python_backend_stub"
+    shutil.copy2(server / "python_backend_stubs" / "3.11" / "triton_python_backend_stub", stub)
+    return {"venv": venv, "python": py, "tritonserver": server / "bin" / "tritonserver",
+            "backends": server / "backends"}

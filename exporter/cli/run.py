@@ -234,13 +234,18 @@ def triton(
     max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="Dynamic batching queue delay."),
     instances: int = typer.Option(1, "--instances", help="Model instances (instance_group count)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing model folder."),
+    backend: str | None = typer.Option(None, "--backend", help="onnxruntime, tensorrt or python (enginekit's "
+                                       "runtime in Triton's python backend; default: the bundle's own)."),
+    python_env: Path | None = typer.Option(None, "--python-env", help="--backend python: a venv with numpy, "
+                                           "onnxruntime and enginekit's runtime (EXECUTION_ENV_PATH)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Write a Triton Inference Server model (config.pbtxt + 1/model.onnx or model.plan) for scale-out."""
+    """Write a Triton Inference Server model (config.pbtxt + 1/model.onnx, model.plan, or model.py) for scale-out."""
     from exporter.triton import TritonOptions, export_triton
 
     result = export_triton(bundle, repo, TritonOptions(name=name, max_batch=max_batch, max_delay_ms=max_delay_ms,
-                                                       instances=instances, force=force))
+                                                       instances=instances, force=force, backend=backend,
+                                                       python_env=python_env))
     if as_json:
         return _print_json(result)
     con = _console()
