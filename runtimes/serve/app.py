@@ -10,17 +10,26 @@ the models load, the exit code) is in server.py; where bodies are decoded, off t
 
 Endpoints (the paths follow the KServe v2 / Triton HTTP layout, so moving to Triton keeps the URLs):
 
+    GET  /v2                        server metadata: name, version, extensions (binary_tensor_data)
     GET  /v2/health/live            200 while the process runs
     GET  /v2/health/ready           200 once every model is loaded and warmed up, else 503
     GET  /v2/models                 metadata of every model
-    GET  /v2/models/{name}          one model: inputs, outputs, dims, batching, precision, parity
-    POST /v2/models/{name}/infer    JSON or .npz body (see codec.py); ?outputs=a,b selects outputs
+    GET  /v2/models/{name}          one model: KServe's name, versions, platform, inputs/outputs
+                                    ({name, datatype, shape with -1 for dynamic dims, named_shape}),
+                                    and dims, batching, precision, parity
+    GET  /v2/models/{name}/ready    200 once warmed up, else 503 (tritonclient's is_model_ready)
+    POST /v2/models/{name}/infer    JSON short form or .npz (codec.py), or KServe v2 JSON or binary
+                                    (kserve.py, what tritonclient.http sends); ?outputs=a,b selects
+                                    outputs (a KServe body's own 'outputs' list takes precedence)
     GET  /metrics                   Prometheus text format
 
-Status codes: 400 unreadable body, 404 unknown model, 408 body not received within --body-timeout-s
+Status codes: 400 unreadable body (KServe: shape and data disagree, truncated binary data, a bad
+Inference-Header-Content-Length), 404 unknown model, 408 body not received within --body-timeout-s
 (10 s; the connection is closed), 413 body too large, 415 a Content-Type other than application/json
-or application/x-npz, or none, 422 inputs that do not fit the engine (Runner.validate's message) or an
-?outputs= that names none or unknown ones, 503 warming up / queue full / shutting down (a request
+or application/x-npz (application/octet-stream reads as .npz), or none, except with an
+Inference-Header-Content-Length or a KServe JSON body, 422 inputs that do not fit the engine
+(Runner.validate's message, a KServe datatype other than the input's) or an ?outputs= that names none or
+unknown ones, 503 warming up / queue full / shutting down (a request
 still sending its body when SIGTERM arrives gets it at once, with the connection closed), 500 only
 for bugs. Every such error body is {"error": "<one paragraph>"}. 499 is never sent: it is how the
 metrics count a client that disconnected before its body was complete (nginx's convention). uvicorn
@@ -45,12 +54,14 @@ from pathlib import Path
 from typing import Any
 
 from .._deps import require
+from .._version import __version__
 from ..base import Runner
 from ..errors import EnginekitError, InvalidInput, UsageError
 from ..manifest import IOSpec
 from ..samples import SHAPE_POINTS, generate_feeds
 from .batching import DynamicBatcher, Overloaded
 from .codec import RequestError, response_kind
+from .kserve import HEADER, selected, tensor_metadata
 from .offload import Codec
 
 log = logging.getLogger("enginekit.serve")
@@ -138,8 +149,8 @@ class ModelService:
         return {
             "name": self.name,
             "platform": f"enginekit-{m.target.backend}-{m.target.device}",
-            "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in m.io.inputs],
-            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in m.io.outputs],
+            "versions": ["1"],
+            "inputs": [tensor_metadata(s) for s in m.io.inputs], "outputs": [tensor_metadata(s) for s in m.io.outputs],
             "dims": {k: {"min": v.min, "opt": v.opt, "max": v.max} for k, v in m.io.dims.items()},
             "batching": {"dim": self.batch_dim, "max_batch": self.batcher.max_batch, "max_delay_ms": self.max_delay_ms,
                          "policy": "requests with equal non-batch shapes share an engine run"},
@@ -213,8 +224,9 @@ def create_app(models: Sequence[ModelService], metrics: Metrics, config: ServeCo
     h = _Handlers(models, metrics, config, on_ready, stopping or (lambda: False))
     return Starlette(
         routes=[
-            Route("/v2/health/live", h.live), Route("/v2/health/ready", h.ready),
+            Route("/v2", h.server_metadata), Route("/v2/health/live", h.live), Route("/v2/health/ready", h.ready),
             Route("/v2/models", h.list_models), Route("/v2/models/{name}", h.model_metadata),
+            Route("/v2/models/{name}/ready", h.model_ready),
             Route("/v2/models/{name}/infer", h.infer, methods=["POST"]), Route("/metrics", h.metrics_endpoint),
         ],
         lifespan=h.lifespan,
@@ -277,6 +289,15 @@ class _Handlers:
             return _reply({"ready": True, "models": list(self.by_name)})
         return _reply({"ready": False, "reason": self.state["reason"]}, 503)
 
+    async def server_metadata(self, _request: Any) -> Any:
+        return _reply({"name": "enginekit", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def model_ready(self, request: Any) -> Any:  # tritonclient's is_model_ready: True on 200
+        name = _find(self.by_name, request.path_params["name"]).name
+        if self.state["ready"]:
+            return _reply({"name": name, "ready": True})
+        return _reply({"name": name, "ready": False, "reason": self.state["reason"]}, 503)
+
     async def list_models(self, _request: Any) -> Any:
         return _reply({"models": [m.metadata() for m in self.models]})
 
@@ -321,11 +342,18 @@ class _Handlers:
             raise Overloaded(f"Expected a ready service, but it is {self.state['reason']}. Poll /v2/health/ready.")
         body = await _read_body(request, self.config, self.stopping)
         content_type = request.headers.get("content-type")
-        feeds = await self.codec.decode(body, content_type, model.runner.input_specs(),
-                                        limit=self.config.max_body_bytes, validate=model.runner.validate)
+        decoded = await self.codec.decode(body, content_type, model.runner.input_specs(), limit=self.config.max_body_bytes,
+                                          validate=model.runner.validate, header_length=request.headers.get(HEADER))
         del body  # a large body need not stay alive while the request waits for its batch
-        wanted = _wanted_outputs(model, request.query_params.get("outputs"))
-        outputs = await model.batcher.submit(feeds)
+        kserve = decoded.kserve
+        names = [s.name for s in model.runner.output_specs()]
+        wanted = (kserve and selected(kserve, names, name)) or _wanted_outputs(model, request.query_params.get("outputs"))
+        outputs = await model.batcher.submit(decoded.feeds)
+        if kserve is not None:
+            answer, head = await self.codec.encode_kserve(name, {k: outputs[k] for k in wanted}, kserve)
+            if head is None:
+                return Response(answer, media_type="application/json")
+            return Response(answer, media_type="application/octet-stream", headers={HEADER: str(head)})
         kind = response_kind(request.headers.get("accept"), content_type)
         return Response(await self.codec.encode(name, {k: outputs[k] for k in wanted}, kind), media_type=kind)
 

@@ -1,4 +1,6 @@
-"""Request bodies to feed dicts and outputs to response bodies: JSON and .npz (numpy only).
+"""Request bodies to feed dicts and outputs to response bodies: JSON and .npz (numpy only). The
+KServe v2 / Triton formats (JSON with an 'inputs' list, the binary tensor extension) are in kserve.py,
+whose decode_request picks the format of a request and calls on this module for these two.
 
 JSON   `{"inputs": {"input_ids": [[101, 2023, 102]], "attention_mask": [[1, 1, 1]], ...}}`; JSON has no
        dtypes, so numbers take the input's dtype from the manifest: integers fit any numeric input,
@@ -7,7 +9,8 @@ JSON   `{"inputs": {"input_ids": [[101, 2023, 102]], "attention_mask": [[1, 1, 1
 .npz   `application/x-npz`: numpy's own container (np.savez), one array per input name, with exact
        dtypes and shapes and no text conversion: the format for large tensors. It is a zip file, so
        the sizes its members declare are checked against the body limit before anything is
-       unpacked, and pickled object arrays are refused (allow_pickle=False).
+       unpacked, and pickled object arrays are refused (allow_pickle=False). application/octet-stream
+       without an Inference-Header-Content-Length header is read as .npz too.
 """
 
 from __future__ import annotations
@@ -50,18 +53,27 @@ def decode_inputs(body: bytes, content_type: str | None, specs: list[TensorSpec]
     if kind in (NPZ, "application/octet-stream"):
         return _decode_npz(body, limit)
     if kind == JSON:
-        return _decode_json(body, {s.name: s for s in specs})
+        return short_form_feeds(parse_json(body), {s.name: s for s in specs})
+    raise unsupported_media(kind)
+
+
+def unsupported_media(kind: str) -> RequestError:
     found = f"'{kind[:100]}'" if kind else "no Content-Type header"
-    raise RequestError(f"Expected Content-Type {JSON} or {NPZ}, found {found}. Send JSON "
-                       f'({{"inputs": {{name: nested list}}}}) as {JSON}, or an np.savez body as {NPZ}.', status=415)
+    return RequestError(f"Expected Content-Type {JSON} or {NPZ}, found {found}. Send JSON "
+                        f'({{"inputs": {{name: nested list}}}} or a KServe v2 body) as {JSON}, an np.savez body as '
+                        f"{NPZ}, or a KServe v2 binary body with an Inference-Header-Content-Length header.", status=415)
 
 
-def _decode_json(body: bytes, specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
+def parse_json(body: bytes | memoryview) -> Any:
     try:
-        doc = json.loads(body)
+        return json.loads(bytes(body) if isinstance(body, memoryview) else body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RequestError(f"Expected a JSON body, but it does not parse ({str(exc)[:200]}). Send "
-                           '{"inputs": {"input_name": [[...]], ...}}.') from None
+                           '{"inputs": {"input_name": [[...]], ...}} or a KServe v2 body.') from None
+
+
+def short_form_feeds(doc: Any, specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
+    """Feeds from the short JSON form {"inputs": {name: nested list}}, already parsed."""
     inputs = doc.get("inputs") if isinstance(doc, dict) else None
     if not isinstance(inputs, dict):
         if not isinstance(doc, dict):
@@ -84,7 +96,7 @@ def _decode_json(body: bytes, specs: Mapping[str, TensorSpec]) -> dict[str, Any]
         if spec is None:  # leave it to Runner.validate, which names the expected inputs
             feeds[name] = arr
             continue
-        converted = _json_to_dtype(arr, spec)
+        converted = json_to_dtype(arr, spec)
         if isinstance(converted, str):
             problems.append(converted)
         else:
@@ -101,7 +113,7 @@ def _json_kind(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _json_to_dtype(arr: np.ndarray, spec: TensorSpec) -> np.ndarray | str:
+def json_to_dtype(arr: np.ndarray, spec: TensorSpec) -> np.ndarray | str:
     """The array in the spec's dtype, or a sentence saying why JSON's values cannot be that dtype."""
     want = np.dtype(spec.dtype) if spec.dtype != "bfloat16" else np.dtype("float32")
     kind = arr.dtype.kind

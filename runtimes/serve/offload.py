@@ -32,7 +32,8 @@ import numpy as np
 
 from ..manifest import TensorSpec
 from .batching import Overloaded
-from .codec import JSON, decode_inputs, encode_outputs, media_type
+from .codec import JSON, encode_outputs, media_type
+from .kserve import Decoded, KServeRequest, decode_request, encode_response
 
 T = TypeVar("T")
 LARGE_JSON_BYTES = 1 << 20  # bodies from here on decode in the worker process
@@ -58,18 +59,37 @@ class Codec:
                 ready.result()
 
     async def decode(self, body: bytes, content_type: str | None, specs: list[TensorSpec], *, limit: int,
-                     validate: Callable[[Mapping[str, Any]], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """The request's feeds, decoded and checked by `validate` (Runner.validate), off the loop."""
+                     validate: Callable[[Mapping[str, Any]], dict[str, np.ndarray]],
+                     header_length: str | None = None) -> Decoded:
+        """The request's feeds (any format: kserve.decode_request), checked by `validate`
+        (Runner.validate), off the loop; header_length: the Inference-Header-Content-Length header."""
         loop = asyncio.get_running_loop()
-        decode = functools.partial(decode_inputs, body, content_type, specs, limit=limit)
-        if self._processes and len(body) >= LARGE_JSON_BYTES and media_type(content_type) == JSON:
-            feeds = await self._in_process(decode)
-            return await loop.run_in_executor(self.threads, validate, feeds)
-        return await loop.run_in_executor(self.threads, lambda: validate(decode()))
+        decode = functools.partial(decode_request, body, content_type, header_length, specs, limit=limit)
+        if (self._processes and len(body) >= LARGE_JSON_BYTES and header_length is None
+                and media_type(content_type) in (JSON, "")):
+            decoded = await self._in_process(decode)
+            decoded.feeds = await loop.run_in_executor(self.threads, validate, decoded.feeds)
+            return decoded
+
+        def decode_and_validate() -> Decoded:
+            decoded = decode()
+            decoded.feeds = validate(decoded.feeds)
+            return decoded
+
+        return await loop.run_in_executor(self.threads, decode_and_validate)
 
     async def encode(self, model: str, outputs: Mapping[str, np.ndarray], kind: str) -> bytes:
         encode = functools.partial(encode_outputs, model, dict(outputs), kind)
         if self._processes and kind == JSON and sum(v.size for v in outputs.values()) >= LARGE_JSON_VALUES:
+            return await self._in_process(encode)
+        return await asyncio.get_running_loop().run_in_executor(self.threads, encode)
+
+    async def encode_kserve(self, model: str, outputs: Mapping[str, np.ndarray],
+                            request: KServeRequest) -> tuple[bytes, int | None]:
+        """A KServe response body and its JSON header's length (None: no binary outputs)."""
+        encode = functools.partial(encode_response, model, dict(outputs), request)
+        as_json = sum(v.size for k, v in outputs.items() if not request.binary.get(k, request.binary_all))
+        if self._processes and as_json >= LARGE_JSON_VALUES:
             return await self._in_process(encode)
         return await asyncio.get_running_loop().run_in_executor(self.threads, encode)
 

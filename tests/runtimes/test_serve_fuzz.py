@@ -151,6 +151,30 @@ class Generator:
                           "".join(r.choice("abc/;=+- ") for _ in range(r.randrange(1, 40)))])
         return Case("wrong_content_type", http(INFER, self.body(self.lists()), ctype), frozenset({415}))
 
+    def kserve(self) -> Case:
+        """KServe v2 bodies broken in one place: datatype, shape, data, binary sizes, the header length."""
+        r, base = self.rng, self.base()
+        entries = [{"name": k, "shape": list(v.shape), "datatype": "INT64", "data": v.ravel().tolist()}
+                   for k, v in base.items()]
+        e = r.choice(entries)
+        raw = b"".join(v.tobytes() for v in base.values())
+        binary = [{**{k: v for k, v in x.items() if k != "data"}, "parameters": {"binary_data_size": len(x["data"]) * 8}}
+                  for x in entries]
+        op = r.randrange(9)
+        e.update([{"datatype": r.choice(["FP32", "BYTES", "INT32", None, 7, "int64"])}, {"shape": [3, -1]},
+                  {"shape": r.choice(["1x2", None, [1.5], [True], [1 << 62, 1 << 62]])},
+                  {"data": e["data"][:-1]}, {"data": [[1, 2], [3]]}, {"data": ["a"] * len(e["data"])}]
+                 [op] if op < 6 else {})
+        doc = {"inputs": binary if op >= 6 else entries, "outputs": r.choice([None, [{"name": "nope"}], [1], "x"])}
+        if doc["outputs"] is None:
+            del doc["outputs"]
+        head = json.dumps(doc).encode()
+        length = [len(head), len(head) + len(raw) + 5, len(head) - 3][op - 6] if op >= 6 else None
+        payload = head + (raw[:-r.randrange(1, 9)] if op == 6 else raw) if op >= 6 else head
+        extra = (f"Inference-Header-Content-Length: {length}",) if length is not None else ()
+        ctype = r.choice([None, J, "application/octet-stream"]) if op >= 6 else r.choice([None, J])
+        return Case("kserve", http(INFER, payload, ctype, extra=extra), frozenset({400, 422}))
+
     def unknown_model(self) -> Case:
         r = self.rng
         name = r.choice(["nope", "..", "%2e%2e", "BERT", "bert%20", "%F0%9F%98%80", "a" * 2000, "bert-copy",
@@ -244,7 +268,7 @@ def npz_bomb(r: random.Random) -> bytes:
 
 WEIGHTS = {"broken_json": 14, "wrong_types": 10, "huge_numbers": 7, "deep_nesting": 5, "bad_npz": 12,
            "wrong_content_type": 8, "unknown_model": 7, "bad_outputs": 8, "oversized_header": 1, "truncated_body": 6,
-           "bad_shapes": 9, "bad_http": 4, "too_large": 2, "wrong_route": 3, "large_json": 2, "valid": 4}
+           "bad_shapes": 9, "bad_http": 4, "too_large": 2, "wrong_route": 3, "large_json": 2, "kserve": 8, "valid": 4}
 
 
 def plan(valid: list[dict[str, np.ndarray]], seed: int = SEED, total: int = TOTAL) -> list[Case]:

@@ -80,7 +80,9 @@ def test_health_metadata_and_errors_for_routes(server):
     assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True, "models": ["bert", "bert-copy"]}
     meta = httpx.get(f"{server.url}/v2/models/bert").json()
     assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert meta["outputs"][0] == {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "sequence", 32]}
+    assert meta["outputs"][0] == {"name": "last_hidden_state", "datatype": "FP32", "shape": [-1, -1, 32],
+                                  "named_shape": ["batch", "sequence", 32]}
+    assert meta["versions"] == ["1"] and meta["inputs"][0]["datatype"] == "INT64"
     assert meta["dims"]["batch"] == {"min": 1, "opt": 4, "max": 16}
     assert meta["batching"]["dim"] == "batch" and meta["batching"]["max_batch"] == 16
     assert [m["name"] for m in httpx.get(f"{server.url}/v2/models").json()["models"]] == ["bert", "bert-copy"]
