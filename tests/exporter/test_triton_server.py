@@ -18,10 +18,14 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import runtimes
 from exporter.triton import TritonOptions, export_triton, parse_config
 from runtimes.samples import generate_feeds
+
+# In `make test` (CI) with everything else; out of the fast inner loop (a venv install and two real tritonservers: ~40 s).
+pytestmark = pytest.mark.slow
 
 CLIENT = r'''
 import json

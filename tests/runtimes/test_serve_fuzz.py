@@ -24,6 +24,9 @@ import runtimes
 from bench.loadtest import decode_response, make_request, scrape, serve_process
 from runtimes.samples import generate_feeds
 
+# In `make test` (CI) with everything else; out of the fast inner loop (2,400 requests against a real server: ~25 s).
+pytestmark = pytest.mark.slow
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 ENGINEKIT = str(Path(sys.executable).with_name("enginekit"))

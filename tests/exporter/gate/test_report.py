@@ -25,6 +25,9 @@ import pytest
 from exporter.gate.parity import ParityReport, TolerancePolicy, compare_case
 from exporter.gate.report import KEEP_OPEN, kept_fp32_section, render_html, tolerance_marker
 
+# In `make test` (CI) with everything else; out of the fast inner loop (an fp16 build and headless Chromium: ~20 s).
+pytestmark = pytest.mark.slow
+
 WIDTHS = (390, 1024, 1280)
 GREEN, RED = (0x1F, 0x8A, 0x4C), (0xC0, 0x39, 0x2B)  # the badge colours of exporter/gate/report.py
 SCI = re.compile(r"^(0|\d\.\de[-+]\d{2})$")
