@@ -28,14 +28,13 @@ from runtimes.choices import Kind
 from runtimes.errors import BuildError, UsageError
 from runtimes.manifest import Manifest, TensorSpec, verify_files
 from runtimes.serve.app import batch_dim
+from runtimes.serve.kserve import TO_DATATYPE
 
 # backend → (Triton platform, file name Triton loads from the version folder)
 PLATFORMS = {"ort": ("onnxruntime_onnx", "model.onnx"), "trt": ("tensorrt_plan", "model.plan")}
-TRITON_TYPES = {
-    "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
-    "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
-    "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
-}
+# Triton's config data types are the KServe v2 datatypes (runtimes/serve/kserve.py) with TYPE_ in front, plus
+# BF16, which Triton has and the service's KServe body carries as FP32.
+TRITON_TYPES = {**{dtype: f"TYPE_{name}" for dtype, name in TO_DATATYPE.items()}, "bfloat16": "TYPE_BF16"}
 BACKENDS = {"onnxruntime": "ort", "tensorrt": "trt", "python": None}  # --backend → the bundle backend it needs
 NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

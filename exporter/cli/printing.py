@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from exporter.gate.parity import one_minus_cos
+
 
 def _print_precision(con: Any, precision: dict[str, Any]) -> None:
     realised = precision.get("realised", {})
@@ -29,12 +31,6 @@ def _print_precision(con: Any, precision: dict[str, Any]) -> None:
             con.print(f"[dim]… and {len(fp32) - 40} more (manifest.json: precision.realised.fp32_nodes)[/]")
 
 
-def one_minus(cosine: float) -> str:
-    """1 − cosine in scientific notation: cosines of a passing gate all print as 1.0000000 otherwise."""
-    gap = 1.0 - float(cosine)
-    return "0" if gap == 0 else f"{gap:.2e}"
-
-
 def _print_parity(con: Any, report: Any) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -50,7 +46,7 @@ def _print_parity(con: Any, report: Any) -> None:
     worst = report.worst()
     failing = {o.name for c in report.cases for o in c.outputs if not o.passed}
     for name, w in worst.items():
-        t.add_row(name, str(len(report.cases)), f"{w['max_abs']:.3g}", f"{w['rel_l2']:.3g}", one_minus(w['cosine']),
+        t.add_row(name, str(len(report.cases)), f"{w['max_abs']:.3g}", f"{w['rel_l2']:.3g}", one_minus_cos(w['cosine']),
                   f"{w['argmax']:.4f}" if "argmax" in w else "–", str(int(w.get("nan_inf", 0))),
                   "[red]fail[/]" if name in failing else "[green]pass[/]")
     con.print(t)

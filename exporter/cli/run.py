@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from exporter.cli.common import _console, _print_json, _quiet_libraries, handle_errors, stages
-from exporter.cli.printing import one_minus
+from exporter.gate.parity import one_minus_cos
 from runtimes._deps import require_build_toolchain
 from runtimes.errors import UsageError
 
@@ -102,14 +102,14 @@ def demo(
     for col in ("output", "worst max abs", "worst rel L2", "worst 1 − cosine", "verdict"):
         t.add_column(col, justify="left" if col in ("output", "verdict") else "right")
     for name, w in p["worst"].items():
-        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", one_minus(w['cosine']),
+        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['rel_l2']:.2e}", one_minus_cos(w['cosine']),
                   "[green]pass[/]" if not any(f.split(": ")[0].endswith("/" + name) for f in p["failures"]) else "[red]fail[/]")
     con.print(t)
     a = Table(title=f"Thin runtime vs PyTorch on {result['sentences']} sentences (24 paraphrase pairs)", title_justify="left")
     a.add_column("check")
     a.add_column("engine", justify="right")
     a.add_column("PyTorch", justify="right")
-    a.add_row("sentence embeddings: max 1 − cosine(engine, torch)", one_minus(result['embedding_cosine_min']), "0")
+    a.add_row("sentence embeddings: max 1 − cosine(engine, torch)", one_minus_cos(result['embedding_cosine_min']), "0")
     a.add_row("paraphrase retrieval top-1", f"{result['retrieval_top1_engine']:.0%}", f"{result['retrieval_top1_torch']:.0%}")
     a.add_row("nearest neighbour agrees with torch", f"{result['retrieval_agreement']:.0%}", "–")
     con.print(a)

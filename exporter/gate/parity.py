@@ -331,7 +331,7 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) 
         m.failures.append(f"rel_l2 {m.rel_l2:.3g} > {tol.rel_l2:g}")
     if tol.cosine is not None and m.cosine < tol.cosine:
         # in 1 − cos terms: a failing cosine of 0.99999987 would print as 1.000000 at 6 decimals
-        m.failures.append(f"1 − cos {1 - m.cosine:.2e} > {1 - tol.cosine:.2g} (cosine ≥ {tol.cosine} required)")
+        m.failures.append(f"1 − cos {one_minus_cos(m.cosine)} > {1 - tol.cosine:.2g} (cosine ≥ {tol.cosine} required)")
     return m
 
 
@@ -345,6 +345,13 @@ def compare_case(label: str, feeds: Mapping[str, np.ndarray], reference: Mapping
             m = compare_output(name, ref, candidate[name], policy.for_output(name))
         outputs.append(m)
     return CaseReport(label, {k: list(np.shape(v)) for k, v in feeds.items()}, outputs)
+
+
+def one_minus_cos(cosine: float, digits: int = 3) -> str:
+    """1 − cosine in scientific notation with `digits` significant digits (`3.1e-08` for 2); exactly 0 as
+    `0`. Cosines of a passing gate all print as 1.000000 at fixed decimals."""
+    gap = 1.0 - float(cosine)
+    return "0" if gap == 0 else f"{gap:.{digits - 1}e}"
 
 
 def format_failures(report: ParityReport, limit: int = 2) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from exporter.gate.parity import HIST_EDGES, OutputMetrics, ParityReport, Tolerance
+from exporter.gate.parity import HIST_EDGES, OutputMetrics, ParityReport, Tolerance, one_minus_cos
 
 KEEP_OPEN = 20  # a kept-in-FP32 table longer than this is collapsed (<details>)
 _BAD = ' class="bad"'  # a failing row (shaded)
@@ -53,12 +53,6 @@ def _num(v: Any) -> str:
     if not math.isfinite(v):
         return str(v)
     return f"{v:.2e}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3g}"
-
-
-def _one_minus_cos(cosine: float) -> str:
-    """1 − cos in scientific notation, 2 significant digits (`3.1e-08`); exactly 0 as `0`."""
-    d = 1.0 - float(cosine)
-    return "0" if d == 0 else f"{d:.1e}"
 
 
 def _fraction(v: float | None) -> str:
@@ -193,7 +187,7 @@ def _metrics_table(report: ParityReport) -> str:
         for o in case.outputs:
             over = _over(o, report.policy.for_output(o.name))
             cells = [("max_abs", _num(o.max_abs)), ("max_rel", _num(o.max_rel)), ("rel_l2", _num(o.rel_l2)),
-                     ("cosine", _one_minus_cos(o.cosine)), *[(k, _fraction(getattr(o, k))) for k in extra],
+                     ("cosine", one_minus_cos(o.cosine, digits=2)), *[(k, _fraction(getattr(o, k))) for k in extra],
                      ("nan", f"{o.nan}/{o.inf}")]
             rows.append(
                 f"<tr{'' if o.passed else _BAD}><td class='l w'>{html.escape(case.label)}</td>"
