@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 LOCK := lock/requirements.txt
-EXTRAS := build,cpu,demo,serve,dev,precision,bench,llm
+EXTRAS := build,cpu,genai,demo,serve,dev,precision,bench,llm
 # torch is installed first, alone, at the lock's version, so that nothing below pulls another build of
 # it. On this project's machines the lock's torch==2.13.0 is the CPU build that lies on disk; elsewhere
 # PyPI's default build is CUDA's. For a CPU-only torch elsewhere:

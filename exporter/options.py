@@ -69,6 +69,9 @@ class BuildOptions:
     # issue 8, causal LMs: fp16/bf16 by AutoCast on the FP32 graphs, or "native" (exported from torch
     # in that dtype: the KV cache too, and the graph ONNX Runtime's GPU fusions match)
     lowering: str = "autocast"
+    # causal LMs: auto (ONNX Runtime GenAI's model builder and generator where the builder supports the
+    # architecture, exporter/export/genai.py), genai, or enginekit (its own prefill/decode graphs and loop)
+    generator: str = "auto"
     # GiB that the dim ranges may need at their max shapes (exporter/export/memory.py); None: the
     # memory available when the build starts.
     memory_limit: float | None = None
@@ -97,6 +100,8 @@ class BuildOptions:
             )
         if self.exporter not in ("auto", "torch", "transformers"):
             raise UsageError(f"Expected --exporter auto, torch or transformers, found '{self.exporter}'.")
+        if self.generator not in ("auto", "genai", "enginekit"):
+            raise UsageError(f"Expected --generator auto, genai or enginekit, found '{self.generator}'.")
         if self.memory_limit is not None and not (math.isfinite(self.memory_limit) and self.memory_limit > 0):
             raise UsageError(f"Expected --memory-limit as a positive number of GiB (e.g. 32), found {self.memory_limit}.")
         self._validate_inputs()
@@ -290,7 +295,7 @@ class Flag:
 FLAGS: tuple[Flag, ...] = (
     Flag("target", ("--target",), "ort (ONNX Runtime) | trt (TensorRT)."),
     Flag("device", ("--device",), "cpu | cuda (for --target ort)."),
-    Flag("precision", ("--precision",), "fp32 | fp16 | bf16 | int8 | fp8."),
+    Flag("precision", ("--precision",), "fp32 | fp16 | bf16 | int8 | fp8 | int4 (int4: causal LMs, weight-only)."),
     Flag("output", ("-o", "--output"), "Bundle folder (default engines/<model>-<target>-<precision>).",
          cli=Path | None, render=None),
     Flag("force", ("--force",), "Replace an existing bundle.", cli=bool, render=None),
@@ -301,6 +306,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("opset", ("--opset",), "ONNX opset (default: the exporter's recommended one).", cli=int | None, panel="Export"),
     Flag("exporter", ("--exporter",), "auto | torch | transformers (auto: torch.onnx, then transformers' exporter for "
          "HF models).", panel="Export"),
+    Flag("generator", ("--generator",), "Causal LMs: auto (ONNX Runtime GenAI's model builder and generator where it "
+         "supports the architecture, else enginekit's own graphs) | genai | enginekit.", panel="Export"),
     Flag("memory_limit", ("--memory-limit",), "GiB the dim ranges may need at their max shapes (default: the memory "
          "available now); a build whose estimate exceeds it is refused before export.", cli=float | None,
          panel="Export"),

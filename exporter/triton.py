@@ -179,8 +179,7 @@ def export_triton(bundle: Path, repo: Path, options: TritonOptions | None = None
             + " and ".join(f"enginekit triton {bundle / p} --repo {repo}{flags}" for p in parts.values())
             + " (the similarity is a matrix product on the client)."
         )
-    if python:
-        check_python_bundle(bundle, manifest)
+    check_python_bundle(bundle, manifest)
     name = options.name or manifest.name
     if not NAME_OK.match(name):
         raise UsageError(f"Expected a model name of letters, digits, '_', '.', '-' (a folder name for Triton), found "

@@ -96,13 +96,15 @@ def _response(outputs):
 
 
 def check_python_bundle(bundle: Path, manifest: Manifest) -> None:
-    """Refuse what one model.py running `runner.infer` per batch cannot serve (UsageError)."""
+    """Refuse what one Triton model running one engine call per request cannot serve (UsageError): a
+    generation bundle's token loop, whatever the backend (the onnxruntime backend would run its first graph
+    alone, the python backend one `runner.infer` per batch)."""
     if manifest.kind in (Kind.GENERATION, Kind.VISION_LANGUAGE):
         raise UsageError(
-            f"Expected a bundle with one engine for --backend python, found the {manifest.kind.value} bundle "
-            f"'{bundle}' (prefill + decode engines driven by a token loop with a KV cache, which one Triton "
-            f"request/response model does not run). Generate with `enginekit generate {bundle}` or "
-            "runtimes.generate in your own service, or export a single-engine bundle."
+            f"Expected a bundle with one engine for Triton, found the {manifest.kind.value} bundle '{bundle}', whose "
+            "engines run inside a token loop with a KV cache (one Triton request/response model cannot run it). Serve "
+            f"it with `enginekit serve {bundle}` (an OpenAI-compatible API with continuous batching), or generate with "
+            f"`enginekit generate {bundle}` / runtimes.generate in your own service."
         )
 
 

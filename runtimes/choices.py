@@ -42,6 +42,7 @@ class Precision(Choice):
     BF16 = "bf16"
     INT8 = "int8"
     FP8 = "fp8"
+    INT4 = "int4"  # weight-only, causal LMs on ONNX Runtime GenAI (MatMulNBits); no other recipe takes it
 
     @property
     def mixed(self) -> bool:

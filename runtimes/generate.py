@@ -4,8 +4,9 @@
     with load_generator("engines/smollm2-ort-fp32") as g:
         print(g.generate("The capital of France is", SamplingOptions(max_new_tokens=32)).text)
 
-`load_generator` opens a causal LM's bundle as the decoding loop of runtimes/decoding.py, and a VLM's
-as runtimes/vlm.py's VisionLanguageGenerator (whose generate() also takes images=[...]).
+`load_generator` opens a causal LM's bundle on ONNX Runtime GenAI (runtimes/genai.py) when its builder
+wrote it, else as the decoding loop of runtimes/decoding.py, and a VLM's as runtimes/vlm.py's
+VisionLanguageGenerator (whose generate() also takes images=[...]).
 """
 
 from __future__ import annotations
@@ -25,14 +26,22 @@ from .decoding import (
 from .manifest import Manifest
 from .vlm import VisionLanguageGenerator
 
+GENAI_RUNTIME = "onnxruntime-genai"  # runtimes.genai.RUNTIME, without importing it
+
 __all__ = ["GENERATION_FILE", "TOKENIZER_FILE", "Generation", "Generator", "SamplingOptions", "Tokenizer",
            "VisionLanguageGenerator", "load_generator", "sample_next"]
 
 
 def load_generator(bundle: str | Path, *, device: str | None = None, threads: int | None = None,
                    verify: bool = True) -> Generator:
-    """Open a generation bundle (see runtimes.decoding.Generator); a VLM bundle (generation.json names
-    a vision engine) opens as a VisionLanguageGenerator."""
-    if Manifest.read(bundle).kind is Kind.VISION_LANGUAGE:  # the manifest says it; generation.json is read once checked
+    """Open a generation bundle: one ONNX Runtime GenAI runs (the manifest's target.options.generator) as a
+    runtimes.genai.GenaiGenerator, a VLM bundle (generation.json names a vision engine) as a
+    VisionLanguageGenerator, others as enginekit's own loop (runtimes.decoding.Generator)."""
+    manifest = Manifest.read(bundle)
+    if manifest.kind is Kind.VISION_LANGUAGE:  # the manifest says it; generation.json is read once checked
         return VisionLanguageGenerator(bundle, device=device, threads=threads, verify=verify)
+    if manifest.target.options.get("generator") == GENAI_RUNTIME:
+        from .genai import GenaiGenerator
+
+        return GenaiGenerator(bundle, device=device, threads=threads, verify=verify)
     return Generator(bundle, device=device, threads=threads, verify=verify)

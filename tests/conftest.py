@@ -121,10 +121,18 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen2_bundle(tiny_qwen2_dir: Path, bundles: Path) -> Path:
-    """A generation bundle (ORT CPU, FP32) of the tiny Qwen2, built once."""
+    """A generation bundle (ORT CPU, FP32) of the tiny Qwen2 on enginekit's own graphs and loop, built once."""
     from exporter.pipeline import BuildOptions, build
 
-    return build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=bundles / "qwen2-gen")).bundle
+    return build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=bundles / "qwen2-gen", generator="enginekit")).bundle
+
+
+@pytest.fixture(scope="session")
+def genai_bundle(tiny_qwen2_dir: Path, bundles: Path) -> Path:
+    """The tiny Qwen2 built the default way: ONNX Runtime GenAI's builder and runtime (ORT CPU, FP32)."""
+    from exporter.pipeline import BuildOptions, build
+
+    return build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=bundles / "qwen2-genai")).bundle
 
 
 # -- issue 8: VLMs (Qwen2-VL) ----------------------------------------------------------------------------

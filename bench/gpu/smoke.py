@@ -6,8 +6,9 @@
 Steps (each through the real `enginekit` CLI in a subprocess, as a user runs it):
   1. versions: torch, transformers, onnxruntime and its providers, the GPU
   2. a tiny BERT built --device cuda at fp32, fp16 and bf16, each gated on the GPU
-  3. a tiny Qwen2 generation bundle: fp32, and bf16 with --lowering native, both exporters (auto = transformers'
-     own, torch = the generic wrapper); `enginekit generate` on the bf16 one
+  3. a tiny Qwen2 generation bundle on ONNX Runtime GenAI (the default): fp32, bf16 and int4; on enginekit's own
+     graphs (--generator enginekit): bf16 with --lowering native, both exporters (auto = transformers' own, torch =
+     the generic wrapper); `enginekit generate` on the GenAI bf16 one
   4. a tiny Qwen2-VL bundle (vision engine + decoder graphs), fp32
   5. `enginekit bench` on the fp16 BERT bundle: the plain CUDA path and CUDA graph replay vs torch eager
   6. `pytest -m "gpu or trt"`
@@ -121,12 +122,18 @@ def main() -> int:
     bundles = work / "bundles"
     for p in ["fp32", "fp16"] + (["bf16"] if cuda else []):
         smoke.build(f"bert {p}", f"hf:{bert}", bundles / f"bert-{p}", "--precision", p)
-    smoke.build("qwen2 generation fp32", f"hf:{qwen}", bundles / "qwen2-fp32", "--shapes", LLM_SHAPES)
+    smoke.build("qwen2 generation fp32 (genai)", f"hf:{qwen}", bundles / "qwen2-fp32", "--shapes", LLM_SHAPES)
     if cuda:
+        smoke.build("qwen2 generation bf16 (genai)", f"hf:{qwen}", bundles / "qwen2-bf16-genai", "--precision", "bf16",
+                    "--shapes", LLM_SHAPES)
+        # random tiny weights: int4's greedy tokens part from FP32's within a few steps (logits are still gated)
+        smoke.build("qwen2 generation int4 (genai)", f"hf:{qwen}", bundles / "qwen2-int4-genai", "--precision", "int4",
+                    "--shapes", LLM_SHAPES, "--tolerance", "tokens:equal=0")
         for exporter in ("auto", "torch"):
-            smoke.build(f"qwen2 generation bf16 native ({exporter})", f"hf:{qwen}", bundles / f"qwen2-bf16-{exporter}",
-                        "--precision", "bf16", "--lowering", "native", "--exporter", exporter, "--shapes", LLM_SHAPES)
-    gen = bundles / ("qwen2-bf16-auto" if cuda else "qwen2-fp32")
+            smoke.build(f"qwen2 generation bf16 native (enginekit, {exporter})", f"hf:{qwen}",
+                        bundles / f"qwen2-bf16-{exporter}", "--precision", "bf16", "--lowering", "native", "--exporter",
+                        exporter, "--generator", "enginekit", "--shapes", LLM_SHAPES)
+    gen = bundles / ("qwen2-bf16-genai" if cuda else "qwen2-fp32")
     if (gen / "manifest.json").is_file():
         proc = smoke.run("generate", [sys.executable, "-m", "exporter", "generate", str(gen), "-p", "The capital",
                                       "-p", "Once upon", "-n", "16", "--json"])

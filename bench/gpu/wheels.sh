@@ -16,5 +16,9 @@ for name in "${carry[@]}"; do
   [ -n "$pin" ] || { echo "wheels.sh: $name is not in $lock" >&2; exit 2; }
   pins+=("$pin")
 done
+# ONNX Runtime GenAI's CUDA build (the lock holds its CPU wheel, onnxruntime-genai, at the same version)
+genai=$(grep -iE "^onnxruntime-genai==" "$lock" | head -1 | sed 's/onnxruntime-genai/onnxruntime-genai-cuda/')
+[ -n "$genai" ] || { echo "wheels.sh: onnxruntime-genai is not in $lock" >&2; exit 2; }
+pins+=("$genai")
 echo "carrying, at the lock's versions: ${pins[*]}"
 exec ../shared/tools/gpu-wheels "${pins[@]}"

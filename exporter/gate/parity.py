@@ -46,6 +46,9 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "bf16": Tolerance(rel_l2=3e-2, cosine=0.999, argmax=0.97, equal=0.99),
     "int8": Tolerance(rel_l2=0.15, cosine=0.99, argmax=0.95, equal=0.95),
     "fp8": Tolerance(rel_l2=0.15, cosine=0.99, argmax=0.95, equal=0.95),
+    # weight-only INT4 of causal LMs (16 levels per block of 32 weights): a tiny random Qwen2's teacher-forced
+    # logits measured rel-L2 0.12 and 1 − cos 7e-3 against FP32 (tests/exporter/recipes/test_genai.py)
+    "int4": Tolerance(rel_l2=0.25, cosine=0.98, argmax=0.9, equal=0.9),
 }
 
 

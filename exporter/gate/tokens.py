@@ -8,7 +8,7 @@ Per prompt, two engine runs against one reference run (greedy, no stop token, N 
 - teacher-forced: the engine is fed the reference's tokens, so its logits at every step see the
   same context as the reference's and are compared with the usual metrics (cosine, rel-L2,
   tie-aware argmax) over all N steps.
-A left-padded batch of all prompts runs once more, free-running, to prove padding changes nothing.
+A padded batch of all prompts (left-padded; right-padded on ONNX Runtime GenAI) runs once more, free-running, to prove padding changes nothing.
 Reduced precisions that cannot show their numerics here (FP16 on ORT's CPU provider) also run
 through the storage emulation (exporter/lower/emulate.py), as the single-graph gate does.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from exporter.gate.cases import not_runnable_here
 from exporter.gate.parity import OutputMetrics, ParityReport, TolerancePolicy, compare_case
 from runtimes.errors import DataError, IncompatibleEngine, MissingDependency
-from runtimes.generate import Generator, SamplingOptions
+from runtimes.generate import Generator, SamplingOptions, load_generator
 from runtimes.manifest import DimRange
 
 PROMPTS = (
@@ -56,9 +56,9 @@ def parity_prompts(tokenizer: Any, data: Path | None, config: Any, dims: dict[st
     return [p for p in prompts if p]
 
 
-def gate_tokens(prompts: list[list[int]], dims: dict[str, DimRange], options: Any) -> int:
-    return max(1, min(int(getattr(options, "gate_tokens", GATE_TOKENS)),
-                      dims["total_sequence"].max - max(len(p) for p in prompts)))
+def gate_tokens(prompts: list[list[int]], max_length: int, options: Any) -> int:
+    """New tokens per gate run: GATE_TOKENS, fewer where the engine's max total length leaves less room."""
+    return max(1, min(int(getattr(options, "gate_tokens", GATE_TOKENS)), max_length - max(len(p) for p in prompts)))
 
 
 def calibration_feeds(paths: dict[str, Path], prompts: list[list[int]]) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -195,7 +195,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
         return report.finish()
     runners: list[tuple[str, Generator]] = []
     try:
-        runners.append(("", Generator(bundle, device=options.device, verify=False)))
+        runners.append(("", load_generator(bundle, device=options.device, verify=False)))
     except (IncompatibleEngine, MissingDependency) as exc:
         report.notes.append(f"parity not checked: the {options.precision} engines cannot run here "
                             f"({not_runnable_here(exc, options.device, options.precision)}); run the gate on a "
@@ -208,7 +208,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
                             f"{options.precision} storage on the CPU (what a GPU computes)")
     if not runners:
         return report.finish(engine_checked=False)
-    steps = gate_tokens(prompts, runners[0][1].io["decode"].dims, options)
+    steps = gate_tokens(prompts, runners[0][1].max_length, options)
     greedy = SamplingOptions(max_new_tokens=steps, stop_token_ids=[])
     tol = policy.for_output("tokens")
     refs = []
@@ -239,7 +239,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
                 report.cases.append(case)
                 report.notes.append(f"{prefix}prompt[{i}]: {text}")
             if len(prompts) > 1 and gen.max_batch >= len(prompts):
-                say(f"Token parity: {prefix}engine, left-padded batch of {len(prompts)}")
+                say(f"Token parity: {prefix}engine, padded batch of {len(prompts)}")
                 rows = gen.generate_ids(prompts, greedy)
                 worst: tuple[OutputMetrics, str] | None = None
                 for row, (ref_tokens, ref_logits), forced_logits in zip(rows, refs, forced_by_prompt):
@@ -247,7 +247,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
                     if worst is None or metric.equal < worst[0].equal:
                         worst = (metric, text)
                 assert worst is not None
-                report.cases.append(compare_case(f"{prefix}batch of {len(prompts)} (left-padded)",
+                report.cases.append(compare_case(f"{prefix}batch of {len(prompts)} (padded)",
                                                  {"input_ids": np.zeros((len(prompts), 1), np.int64)}, {}, {}, policy))
                 report.cases[-1].outputs.append(worst[0])
                 report.notes.append(f"{prefix}batch: worst row {worst[1]}")

@@ -101,7 +101,7 @@ def vlm_gate(model: Any, tokenizer: Any, processor: Any, bundle: Any, options: A
                                          {"image_embeds": ref}, {"image_embeds": got}, policy))
         cases = [(p, [photos[i] for i in idx]) for p, idx in CASES if len(idx) <= spec.max_images]
         inputs = [reference_inputs(p, ims, tokenizer, processor, model, spec) for p, ims in cases]
-        steps = gate_tokens([ids for ids, _ in inputs], gen.io["decode"].dims, options)
+        steps = gate_tokens([ids for ids, _ in inputs], gen.max_length, options)
         greedy = SamplingOptions(max_new_tokens=steps, stop_token_ids=[])
         tol = policy.for_output("tokens")
         refs = []

@@ -80,6 +80,12 @@ def _validate_generation(options: BuildOptions, spec: SourceSpec, config: Config
 
 
 def _validate(options: BuildOptions, _spec: SourceSpec, _config: Config) -> None:
+    from runtimes.choices import Precision
+    from runtimes.errors import UsageError
+
+    if options.precision is Precision.INT4:
+        raise UsageError("Expected --precision fp32, fp16, bf16, int8 or fp8 for this model, found int4: INT4 is "
+                         "weight-only, for causal LMs on ONNX Runtime GenAI. Use int8 (Q/DQ from --calib) here.")
     options.validate()
 
 

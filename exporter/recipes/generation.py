@@ -30,7 +30,7 @@ from exporter.export.vlm import vlm_model_type
 from exporter.gate.task import check_tolerance_outputs
 from exporter.lower.mixed import mixed_options
 from exporter.options import build_command
-from exporter.source.causal import DEFAULT_PROMPT, DEFAULT_TOTAL, load_causal_lm
+from exporter.source.causal import DEFAULT_PROMPT, DEFAULT_TOTAL, generation_metadata, load_causal_lm
 from exporter.source.spec import SourceSpec
 from exporter.timing import Progress, timed
 from runtimes._version import __version__
@@ -91,17 +91,17 @@ def validate(options: Any, vlm: str | None = None) -> None:
             "decode engines with a KV cache) are built for ONNX Runtime only in this version."
         )
     if options.precision is Precision.FP8:
-        raise UsageError("Expected --precision fp32, fp16, bf16 or int8 (weight-only) for a causal LM, found fp8.")
-    if options.precision is Precision.INT8 and options.calib is not None:
+        raise UsageError("Expected --precision fp32, fp16, bf16, int8 or int4 (weight-only) for a causal LM, found fp8.")
+    if options.precision in (Precision.INT8, Precision.INT4) and options.calib is not None:
         raise UsageError(
-            "Expected no --calib with --precision int8 for a causal LM: its INT8 is weight-only (MatMulNBits, scales from "
+            f"Expected no --calib with --precision {options.precision} for a causal LM: it is weight-only (MatMulNBits, scales from "
             "the weights themselves), which needs no calibration data. Drop --calib."
         )
     if options.lowering not in ("autocast", "native"):
         raise UsageError(f"Expected --lowering autocast or native, found '{options.lowering}'.")
     if options.lowering == "native" and not options.precision.mixed:
         raise UsageError(f"Expected --lowering native with --precision fp16 or bf16, found --precision {options.precision}.")
-    if options.precision is Precision.INT8:
+    if options.precision in (Precision.INT8, Precision.INT4):
         options = replace(options, precision="fp32")  # the rest of validate() knows Q/DQ INT8 only
     options.validate()
 
@@ -119,6 +119,10 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     with timed(timings, "load", say, f"Loading {spec}"):
         model, tokenizer, processor, info, dims, vision = _load(spec, options, vlm)
     check_memory(_decode_io(model, dims, options, vlm), options.memory_limit, gate_cases=False)
+    from exporter.recipes.genai import build_genai_into, use_genai
+
+    if use_genai(options, model, vlm):
+        return build_genai_into(spec, source_text, options, output, staging, say, timings, model, tokenizer, info, dims)
     native = options.lowering == "native"
     with timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"
                 + (f" in {options.precision}" if native else "") + (" and the vision engine" if vlm else "")):
@@ -322,10 +326,6 @@ def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: Genera
         backend.save(str(bundle / TOKENIZER_FILE))
         tok_name = TOKENIZER_FILE
         files.append(TOKENIZER_FILE)
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
-    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-    pad = gen.pad_token_id if gen.pad_token_id is not None else getattr(model.config, "pad_token_id", None)
     spec = {
         "schema_version": 1,
         "components": components,
@@ -337,10 +337,7 @@ def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: Genera
         "positions": "absolute" if any("GroupQueryAttention" in ((c.get("fusions") or {}).get("fused_ops") or {})
                                        for c in components.values()) else "compact",
         "tokenizer": tok_name,
-        "eos_token_ids": eos_ids,
-        "pad_token_id": int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0),
-        "bos_token_id": gen.bos_token_id if gen.bos_token_id is not None else getattr(model.config, "bos_token_id", None),
-        "chat_template": getattr(tokenizer, "chat_template", None) if tokenizer is not None else None,
+        **generation_metadata(model, tokenizer),
         **(more or {}),
     }
     (bundle / GENERATION_FILE).write_text(json.dumps(spec, indent=2, default=str) + "\n", encoding="utf-8")

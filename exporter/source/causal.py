@@ -67,3 +67,21 @@ def load_causal_lm(spec: SourceSpec) -> tuple[Any, Any, dict[str, Any]]:
     info = {"task": "text-generation", "family": "causal-lm", "model_type": model.config.model_type,
             "class": type(model).__name__, **({"gguf": gg[1]} if gg else {})}
     return model, tokenizer, info
+
+
+def generation_metadata(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """generation.json's stop, pad and bos ids, the chat template and the special tokens' text (what a chat
+    template names as bos_token / eos_token), from the model's generation config and its tokenizer."""
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    pad = gen.pad_token_id if gen.pad_token_id is not None else getattr(model.config, "pad_token_id", None)
+    special = {k: str(getattr(tokenizer, k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+               if tokenizer is not None and getattr(tokenizer, k, None) is not None}
+    return {
+        "eos_token_ids": eos_ids,
+        "pad_token_id": int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0),
+        "bos_token_id": gen.bos_token_id if gen.bos_token_id is not None else getattr(model.config, "bos_token_id", None),
+        "chat_template": getattr(tokenizer, "chat_template", None) if tokenizer is not None else None,
+        "special_tokens": special,
+    }

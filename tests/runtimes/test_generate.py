@@ -80,9 +80,9 @@ def test_cuda_generation_keeps_the_cache_on_the_gpu(tiny_qwen2_dir, tmp_path):
     from exporter.pipeline import BuildOptions, build
 
     res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "bf16", device="cuda", precision="bf16",
-                                                     lowering="native"))
+                                                     lowering="native", generator="enginekit"))
     assert res.parity.status == "passed", res.parity.failures()
-    fp32 = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "fp32", device="cuda"))
+    fp32 = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "fp32", device="cuda", generator="enginekit"))
     opts = SamplingOptions(max_new_tokens=16, stop_token_ids=[])
     prompts = [[5, 6, 7, 8], [9, 10]]
     with load_generator(fp32.bundle, device="cuda") as g, load_generator(fp32.bundle, device="cpu") as c:

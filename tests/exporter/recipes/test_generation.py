@@ -80,7 +80,7 @@ def test_native_bf16_exports_with_both_exporters(tiny_qwen2_dir, tmp_path, expor
     exporter (2026-12-01 HEAD: the wrapper traced an FP32 past against BF16 queries and failed). The
     CUDA bundle is built here without a GPU, so its gate is not checked (never "passed")."""
     res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "bf16", device="cuda", precision="bf16",
-                                                     lowering="native", exporter=exporter))
+                                                     lowering="native", exporter=exporter, generator="enginekit"))
     m = res.manifest
     assert m.source["exporter"].startswith("transformers.exporters" if exporter == "auto" else "torch.onnx.export")
     assert res.parity.status == "not-checked"
@@ -102,11 +102,12 @@ def test_fp16_engine_and_emulation(tiny_qwen2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_int8_weight_only(tiny_qwen2_dir, tmp_path):
-    res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "int8", precision="int8"))
+    res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "int8", precision="int8", generator="enginekit"))
     realised = res.manifest.precision["realised"]["decode"]
     assert res.parity.passed and realised["matmuls_quantized"] >= 14 and "MatMulNBits" in realised["method"]
     with pytest.raises(UsageError, match="weight-only"):
-        build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "x", precision="int8", calib="random"))
+        build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "x", precision="int8", calib="random",
+                                                   generator="enginekit"))
 
 
 def test_refusals(tiny_qwen2_dir, tmp_path, qwen2_bundle):

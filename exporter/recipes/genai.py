@@ -1,0 +1,152 @@
+"""`enginekit build` for a causal LM on ONNX Runtime GenAI: its model builder writes the decoder
+(exporter/export/genai.py), enginekit's token gate proves it against transformers' generate() in FP32
+(greedy tokens, teacher-forced logits, a padded batch), and the bundle records it like any other.
+
+    source ─▶ the builder (fp32 | fp16 | bf16 | int8/int4 weight-only, cpu | cuda) ─▶ genai/ ─▶ token parity ─▶ bundle
+
+Bundle: genai/ (genai_config.json, model.onnx + .data, the tokenizer files the builder copies), generation.json
+("runtime": "onnxruntime-genai"), manifest.json (io: the decoder's), parity.json, report.html. runtimes.genai
+runs it (og.Generator for batches, og.Engine for the server's continuous batching).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from exporter.export.genai import FOLDER, build_decoder, supports, tune_config
+from exporter.options import build_command
+from exporter.source.causal import generation_metadata, gguf_file
+from exporter.source.spec import SourceSpec
+from exporter.timing import timed
+from runtimes._deps import version_of
+from runtimes._version import __version__
+from runtimes.choices import Precision
+from runtimes.errors import UsageError
+from runtimes.genai import RUNTIME
+from runtimes.generate import GENERATION_FILE, TOKENIZER_FILE
+from runtimes.manifest import DimRange, Manifest, Target, file_sha256
+
+
+def use_genai(options: Any, model: Any, vlm: bool) -> bool:
+    """Whether this build goes through GenAI: --generator genai, or auto for an architecture its builder writes
+    (INT4 only there) unless --exporter or --lowering native ask for enginekit's own graphs; a VLM never yet (its
+    vision tower and embeddings splice are enginekit's)."""
+    arch = type(model).__name__
+    wanted = options.generator
+    if vlm:
+        if wanted == "genai":
+            raise UsageError("Expected --generator auto or enginekit for a VLM, found --generator genai: VLM bundles run on "
+                             "enginekit's own loop in this version (vision engine + decoder on inputs_embeds).")
+        return False
+    if wanted == "auto" and (options.exporter != "auto" or options.lowering == "native"):
+        wanted = "enginekit"  # --exporter torch|transformers and --lowering native name enginekit's own graphs
+    if wanted == "enginekit":
+        if options.precision is Precision.INT4:
+            raise UsageError("Expected --generator auto or genai with --precision int4, found --generator enginekit: int4 "
+                             "weight-only decoders are written by ONNX Runtime GenAI's builder. Use --precision int8 "
+                             "(enginekit's weight-only MatMulNBits) or drop --generator.")
+        return False
+    if options.precision is Precision.FP16 and not options.device.gpu:
+        # The builder's FP16 CPU decoder fails at run time in onnxruntime 1.32 ("Shape mismatch attempting to
+        # re-use buffer" in a Cast of repeat_kv, measured on a tiny Qwen2): enginekit's AutoCast FP16 runs there.
+        if wanted == "genai":
+            raise UsageError("Expected --device cuda with --generator genai --precision fp16, found --device cpu: the "
+                             "FP16 decoder ONNX Runtime GenAI's builder writes for the CPU fails to run in onnxruntime "
+                             "1.32. Drop --generator (enginekit's FP16 lowering runs on the CPU) or use fp32/int8/int4.")
+        return False
+    if not supports([arch]):
+        if wanted == "genai" or options.precision is Precision.INT4:
+            raise UsageError(
+                f"Expected an architecture ONNX Runtime GenAI's model builder writes for --generator genai / --precision "
+                f"int4, found {arch}. Build it with enginekit's own export (--generator enginekit, --precision fp32, fp16, "
+                "bf16 or int8)."
+            )
+        return False
+    return True
+
+
+def build_genai_into(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path, say: Any,
+                     timings: dict[str, float], model: Any, tokenizer: Any, info: dict[str, Any],
+                     dims: dict[str, DimRange]) -> tuple[Manifest, Any]:
+    from exporter.gate.tokens import parity_prompts, token_gate
+
+    work, bundle = staging / "work", staging / "bundle"
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    source = _builder_source(spec, model, tokenizer, work)
+    with timed(timings, "export", say, f"ONNX Runtime GenAI's model builder: the {options.precision} decoder "
+               f"for {options.device}"):
+        exported = build_decoder(source, bundle / FOLDER, work, options.precision, str(options.device), dims, vocab)
+        tune_config(exported.folder, dims["total_sequence"].max)
+    tokenizer_file = f"{FOLDER}/{TOKENIZER_FILE}"
+    if not (bundle / tokenizer_file).is_file():
+        backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer is not None else None
+        if backend is not None:
+            backend.save(str(bundle / tokenizer_file))
+    engine_files = [f"{FOLDER}/{n}" for n in ("model.onnx", "model.onnx.data") if (exported.folder / n).is_file()]
+    generation = {
+        "schema_version": 1,
+        "runtime": RUNTIME,
+        "genai": {"folder": FOLDER, "vocab_size": vocab, "builder": exported.options},
+        "components": {"decoder": {"file": engine_files[0], "io": exported.io.to_dict()}},
+        "tokenizer": tokenizer_file if (bundle / tokenizer_file).is_file() else None,
+        **generation_metadata(model, tokenizer),
+    }
+    (bundle / GENERATION_FILE).write_text(json.dumps(generation, indent=2, default=str) + "\n", encoding="utf-8")
+    provider = "CUDAExecutionProvider" if options.device.gpu else "CPUExecutionProvider"
+    target = Target(
+        backend="ort", device=str(options.device), engine_files=engine_files, providers=[provider],
+        options={"generator": RUNTIME, "generation": {"decoder": {"file": engine_files[0]}},
+                 "builder": exported.options, "ops": exported.ops},
+        versions={"onnxruntime": version_of("onnxruntime"), "onnxruntime-genai": version_of("onnxruntime_genai")},
+    )
+    realised = {"requested": str(options.precision), "by": "onnxruntime-genai model builder",
+                "weights": _weights_text(options.precision, exported.ops), "ops": exported.ops}
+    manifest = Manifest(
+        name=output.name,
+        source={"spec": str(spec), "kind": spec.kind, "exporter": f"onnxruntime-genai {version_of('onnxruntime_genai')} "
+                "model builder", "onnx_sha256": file_sha256(bundle / engine_files[0]), **info},
+        io=exported.io,
+        precision=realised,
+        target=target,
+        build_command=build_command(source_text, options, output, {k: v for k, v in dims.items() if k != "past_sequence"}),
+        enginekit_version=__version__,
+    )
+    files = sorted(str(p.relative_to(bundle)) for p in exported.folder.rglob("*") if p.is_file())
+    manifest.files = {f: file_sha256(bundle / f) for f in [*files, GENERATION_FILE]}
+    manifest.write(bundle)
+    prompts = parity_prompts(tokenizer, options.data, model.config, dims)
+    with timed(timings, "gate", say, "Token parity: GenAI vs transformers generate() (FP32)"):
+        report = token_gate(model, tokenizer, bundle, prompts, options, {}, say)
+    return manifest, report
+
+
+def _builder_source(spec: SourceSpec, model: Any, tokenizer: Any, work: Path) -> Path:
+    """The HF folder the builder reads: the source folder itself, or (a GGUF source) the FP32 model and its
+    tokenizer saved with save_pretrained into the staging folder."""
+    folder = Path(spec.location)
+    if gguf_file(spec) is None and (folder / "config.json").is_file():
+        return folder
+    out = work / "hf"
+    # A GGUF-loaded model is already dequantized to FP32; transformers refuses to save it while its GGUF
+    # quantizer is attached ("not serializable"), so the quantizer is detached for the save and put back.
+    quantizer, qconfig = getattr(model, "hf_quantizer", None), getattr(model.config, "quantization_config", None)
+    try:
+        model.hf_quantizer = None
+        if qconfig is not None:
+            del model.config.quantization_config
+        model.save_pretrained(str(out))
+    finally:
+        model.hf_quantizer = quantizer
+        if qconfig is not None:
+            model.config.quantization_config = qconfig
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _weights_text(precision: Precision, ops: dict[str, int]) -> str:
+    if precision in (Precision.INT4, Precision.INT8):
+        return f"{precision} weight-only: {ops.get('MatMulNBits', 0)} MatMulNBits (block-wise scales from the weights)"
+    return f"{precision} weights and activations as the builder writes them"
