@@ -76,7 +76,7 @@ class Generation:
     prompt_tokens: list[int]
     tokens: list[int]
     text: str = ""
-    finish_reason: str = "length"  # "stop" (a stop token), "length" (max_new_tokens or the engine's max)
+    finish_reason: str = "length"  # "stop" (a stop token), "length" (max_new_tokens or the engine's max), "cancelled"
     ttft_ms: float = 0.0  # prefill + first token
     decode_ms: float = 0.0  # the remaining tokens
     logits: list[np.ndarray] = field(default_factory=list, repr=False)  # per step, when record_logits
@@ -84,6 +84,27 @@ class Generation:
     @property
     def tokens_per_s(self) -> float:
         return (len(self.tokens) - 1) / (self.decode_ms / 1e3) if self.decode_ms > 0 and len(self.tokens) > 1 else 0.0
+
+
+def take_step(results: list[Generation], done: np.ndarray, chosen: np.ndarray, logits: np.ndarray | None,
+              stop: set[int], on_token: Callable[[int, int], None] | None,
+              cancel: Callable[[int], bool] | None) -> None:
+    """One decoding step's bookkeeping for every row still running (both loops: this module's and
+    runtimes/genai.py's): a cancelled row finishes as "cancelled", the others take their chosen token
+    (and its logits [batch, vocab] when recorded), tell on_token(row, id), and finish at a stop token."""
+    for row in range(len(results)):
+        if not done[row] and cancel is not None and cancel(row):
+            done[row], results[row].finish_reason = True, "cancelled"
+        if done[row]:
+            continue
+        tok = int(chosen[row])
+        results[row].tokens.append(tok)
+        if logits is not None:
+            results[row].logits.append(np.array(logits[row], np.float32))
+        if on_token:
+            on_token(row, tok)
+        if tok in stop:
+            done[row], results[row].finish_reason = True, "stop"
 
 
 def sample_next(logits: np.ndarray, options: SamplingOptions, rng: np.random.Generator) -> np.ndarray:
@@ -245,9 +266,11 @@ class Generator:
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], options: SamplingOptions | None = None, *,
                      on_token: Callable[[int, int], None] | None = None, record_logits: bool = False,
-                     forced: Sequence[Sequence[int]] | None = None) -> list[Generation]:
+                     forced: Sequence[Sequence[int]] | None = None,
+                     cancel: Callable[[int], bool] | None = None) -> list[Generation]:
         """Continuations of token-id prompts (a batch, left-padded). forced: feed these tokens instead
-        of the chosen ones (teacher forcing: the parity gate's per-step logits); on_token(row, id)."""
+        of the chosen ones (teacher forcing: the parity gate's per-step logits); on_token(row, id);
+        cancel(row): asked before each step, True finishes that row as "cancelled"."""
         opts = options or SamplingOptions()
         opts.validate()
         self._check_batch(prompts, opts)
@@ -257,7 +280,7 @@ class Generator:
         else:
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         return self._loop(prompts, {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, opts,
-                          on_token=on_token, record_logits=record_logits, forced=forced)
+                          on_token=on_token, record_logits=record_logits, forced=forced, cancel=cancel)
 
     def _pad(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids and their attention mask [batch, longest prompt]."""
@@ -275,7 +298,8 @@ class Generator:
 
     def _loop(self, prompts: Sequence[Sequence[int]], prefill: dict[str, np.ndarray], opts: SamplingOptions, *,
               on_token: Callable[[int, int], None] | None, record_logits: bool,
-              forced: Sequence[Sequence[int]] | None) -> list[Generation]:
+              forced: Sequence[Sequence[int]] | None,
+              cancel: Callable[[int], bool] | None = None) -> list[Generation]:
         """The prefill/decode loop shared by causal LMs and VLMs, from the prefill's feeds."""
         stop = set(self.eos if opts.stop_token_ids is None else opts.stop_token_ids)
         rng = np.random.default_rng(opts.seed)
@@ -293,17 +317,7 @@ class Generator:
             chosen = greedy[:, 0] if opts.greedy else sample_next(logits[:, 0], opts, rng)
             if forced is not None:
                 chosen = np.array([f[step] if step < len(f) else self.pad for f in forced], np.int64)
-            for row in range(b):
-                if done[row]:
-                    continue
-                tok = int(chosen[row])
-                results[row].tokens.append(tok)
-                if record_logits:
-                    results[row].logits.append(np.array(logits[row, 0], np.float32))
-                if on_token:
-                    on_token(row, tok)
-                if tok in stop:
-                    done[row], results[row].finish_reason = True, "stop"
+            take_step(results, done, chosen, logits[:, 0] if record_logits else None, stop, on_token, cancel)
             if step == 0:
                 t_first = time.perf_counter()
             if done.all() or step == steps - 1:

@@ -16,8 +16,8 @@ a list merges with the config's: measured); rows stop at SamplingOptions.stop_to
 one thing lost: a model that emits its last vocabulary id (a padding row in most vocabularies) ends that row
 there. The pad id must not occur in the prompts of one batch (rows run one by one when it does): many models pad
 with their eos, and a chat prompt holds it (<|im_end|>).
-On CUDA the provider is GenAI's CUDA EP; `cuda_graph=True` captures the decode step (batch 1 only: GenAI 0.18
-refuses larger batches with a graph).
+On CUDA the provider is GenAI's CUDA EP; `cuda_graph=True` captures the decode step of batch-1 runs (GenAI 0.18
+refuses larger batches with a graph; they and the Engine run on a second model opened without one).
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 
 from ._deps import require
-from .decoding import GENERATION_FILE, Generation, Generator, SamplingOptions, Tokenizer, _read_spec
+from .decoding import (
+    GENERATION_FILE,
+    Generation,
+    Generator,
+    SamplingOptions,
+    Tokenizer,
+    _read_spec,
+    take_step,
+)
 from .errors import IncompatibleEngine, InvalidInput
 from .manifest import IOSpec, Manifest, confined_path, verify_files
 
@@ -73,6 +81,7 @@ class GenaiGenerator(Generator):
         self._threads = threads
         self.model = self._open(threads, self.cuda_graph and self.device == "cuda")
         self._batch_model: Any = None  # CUDA graphs on: batches run on a second model without one (opened once)
+        self._open_lock = threading.Lock()
         self._engine: _EngineThread | None = None
 
     def _open(self, threads: int | None, cuda_graph: bool) -> Any:
@@ -144,8 +153,9 @@ class GenaiGenerator(Generator):
         batches run on a second model opened without one (the weights are loaded twice)."""
         if batch == 1 or not (self.cuda_graph and self.device == "cuda"):
             return self.model
-        if self._batch_model is None:
-            self._batch_model = self._open(self._threads, cuda_graph=False)
+        with self._open_lock:  # the Engine's thread and a caller may both ask first
+            if self._batch_model is None:
+                self._batch_model = self._open(self._threads, cuda_graph=False)
         return self._batch_model
 
     def _params(self, opts: SamplingOptions, batch: int, max_length: int) -> Any:
@@ -181,20 +191,7 @@ class GenaiGenerator(Generator):
                 else:
                     gen.generate_next_token()
                     chosen = gen.get_next_tokens().reshape(b)
-                for row in range(b):
-                    if done[row]:
-                        continue
-                    if cancel is not None and cancel(row):
-                        done[row], results[row].finish_reason = True, "cancelled"
-                        continue
-                    tok = int(chosen[row])
-                    results[row].tokens.append(tok)
-                    if logits is not None:
-                        results[row].logits.append(np.array(logits[row], np.float32))
-                    if on_token:
-                        on_token(row, tok)
-                    if tok in stop:
-                        done[row], results[row].finish_reason = True, "stop"
+                take_step(results, done, chosen, logits, stop, on_token, cancel)
                 if step == 0:
                     t_first = time.perf_counter()
                 if done.all() or step == steps - 1:
@@ -266,7 +263,9 @@ class _EngineThread:
 
     def _main(self) -> None:
         og = self.og
-        engine = og.Engine(self.gen.model)
+        # Not on the CUDA-graph model: GenAI's Engine ran 8 requests at 221 tok/s each with a graph, 322 without
+        # (H200, Qwen2.5-1.5B sizes, BF16; bench/results/gpu-h200-2026-12-01/issue-18/genai_probe.json)
+        engine = og.Engine(self.gen._model_for(max(2, self.gen.max_batch)))
         buffer = engine.create_event_buffer(256)
         live: dict[int, tuple[Any, RequestHandle]] = {}  # id(og request) → (request, handle)
         running = True

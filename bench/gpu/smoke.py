@@ -100,6 +100,36 @@ def versions(smoke: Smoke) -> None:
                  else _last_paragraph(proc.stderr if proc else ""))
 
 
+def serve_openai(smoke: Smoke, bundle: Path) -> None:
+    """`enginekit serve` of a generation bundle (the OpenAI API on GenAI's Engine): 8 concurrent greedy
+    /v1/completions, each equal to its own sequential answer."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.loadtest import serve_process
+
+    t = time.perf_counter()
+    prompts = ["The capital", "Once upon", "def f(x):", "Engines", "In a small", "The cat", "Paris is", "1 2 3"]
+    try:
+        with serve_process([sys.executable, "-m", "exporter", "serve", str(bundle), "--port", "0"], ready_timeout=180,
+                           env=dict(os.environ)) as s:  # PYTHONPATH keeps /tmp/site (the carried wheels)
+            def ask(p: str) -> str:
+                body = json.dumps({"model": bundle.name, "prompt": p, "max_tokens": 16, "temperature": 0}).encode()
+                req = urllib.request.Request(f"{s.url}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=120) as r:  # raises on a status >= 400
+                    return str(json.loads(r.read())["choices"][0]["text"])
+
+            alone = [ask(p) for p in prompts]
+            with ThreadPoolExecutor(8) as pool:
+                together = list(pool.map(ask, prompts))
+        ok = alone == together
+        detail = "8 concurrent /v1/completions equal their sequential answers" if ok else f"{alone} != {together}"
+    except Exception as exc:
+        ok, detail = False, f"{type(exc).__name__}: {str(exc)[:500]}"
+    smoke.record("serve (OpenAI API)", ok, time.perf_counter() - t, detail)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
@@ -141,6 +171,8 @@ def main() -> int:
             ok = proc.returncode == 0 and all(len(r["tokens"]) > 0 for r in json.loads(proc.stdout or "[]"))
             smoke.record("generate", ok, proc.seconds, (f"{[round(r['decode_tokens_per_s']) for r in json.loads(proc.stdout)]} "  # type: ignore[attr-defined]
                          "tok/s per prompt (tiny model)") if ok else _last_paragraph(proc.stderr))
+    if (gen / "manifest.json").is_file():
+        serve_openai(smoke, gen)
     smoke.build("qwen2-vl fp32", f"hf:{vl}", bundles / "qwen2-vl-fp32", "--shapes", VLM_SHAPES)
 
     fp16 = bundles / "bert-fp16"

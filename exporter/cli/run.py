@@ -152,13 +152,19 @@ def generate(
                                      "<image> in the prompt marks where one goes, else they go first)."),
     resize: bool = typer.Option(False, "--resize", help="VLM bundles: resize images to the bundle's fixed size "
                                 "(PIL bicubic, as transformers' processor resizes) instead of refusing other sizes."),
+    chat: bool = typer.Option(False, "--chat", help="Send each prompt as one user message through the bundle's "
+                              "chat template (as the server's /v1/chat/completions does)."),
 ) -> None:
     """Generate a continuation of a prompt with a generation bundle (no torch); VLM bundles take --image."""
     from runtimes.generate import SamplingOptions, load_generator
     from runtimes.vlm import VisionLanguageGenerator
 
-    opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    # --chat: the template writes the special tokens itself, so the tokenizer must not add them again
+    opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                           add_special_tokens=not chat)
     with load_generator(bundle, device=device, threads=threads) as gen:
+        if chat:
+            prompt = _chat_prompts(gen, bundle, prompt)
         single = len(prompt) == 1 and stream and not as_json
         kwargs: dict[str, Any] = {}
         if image:
@@ -185,6 +191,18 @@ def generate(
     _console(stderr=True).print(f"[dim]{sum(len(x.tokens) for x in results)} tokens ({r.finish_reason}); first token "
                                 f"{r.ttft_ms:.1f} ms, then {r.tokens_per_s:.1f} tokens/s[/]")
     return None
+
+
+def _chat_prompts(gen: Any, bundle: Path, prompts: list[str]) -> list[str]:
+    """Each prompt as one user message rendered through the bundle's chat template (runtimes/chat.py)."""
+    from runtimes.chat import chat_template_of
+
+    template = chat_template_of(gen)
+    if template is None:
+        raise UsageError(f"Expected a chat template in bundle '{bundle}' for --chat, found none (generation.json has "
+                         "chat_template null: the model's tokenizer had none). Drop --chat to generate from the raw "
+                         "prompt, or rebuild from a model folder whose tokenizer_config.json has a chat_template.")
+    return [template.render([{"role": "user", "content": p}]) for p in prompts]
 
 
 def _read_image(path: Path, size: tuple[int, int] | None) -> Any:
@@ -216,13 +234,22 @@ def serve(
     limit_concurrency: int = typer.Option(1024, "--limit-concurrency", help="Connections or requests at once before answering 503."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads per engine (default: ORT's, one per core; 1 serves better on a small shared CPU)."),
+    request_timeout_s: float = typer.Option(300.0, "--request-timeout-s", help="Generation bundles: the longest a "
+                                            "request may take; it is then cancelled (504)."),
 ) -> None:
-    """Serve bundles over HTTP with dynamic batching, health, metadata and Prometheus metrics (no torch)."""
+    """Serve bundles over HTTP with dynamic batching, health, metadata and Prometheus metrics (no torch); a
+    generation bundle is served alone, with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
     from runtimes.serve import ServeConfig, run_server
+    from runtimes.serve.openai_app import generation_bundle, run_llm_server
 
-    run_server(bundles, host=host, port=port, config=ServeConfig(
+    config = ServeConfig(
         max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)),
-        body_timeout_s=body_timeout_s, limit_concurrency=limit_concurrency, device=device, threads=threads))
+        body_timeout_s=body_timeout_s, limit_concurrency=limit_concurrency, device=device, threads=threads,
+        request_timeout_s=request_timeout_s)
+    llm = generation_bundle(bundles)
+    if llm is not None:
+        return run_llm_server(llm, host=host, port=port, config=config)
+    return run_server(bundles, host=host, port=port, config=config)
 
 
 @handle_errors

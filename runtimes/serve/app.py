@@ -93,6 +93,7 @@ class ServeConfig:
     warmup: bool = True
     codec_threads: int = 2
     codec_processes: int = 1
+    request_timeout_s: float = 300.0  # generation bundles (openai_app.py): a request's whole answer
 
 
 def batch_dim(io: IOSpec) -> str | None:
@@ -469,7 +470,7 @@ def run_server(bundles: Sequence[str | os.PathLike[str]], *, host: str = "127.0.
     port 0 the system picks a free port and the line says which.
     """
     require("uvicorn", extra="serve", purpose="enginekit serve")
-    from .server import bind_socket, make_server
+    from .server import bind_socket, serve_on
 
     config = config or ServeConfig()
     _check(config)
@@ -477,20 +478,8 @@ def run_server(bundles: Sequence[str | os.PathLike[str]], *, host: str = "127.0.
     try:
         metrics = Metrics()
         models = load_models([Path(b) for b in bundles], config, metrics)
-        server: Any = None
-
-        async def announce() -> None:
-            while not server.started:  # warm-up can finish before uvicorn serves the socket
-                await asyncio.sleep(0.01)
-            bound_host, bound_port = sock.getsockname()[:2]
-            print(f"enginekit serve: ready on http://{bound_host}:{bound_port} ({', '.join(m.name for m in models)})",
-                  flush=True)
-
-        app = create_app(models, metrics, config, on_ready=announce, stopping=lambda: server.should_exit)
-        server = make_server(app, graceful_timeout_s=config.graceful_timeout_s, keep_alive_s=config.keep_alive_s,
-                             limit_concurrency=config.limit_concurrency, max_header_bytes=config.max_header_bytes,
-                             log_level=log_level)
-        server.run(sockets=[sock])
+        serve_on(sock, config, log_level, ", ".join(m.name for m in models),
+                 lambda on_ready, stopping: create_app(models, metrics, config, on_ready=on_ready, stopping=stopping))
     finally:
         sock.close()
 

@@ -7,12 +7,13 @@ of the HTTP stack.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -93,4 +94,24 @@ def make_server(app: Any, *, graceful_timeout_s: float, keep_alive_s: float, lim
     ))
 
 
-__all__ = ["BACKLOG", "Server", "bind_socket", "make_server"]
+def serve_on(sock: socket.socket, config: Any, log_level: str, names: str,
+             make_app: Callable[[Callable[[], Awaitable[None]], Callable[[], bool]], Any]) -> None:
+    """Serve the app `make_app(on_ready, stopping)` builds on the bound `sock` until SIGTERM/SIGINT (both
+    services: app.py's and openai_app.py's). on_ready prints `enginekit serve: ready on http://HOST:PORT (names)`
+    once uvicorn serves the socket (a warm-up can finish before it does); stopping() says shutdown began."""
+    server: Any = None
+
+    async def announce() -> None:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        bound_host, bound_port = sock.getsockname()[:2]
+        print(f"enginekit serve: ready on http://{bound_host}:{bound_port} ({names})", flush=True)
+
+    app = make_app(announce, lambda: bool(server.should_exit))
+    server = make_server(app, graceful_timeout_s=config.graceful_timeout_s, keep_alive_s=config.keep_alive_s,
+                         limit_concurrency=config.limit_concurrency, max_header_bytes=config.max_header_bytes,
+                         log_level=log_level)
+    server.run(sockets=[sock])
+
+
+__all__ = ["BACKLOG", "Server", "bind_socket", "make_server", "serve_on"]
