@@ -72,6 +72,9 @@ class BuildOptions:
     # causal LMs: auto (ONNX Runtime GenAI's model builder and generator where the builder supports the
     # architecture, exporter/export/genai.py), genai, or enginekit (its own prefill/decode graphs and loop)
     generator: str = "auto"
+    # GenAI on CUDA in fp16/bf16: the decoder's attention. default: GroupQueryAttention (og.Generator and
+    # the Engine run it); paged: PagedAttention (the Engine's dynamic batching only: what `serve` runs)
+    genai_attention: str = "default"
     # GiB that the dim ranges may need at their max shapes (exporter/export/memory.py); None: the
     # memory available when the build starts.
     memory_limit: float | None = None
@@ -102,6 +105,8 @@ class BuildOptions:
             raise UsageError(f"Expected --exporter auto, torch or transformers, found '{self.exporter}'.")
         if self.generator not in ("auto", "genai", "enginekit"):
             raise UsageError(f"Expected --generator auto, genai or enginekit, found '{self.generator}'.")
+        if self.genai_attention not in ("default", "paged"):
+            raise UsageError(f"Expected --genai-attention default or paged, found '{self.genai_attention}'.")
         if self.memory_limit is not None and not (math.isfinite(self.memory_limit) and self.memory_limit > 0):
             raise UsageError(f"Expected --memory-limit as a positive number of GiB (e.g. 32), found {self.memory_limit}.")
         self._validate_inputs()
@@ -308,6 +313,9 @@ FLAGS: tuple[Flag, ...] = (
          "HF models).", panel="Export"),
     Flag("generator", ("--generator",), "Causal LMs: auto (ONNX Runtime GenAI's model builder and generator where it "
          "supports the architecture, else enginekit's own graphs) | genai | enginekit.", panel="Export"),
+    Flag("genai_attention", ("--genai-attention",), "Causal LMs on GenAI, --device cuda, fp16/bf16: default "
+         "(GroupQueryAttention) | paged (PagedAttention: GenAI's Engine with dynamic batching only, what `enginekit "
+         "serve` runs; no og.Generator, so the gate's logits come from a GroupQueryAttention twin).", panel="Export"),
     Flag("memory_limit", ("--memory-limit",), "GiB the dim ranges may need at their max shapes (default: the memory "
          "available now); a build whose estimate exceeds it is refused before export.", cli=float | None,
          panel="Export"),

@@ -43,7 +43,7 @@ from .decoding import (
     _read_spec,
     take_step,
 )
-from .errors import IncompatibleEngine, InvalidInput
+from .errors import IncompatibleEngine, InvalidInput, UsageError
 from .manifest import IOSpec, Manifest, confined_path, verify_files
 
 RUNTIME = "onnxruntime-genai"  # generation.json "runtime" and the manifest's target.options.generator
@@ -59,7 +59,9 @@ class GenaiGenerator(Generator):
     threads; cuda_graph: capture the decode step in a CUDA graph (default: on for CUDA; batch 1 only)."""
 
     def __init__(self, bundle: str | Path, *, device: str | None = None, threads: int | None = None,
-                 verify: bool = True, cuda_graph: bool | None = None):
+                 verify: bool = True, cuda_graph: bool | None = None, folder: Path | None = None):
+        """folder: run this GenAI model folder instead of the bundle's (the build's gate only: the GroupQueryAttention
+        twin of a PagedAttention decoder, which gives the teacher-forced logits the Engine does not)."""
         self.og = require("onnxruntime_genai", extra="genai", purpose="Running an ONNX Runtime GenAI bundle")
         self.bundle = Path(bundle)
         self.manifest = Manifest.read(self.bundle)
@@ -76,6 +78,10 @@ class GenaiGenerator(Generator):
         self.vocab = int(self.spec["genai"]["vocab_size"])
         self.pad = self.vocab - 1
         self.cuda_graph = bool(self.device == "cuda" if cuda_graph is None else cuda_graph)
+        self._folder = folder
+        # PagedAttention decoders run on GenAI's Engine only (og.Generator refuses their packed inputs: "Invalid
+        # rank for input: input_ids", measured on the H200); generate_ids then submits each row to the Engine.
+        self.paged = folder is None and self.spec["genai"].get("attention") == "paged"
         self._runners: dict[str, Any] = {}
         self._fns: dict[str, Any] = {}
         self._threads = threads
@@ -86,14 +92,15 @@ class GenaiGenerator(Generator):
 
     def _open(self, threads: int | None, cuda_graph: bool) -> Any:
         og = self.og
-        folder = confined_path(self.bundle, self.spec["genai"]["folder"], "GenAI model folder")
-        config_path = self.manifest.file(self.bundle, f"{self.spec['genai']['folder']}/{CONFIG_FILE}", "GenAI config")
+        folder = self._folder or confined_path(self.bundle, self.spec["genai"]["folder"], "GenAI model folder")
+        config_path = folder / CONFIG_FILE if self._folder else \
+            self.manifest.file(self.bundle, f"{self.spec['genai']['folder']}/{CONFIG_FILE}", "GenAI config")
         try:
             decoder = json.loads(config_path.read_text(encoding="utf-8"))["model"]["decoder"]["filename"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IncompatibleEngine(f"Expected {config_path} to be the GenAI config the build wrote, but it cannot be "
                                      f"read ({type(exc).__name__}). Rebuild with: {self.manifest.rebuild_command}") from None
-        if f"{self.spec['genai']['folder']}/{decoder}" not in self.manifest.target.engine_files:
+        if self._folder is None and f"{self.spec['genai']['folder']}/{decoder}" not in self.manifest.target.engine_files:
             raise IncompatibleEngine(f"Expected {config_path} to name the bundle's decoder, found '{str(decoder)[:200]}'. "
                                      f"An unlisted graph is never run. Rebuild with: {self.manifest.rebuild_command}")
         if self.device == "cuda" and not og.is_cuda_available():
@@ -104,8 +111,9 @@ class GenaiGenerator(Generator):
             )
         config = og.Config(str(folder))
         # No eos for GenAI (this module stops rows) and a pad id that prompts do not hold; see the module doc.
-        overlay: dict[str, Any] = {"model": {"eos_token_id": self.pad, "pad_token_id": self.pad},
-                                   "engine": {"static_batching": {"max_batch_size": self.max_batch}}}
+        overlay: dict[str, Any] = {"model": {"eos_token_id": self.pad, "pad_token_id": self.pad}}
+        if not self.paged:  # a paged decoder's engine section (dynamic batching, its block pool) is the builder's
+            overlay["engine"] = {"static_batching": {"max_batch_size": self.max_batch}}
         if threads:
             overlay["model"]["decoder"] = {"session_options": {"intra_op_num_threads": int(threads)}}
         config.overlay(json.dumps(overlay))
@@ -128,6 +136,8 @@ class GenaiGenerator(Generator):
         opts = options or SamplingOptions()
         opts.validate()
         self._check_batch(prompts, opts)
+        if self.paged:
+            return self._run_on_engine(prompts, opts, on_token, record_logits, forced, cancel)
         # Teacher forcing appends tokens after the prompt, which GenAI allows at batch 1 only; a prompt holding
         # the pad id would be masked in a batch. Such batches run row by row (the same tokens, slower).
         if len(prompts) > 1 and (forced is not None or any(self.pad in p for p in prompts)):
@@ -146,6 +156,30 @@ class GenaiGenerator(Generator):
                 f"{str(exc).strip()[:300]}. Rebuild it (another precision or --generator enginekit): "
                 f"{self.manifest.rebuild_command}"
             ) from None
+
+    def _run_on_engine(self, prompts: Sequence[Sequence[int]], opts: SamplingOptions,
+                       on_token: Callable[[int, int], None] | None, record_logits: bool,
+                       forced: Sequence[Sequence[int]] | None, cancel: Callable[[int], bool] | None) -> list[Generation]:
+        """A batch as concurrent Engine requests (a PagedAttention decoder): the same rows, no logits."""
+        if record_logits or forced is not None:
+            raise UsageError(
+                f"Expected a bundle whose decoder og.Generator runs for per-step logits or teacher forcing, found the "
+                f"PagedAttention decoder of '{self.bundle}', which only GenAI's Engine runs (it returns tokens). Build "
+                "with --genai-attention default for logits."
+            )
+
+        def sink(row: int) -> Callable[[int], None]:
+            def take(token: int) -> None:
+                if cancel is not None and cancel(row):
+                    handles[row].cancel()
+                elif on_token is not None:
+                    on_token(row, token)
+            return take
+
+        handles: list[RequestHandle] = []
+        for row, p in enumerate(prompts):
+            handles.append(self.submit(p, opts, on_token=sink(row)))
+        return [h.future.result() for h in handles]
 
     def _model_for(self, batch: int) -> Any:
         """The model a batch runs on: GenAI 0.18 captures CUDA graphs for batch 1 only ("batch_size must be 1
@@ -265,7 +299,8 @@ class _EngineThread:
         og = self.og
         # Not on the CUDA-graph model: GenAI's Engine ran 8 requests at 221 tok/s each with a graph, 322 without
         # (H200, Qwen2.5-1.5B sizes, BF16; bench/results/gpu-h200-2026-12-01/issue-18/genai_probe.json)
-        engine = og.Engine(self.gen._model_for(max(2, self.gen.max_batch)))
+        # A PagedAttention decoder's Engine keeps the graph: 392 tok/s per request at 8 with it, 266 without.
+        engine = og.Engine(self.gen.model if self.gen.paged else self.gen._model_for(max(2, self.gen.max_batch)))
         buffer = engine.create_event_buffer(256)
         live: dict[int, tuple[Any, RequestHandle]] = {}  # id(og request) → (request, handle)
         running = True

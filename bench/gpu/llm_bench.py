@@ -6,12 +6,13 @@ One call does it all, stage by stage, writing $OUT/llm_bench.json after each (a 
 runs past the budget is recorded, not fatal):
  1. model: Qwen2Config with Qwen2.5-1.5B's sizes (28 layers, hidden 1536, 12 query / 2 key-value
     heads, vocabulary 151936, tied embeddings), random weights (std 0.02), saved in BF16;
- 2. build: `enginekit build hf:MODEL --device cuda --precision bf16` and `--precision int4` (ONNX Runtime
-    GenAI's model builder writes the decoder; enginekit's token gate runs it against transformers FP32 on the
-    GPU), build time per bundle;
+ 2. build: `enginekit build hf:MODEL --device cuda --precision bf16`, the same with `--genai-attention paged`,
+    and `--precision int4` (ONNX Runtime GenAI's model builder writes the decoder; enginekit's token gate runs it
+    against transformers FP32 on the GPU), build time per bundle;
  3. enginekit: runtimes.generate on each bundle, 128-token prompts (random ids, the same for every
     variant), 128 new tokens, greedy, no stop token; batch 1 (CUDA graph on) and 8; and batch 8 as 8
-    concurrent requests through GenAI's Engine (continuous batching: what `enginekit serve` runs);
+    concurrent requests through GenAI's Engine (continuous batching: what `enginekit serve` runs); the
+    PagedAttention bundle runs every row as an Engine request (dynamic batching, CUDA graph);
     time to first token and decode tokens/s per sequence, median of 3;
  4. plain ONNX Runtime GenAI (the anchor): its generator straight on the same model folder, the loop of its
     own examples (append_tokens, generate_next_token), with and without `enable_cuda_graph`;
@@ -113,11 +114,14 @@ def make_model(folder: Path) -> None:
     del model
 
 
-def build_bundle(folder: Path, bundle: Path, precision: str) -> dict:
+def build_bundle(folder: Path, bundle: Path, variant: str) -> dict:
+    """variant: a precision, or bf16-paged (--genai-attention paged: GenAI's PagedAttention decoder)."""
     from exporter.pipeline import BuildOptions, build
     from exporter.source.shapes import parse_shapes
 
+    precision = variant.split("-")[0]
     opts = BuildOptions(device=DEVICE, precision=precision, output=bundle, force=True,
+                        genai_attention="paged" if variant.endswith("-paged") else "default",
                         # random weights give near-flat logits: BF16 storage alone puts their rel-L2 at
                         # ~0.032 against FP32 (measured on the H200; the default bf16 bound is 0.03), so the
                         # bench allows 0.05 and records the measured value; tokens are still gated
@@ -129,7 +133,7 @@ def build_bundle(folder: Path, bundle: Path, precision: str) -> dict:
                         shapes=parse_shapes(f"batch=1:8:8,sequence=1:{PROMPT}:256,total_sequence=2:256:512"))
     t = time.perf_counter()
     res = build(f"hf:{folder}", opts, progress=lambda m: print("   ", m, flush=True))
-    return {"precision": precision, "parity": res.parity.summary(), "timings_s": res.timings,
+    return {"variant": variant, "parity": res.parity.summary(), "timings_s": res.timings,
             "build_s": round(time.perf_counter() - t, 1), "exporter": res.manifest.source["exporter"],
             "generator": res.manifest.target.options.get("generator"), "ops": res.manifest.target.options.get("ops")}
 
@@ -155,15 +159,18 @@ def bench_enginekit(bundle: Path, rec: Recorder, label: str) -> None:
     opts = SamplingOptions(max_new_tokens=NEW, stop_token_ids=[])
     with load_generator(bundle, device=DEVICE) as g:
         graph = getattr(g, "cuda_graph", False) and DEVICE == "cuda"
+        paged = getattr(g, "paged", False)  # its generate_ids runs each row as a request on GenAI's Engine
+        if paged:
+            label += " (PagedAttention: every row a request on GenAI's Engine, dynamic batching)"
         for b in BATCHES:
             p = prompts(b)
             g.generate_ids(p, SamplingOptions(max_new_tokens=16, stop_token_ids=[]))  # warm-up: arena, kernels, graph
             runs = [g.generate_ids(p, opts)[0] for _ in range(RUNS)]
             assert all(len(r.tokens) == NEW for r in runs)
-            rec.data["rows"].append(_row(f"enginekit {label}" + (" + CUDA graph" if graph and b == 1 else ""), b, runs,
+            rec.data["rows"].append(_row(f"enginekit {label}" + (" + CUDA graph" if graph and (b == 1 or paged) else ""), b, runs,
                                          tokens_first_run=runs[0].tokens[:8]))
             rec.save()
-        if hasattr(g, "submit"):
+        if hasattr(g, "submit") and not paged:
             p = prompts(8)
             [h.future.result(300) for h in [g.submit(x, SamplingOptions(max_new_tokens=16, stop_token_ids=[])) for x in p]]
             per_run = []
@@ -322,7 +329,7 @@ def main() -> None:
                          "new_tokens": NEW, "runs": RUNS, "batches": BATCHES, "sampling": "greedy, no stop token"}
     work = Path(args.work)
     folder = work / "qwen2.5-1.5b-random"
-    precisions = ["bf16", "int4"] if not args.smoke else ["fp32", "int4"]
+    precisions = ["bf16", "bf16-paged", "int4"] if not args.smoke else ["fp32", "int4"]
     bundles = {p: work / "engines" / f"qwen-1.5b-genai-{p}" for p in precisions}
     if "model" in stages and not (folder / "config.json").is_file():
         rec.stage("model", lambda: make_model(folder), 30)
@@ -337,7 +344,7 @@ def main() -> None:
                 rec.stage(f"enginekit {p}", lambda p=p, bundle=bundle: bench_enginekit(bundle, rec, p), 40)
     if "genai" in stages:
         for p, bundle in bundles.items():
-            if (bundle / "genai" / "genai_config.json").is_file():
+            if (bundle / "genai" / "genai_config.json").is_file() and not p.endswith("-paged"):
                 rec.stage(f"ORT GenAI {p}", lambda p=p, bundle=bundle: bench_genai_plain(bundle / "genai", rec, p), 40)
     if "eager" in stages:
         rec.stage("transformers eager", lambda: bench_transformers(folder, rec, "eager"), 60)

@@ -6,7 +6,8 @@
 Steps (each through the real `enginekit` CLI in a subprocess, as a user runs it):
   1. versions: torch, transformers, onnxruntime and its providers, the GPU
   2. a tiny BERT built --device cuda at fp32, fp16 and bf16, each gated on the GPU
-  3. a tiny Qwen2 generation bundle on ONNX Runtime GenAI (the default): fp32, bf16 and int4; on enginekit's own
+  3. a tiny Qwen2 generation bundle on ONNX Runtime GenAI (the default): fp32, bf16, bf16 with PagedAttention and
+     int4; the OpenAI server on the bf16 one (8 concurrent requests); on enginekit's own
      graphs (--generator enginekit): bf16 with --lowering native, both exporters (auto = transformers' own, torch =
      the generic wrapper); `enginekit generate` on the GenAI bf16 one
   4. a tiny Qwen2-VL bundle (vision engine + decoder graphs), fp32
@@ -156,6 +157,8 @@ def main() -> int:
     if cuda:
         smoke.build("qwen2 generation bf16 (genai)", f"hf:{qwen}", bundles / "qwen2-bf16-genai", "--precision", "bf16",
                     "--shapes", LLM_SHAPES)
+        smoke.build("qwen2 generation bf16 paged (genai)", f"hf:{qwen}", bundles / "qwen2-bf16-paged", "--precision",
+                    "bf16", "--genai-attention", "paged", "--shapes", LLM_SHAPES)
         # random tiny weights: int4's greedy tokens part from FP32's within a few steps (logits are still gated)
         smoke.build("qwen2 generation int4 (genai)", f"hf:{qwen}", bundles / "qwen2-int4-genai", "--precision", "int4",
                     "--shapes", LLM_SHAPES, "--tolerance", "tokens:equal=0")

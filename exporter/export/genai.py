@@ -35,6 +35,7 @@ BUILDER_PRECISION = {Precision.FP32: "fp32", Precision.FP16: "fp16", Precision.B
 DIM_NAMES = {"batch_size": "batch", "sequence_length": "sequence", "total_sequence_length": "total_sequence",
              "past_sequence_length": "past_sequence"}
 FOLDER = "genai"  # inside the bundle
+PAGED_BLOCK = 256  # positions per KV block of a PagedAttention decoder (the builder's default)
 
 
 @dataclass
@@ -50,19 +51,28 @@ def supports(architectures: list[str] | None) -> bool:
 
 
 def build_decoder(source: Path, out: Path, work: Path, precision: Precision, device: str,
-                  dims: dict[str, DimRange], vocab: int) -> GenaiExport:
-    """Run the builder on an HF folder (`source`: config.json + weights + tokenizer) into `out`."""
+                  dims: dict[str, DimRange], vocab: int, paged: bool = False) -> GenaiExport:
+    """Run the builder on an HF folder (`source`: config.json + weights + tokenizer) into `out`. paged: the
+    PagedAttention decoder (CUDA, fp16/bf16) with a KV block pool sized by the dims: every one of `batch`
+    max requests at `total_sequence` max, in the builder's blocks of 256 positions, fixed (not a fraction
+    of whatever GPU memory is free when the model loads)."""
     require("onnxruntime_genai", extra="genai", purpose="Building a causal LM with ONNX Runtime GenAI's model builder")
     from onnxruntime_genai.models import builder
 
     log = work / "genai-builder.log"
     cache = work / "genai-cache"
     ep = "cuda" if device == "cuda" else "cpu"
-    options = {"precision": BUILDER_PRECISION[precision], "execution_provider": ep, "extra_options": {}}
+    extra: dict[str, str] = {}
+    if paged:
+        blocks = dims["batch"].max * -(-dims["total_sequence"].max // PAGED_BLOCK)
+        extra = {"use_paged_attention": "true", "paged_block_size": str(PAGED_BLOCK),
+                 "max_batch_size": str(dims["batch"].max), "num_blocks": str(blocks)}
+    options = {"precision": BUILDER_PRECISION[precision], "execution_provider": ep, "extra_options": extra}
     try:
         with open(log, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            extra = builder.parse_extra_options(None, str(source), str(out), options["precision"], ep, str(cache), [])
-            builder.create_model(None, str(source), str(out), options["precision"], ep, str(cache), **extra)
+            kv = [f"{k}={v}" for k, v in extra.items()]
+            parsed = builder.parse_extra_options(None, str(source), str(out), options["precision"], ep, str(cache), kv)
+            builder.create_model(None, str(source), str(out), options["precision"], ep, str(cache), **parsed)
     except Exception as exc:  # the builder raises plain Exceptions (and ValueError, KeyError, …) for what it lacks
         raise BuildError(
             f"Expected ONNX Runtime GenAI's model builder to write the {precision} decoder for --device {device}, but it "

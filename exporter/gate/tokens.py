@@ -184,7 +184,10 @@ def _float_io(path: Path) -> Path:
 
 
 def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]], options: Any,
-               lowered: dict[str, Path], say: Any) -> ParityReport:
+               lowered: dict[str, Path], say: Any, twin: Path | None = None) -> ParityReport:
+    """twin: a GenAI model folder whose teacher-forced logits stand in for the bundle's (a PagedAttention
+    decoder, which only GenAI's Engine runs and which returns no logits): the same builder, weights and
+    precision with GroupQueryAttention; the bundle's own decoder still produces every free-running token."""
     from exporter.export.generation import COMPONENTS
     from exporter.lower.emulate import emulated_runner
 
@@ -208,6 +211,14 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
                             f"{options.precision} storage on the CPU (what a GPU computes)")
     if not runners:
         return report.finish(engine_checked=False)
+    logits_from: dict[str, Any] = {}
+    if twin is not None and runners[0][0] == "":
+        from runtimes.genai import GenaiGenerator
+
+        logits_from[""] = GenaiGenerator(bundle, device=options.device, verify=False, folder=twin)
+        report.notes.append("teacher-forced logits: from a GroupQueryAttention twin of the PagedAttention decoder (same "
+                            "builder, weights and precision; GenAI's Engine, the only runner of a paged decoder, gives "
+                            "no logits); every free-running token comes from the paged decoder itself")
     steps = gate_tokens(prompts, runners[0][1].max_length, options)
     greedy = SamplingOptions(max_new_tokens=steps, stop_token_ids=[])
     tol = policy.for_output("tokens")
@@ -228,7 +239,8 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
             for i, (prompt, (ref_tokens, ref_logits)) in enumerate(zip(prompts, refs)):
                 say(f"Token parity: {prefix}engine, prompt {i}")
                 free = gen.generate_ids([prompt], greedy)[0].tokens
-                forced = gen.generate_ids([prompt], greedy, record_logits=True, forced=[ref_tokens])[0].logits
+                forced = logits_from.get(prefix, gen).generate_ids([prompt], greedy, record_logits=True,
+                                                                   forced=[ref_tokens])[0].logits
                 forced_logits = np.stack(forced)
                 forced_by_prompt.append(forced_logits)
                 case = compare_case(f"{prefix}prompt[{i}] ({len(prompt)} tokens, {steps} steps)",
@@ -252,7 +264,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
                 report.cases[-1].outputs.append(worst[0])
                 report.notes.append(f"{prefix}batch: worst row {worst[1]}")
     finally:
-        for _, gen in runners:
+        for gen in [g for _, g in runners] + list(logits_from.values()):
             gen.close()
     engine_ran = any(prefix == "" for prefix, _ in runners)
     return report.finish(engine_checked=engine_ran)

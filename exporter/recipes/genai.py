@@ -30,6 +30,15 @@ from runtimes.manifest import DimRange, Manifest, Target, file_sha256
 
 
 def use_genai(options: Any, model: Any, vlm: bool) -> bool:
+    """Whether this build goes through GenAI (see _decide); --genai-attention paged where it does not is refused."""
+    chosen = _decide(options, model, vlm)
+    if not chosen and options.genai_attention == "paged":
+        raise UsageError(f"Expected a build on ONNX Runtime GenAI for --genai-attention paged, found one on enginekit's "
+                         f"own graphs ({type(model).__name__}{', a VLM' if vlm else ''}). Drop --genai-attention.")
+    return chosen
+
+
+def _decide(options: Any, model: Any, vlm: bool) -> bool:
     """Whether this build goes through GenAI: --generator genai, or auto for an architecture its builder writes
     (INT4 only there) unless --exporter or --lowering native ask for enginekit's own graphs; a VLM never yet (its
     vision tower and embeddings splice are enginekit's)."""
@@ -40,6 +49,12 @@ def use_genai(options: Any, model: Any, vlm: bool) -> bool:
             raise UsageError("Expected --generator auto or enginekit for a VLM, found --generator genai: VLM bundles run on "
                              "enginekit's own loop in this version (vision engine + decoder on inputs_embeds).")
         return False
+    if options.genai_attention == "paged" and not (options.device.gpu and options.precision.mixed):
+        raise UsageError(
+            f"Expected --device cuda with --precision fp16 or bf16 for --genai-attention paged, found --device "
+            f"{options.device} --precision {options.precision}: ONNX Runtime GenAI's PagedAttention decoder exists for "
+            "CUDA in FP16/BF16 only. Drop --genai-attention, or build for the GPU in fp16/bf16."
+        )
     if wanted == "auto" and (options.exporter != "auto" or options.lowering == "native"):
         wanted = "enginekit"  # --exporter torch|transformers and --lowering native name enginekit's own graphs
     if wanted == "enginekit":
@@ -75,10 +90,16 @@ def build_genai_into(spec: SourceSpec, source_text: str, options: Any, output: P
     work, bundle = staging / "work", staging / "bundle"
     vocab = int(model.get_output_embeddings().weight.shape[0])
     source = _builder_source(spec, model, tokenizer, work)
+    paged = options.genai_attention == "paged"
+    twin = None
     with timed(timings, "export", say, f"ONNX Runtime GenAI's model builder: the {options.precision} decoder "
-               f"for {options.device}"):
-        exported = build_decoder(source, bundle / FOLDER, work, options.precision, str(options.device), dims, vocab)
+               f"for {options.device}" + (" (PagedAttention, and its GroupQueryAttention twin for the gate)" if paged else "")):
+        exported = build_decoder(source, bundle / FOLDER, work, options.precision, str(options.device), dims, vocab,
+                                 paged=paged)
         tune_config(exported.folder, dims["total_sequence"].max)
+        if paged:  # og.Generator cannot run a paged decoder; the gate takes its teacher-forced logits from this twin
+            twin = build_decoder(source, work / "twin", work, options.precision, str(options.device), dims, vocab).folder
+            tune_config(twin, dims["total_sequence"].max)
     tokenizer_file = f"{FOLDER}/{TOKENIZER_FILE}"
     if not (bundle / tokenizer_file).is_file():
         backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer is not None else None
@@ -88,7 +109,8 @@ def build_genai_into(spec: SourceSpec, source_text: str, options: Any, output: P
     generation = {
         "schema_version": 1,
         "runtime": RUNTIME,
-        "genai": {"folder": FOLDER, "vocab_size": vocab, "builder": exported.options},
+        "genai": {"folder": FOLDER, "vocab_size": vocab, "builder": exported.options,
+                  "attention": "paged" if paged else "default"},
         "components": {"decoder": {"file": engine_files[0], "io": exported.io.to_dict()}},
         "tokenizer": tokenizer_file if (bundle / tokenizer_file).is_file() else None,
         **generation_metadata(model, tokenizer),
@@ -118,7 +140,7 @@ def build_genai_into(spec: SourceSpec, source_text: str, options: Any, output: P
     manifest.write(bundle)
     prompts = parity_prompts(tokenizer, options.data, model.config, dims)
     with timed(timings, "gate", say, "Token parity: GenAI vs transformers generate() (FP32)"):
-        report = token_gate(model, tokenizer, bundle, prompts, options, {}, say)
+        report = token_gate(model, tokenizer, bundle, prompts, options, {}, say, twin=twin)
     return manifest, report
 
 

@@ -39,7 +39,7 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bare venv with `pip install -c lock/requirements.txt '<checkout>[cpu,serve]'` (the README's
+    """A bare venv with `pip install -c lock/requirements.txt '<checkout>[cpu,serve,genai]'` (the README's
     command), from a copy of the sources (so the build writes nothing into the checkout)."""
     base = tmp_path_factory.mktemp("runtime-only")
     src = base / "src"
@@ -52,7 +52,7 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     made = _run([sys.executable, "-m", "venv", str(venv)], base)
     assert made.returncode == 0, made.stderr
     pip = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-c", str(ROOT / "lock" / "requirements.txt"),
-                f"{src}[cpu,serve]"], base)
+                f"{src}[cpu,serve,genai]"], base)
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
     return venv
 
@@ -60,7 +60,8 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_runtime_only_install_has_no_build_toolchain(runtime_venv):
     listed = _run([str(runtime_venv / "bin" / "python"), "-m", "pip", "list", "--format=json"], runtime_venv)
     names = {re.sub(r"[-_.]+", "-", p["name"]).lower(): p["version"] for p in json.loads(listed.stdout)}
-    assert {"enginekit", "numpy", "onnxruntime", "starlette", "uvicorn", "tokenizers"} <= set(names)
+    assert {"enginekit", "numpy", "onnxruntime", "starlette", "uvicorn", "tokenizers", "onnxruntime-genai",
+            "jinja2"} <= set(names)
     assert not [n for n in BUILD_ONLY if n in names], sorted(names)
     locked = (ROOT / "lock" / "requirements.txt").read_text()
     assert f"onnxruntime=={names['onnxruntime']}" in locked and f"numpy=={names['numpy']}" in locked
@@ -99,6 +100,31 @@ def test_runtime_only_install_loads_infers_and_serves(runtime_venv, bert_bundle,
         served = decode_response(resp.content, resp.headers["content-type"])
         for name, value in want.items():
             np.testing.assert_allclose(served[name], value, rtol=1e-5, atol=1e-5)
+
+
+def test_runtime_only_install_generates_and_serves_an_llm(runtime_venv, genai_bundle, tmp_path):
+    """An ONNX Runtime GenAI bundle in the torch-free venv: the same greedy tokens as in the checkout, and the
+    OpenAI API of `enginekit serve` answers with them."""
+    from runtimes.generate import SamplingOptions, load_generator
+
+    with load_generator(genai_bundle) as g:
+        want = g.generate_ids([[5, 6, 7, 8]], SamplingOptions(max_new_tokens=8, stop_token_ids=[]))[0].tokens
+        text = g.tokenizer.decode(g.generate("The capital", SamplingOptions(max_new_tokens=8)).tokens)
+    code = ("import sys, runtimes.generate as G\n"
+            f"with G.load_generator({str(genai_bundle)!r}) as g:\n"
+            "    print(g.generate_ids([[5, 6, 7, 8]], G.SamplingOptions(max_new_tokens=8, stop_token_ids=[]))[0].tokens)\n"
+            "    assert 'torch' not in sys.modules\n")
+    proc = _run([str(runtime_venv / "bin" / "python"), "-c", code], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(want)
+    from bench.loadtest import serve_process
+
+    with serve_process([str(runtime_venv / "bin" / "enginekit"), "serve", str(genai_bundle), "--port", "0"],
+                       env=_env(), cwd=tmp_path, ready_timeout=120) as server:
+        resp = httpx.post(f"{server.url}/v1/completions", json={"model": genai_bundle.name, "prompt": "The capital",
+                                                               "max_tokens": 8, "temperature": 0}, timeout=60)
+        assert resp.status_code == 200, resp.text[:300]
+        assert resp.json()["choices"][0]["text"] == text
 
 
 def test_build_commands_name_the_build_extra(runtime_venv, tiny_bert_dir, tmp_path):
