@@ -41,6 +41,11 @@ class IncompatibleEngine(EnginekitError):
     """A bundle this machine cannot run: altered files, missing provider, other runtime version."""
 
 
+class EngineRefused(IncompatibleEngine):
+    """The runtime for the bundle's device is here and refused its engine (an invalid graph): never a
+    reason to publish a bundle 'not checked'."""
+
+
 class InvalidInput(EnginekitError):
     """Inputs given to `Runner.infer` do not match the engine's names, dtypes or shapes."""
 

@@ -43,7 +43,7 @@ from .decoding import (
     _read_spec,
     take_step,
 )
-from .errors import IncompatibleEngine, InvalidInput, UsageError
+from .errors import EngineRefused, IncompatibleEngine, InvalidInput, UsageError
 from .manifest import IOSpec, Manifest, confined_path, verify_files
 
 RUNTIME = "onnxruntime-genai"  # generation.json "runtime" and the manifest's target.options.generator
@@ -125,7 +125,7 @@ class GenaiGenerator(Generator):
         try:
             return og.Model(config)
         except RuntimeError as exc:
-            raise IncompatibleEngine(f"Expected ONNX Runtime GenAI to open '{self.bundle}', but it refused: "
+            raise EngineRefused(f"Expected ONNX Runtime GenAI to open '{self.bundle}', but it refused: "
                                      f"{str(exc)[:300]}. Rebuild with: {self.manifest.rebuild_command}") from None
 
     # -- the batch API (token gate, CLI, bench) ---------------------------------------------------------------

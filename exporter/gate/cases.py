@@ -11,7 +11,7 @@ import numpy as np
 
 from exporter.gate.parity import CaseReport, ParityReport, Tolerance, TolerancePolicy, compare_case
 from exporter.gate.task import TaskParity
-from runtimes.errors import EnginekitError
+from runtimes.errors import EnginekitError, EngineRefused
 from runtimes.manifest import IOSpec
 from runtimes.samples import SHAPE_POINTS, generate_feeds
 
@@ -131,6 +131,6 @@ def not_runnable_here(exc: EnginekitError, device: str, precision: str) -> str:
     MissingDependency): one built for hardware this machine may lack (a CUDA engine; BF16 or FP8
     numerics) is published 'not checked', never 'passed', and this returns the reason for the
     report's note; a CPU engine that cannot run on the CPU is the build's error, so `exc` is raised."""
-    if device == "cpu" and precision not in ("bf16", "fp8"):
-        raise exc
+    if (device == "cpu" and precision not in ("bf16", "fp8")) or isinstance(exc, EngineRefused):
+        raise exc  # EngineRefused: the device's runtime is here and refused the engine (found on the H200)
     return str(exc).split(". ")[0]

@@ -71,6 +71,14 @@ def _decide(options: Any, model: Any, vlm: bool) -> bool:
                              "FP16 decoder ONNX Runtime GenAI's builder writes for the CPU fails to run in onnxruntime "
                              "1.32. Drop --generator (enginekit's FP16 lowering runs on the CPU) or use fp32/int8/int4.")
         return False
+    if options.precision is Precision.FP32 and options.device.gpu:
+        # The builder's FP32 CUDA decoder does not load in onnxruntime-gpu 1.31.1 ("This is an invalid model",
+        # Graph::InitializeStateFromModelFileGraphProto; H200, 2026-12-01): enginekit's FP32 CUDA graphs run.
+        if wanted == "genai":
+            raise UsageError("Expected --precision bf16, fp16 or int4 with --generator genai --device cuda, found fp32: "
+                             "the FP32 CUDA decoder ONNX Runtime GenAI's builder writes does not load in onnxruntime-gpu "
+                             "1.31 (\"invalid model\"). Drop --generator (enginekit's FP32 CUDA graphs run) or use bf16.")
+        return False
     if not supports([arch]):
         if wanted == "genai" or options.precision is Precision.INT4:
             raise UsageError(

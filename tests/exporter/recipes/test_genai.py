@@ -228,3 +228,24 @@ def test_cuda_paged_attention(tiny_qwen2_dir, tmp_path):
         assert [r.tokens[:4] for r in got] == [r.tokens[:4] for r in want] and all(len(r.tokens) == 16 for r in got)
         with pytest.raises(UsageError, match="PagedAttention"):
             p.generate_ids(prompts[:1], opts, record_logits=True)
+
+
+def test_a_refused_engine_is_never_published_not_checked(genai_bundle, tiny_qwen2_dir, tmp_path):
+    """An engine the device's own runtime refuses fails the gate instead of 'not checked' (the H200 smoke found a
+    GenAI FP32 CUDA decoder published 'not checked' because its load error looked like a missing GPU)."""
+    import shutil
+
+    from exporter.gate.cases import not_runnable_here
+    from runtimes.errors import EngineRefused
+    from runtimes.genai import GenaiGenerator
+
+    with pytest.raises(EngineRefused):
+        not_runnable_here(EngineRefused("refused"), "cuda", "bf16")
+    assert not_runnable_here(IncompatibleEngine("no GPU here. Rebuild"), "cuda", "bf16") == "no GPU here"
+    bad = tmp_path / "bad"
+    shutil.copytree(genai_bundle, bad)
+    (bad / "genai" / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(EngineRefused, match="refused"):
+        GenaiGenerator(bad, verify=False)
+    with pytest.raises(UsageError, match="FP32 CUDA decoder"):
+        build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "x", device="cuda", generator="genai"))
