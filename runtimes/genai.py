@@ -232,9 +232,9 @@ class GenaiGenerator(Generator):
                     break
                 if forced is not None:
                     gen.append_tokens(chosen[:, None])
+            t_end = time.perf_counter()  # before the generator is freed: its teardown is not decoding
         finally:
             del gen
-        t_end = time.perf_counter()
         for r in results:
             r.ttft_ms, r.decode_ms = (t_first - t0) * 1e3, (t_end - t_first) * 1e3
         return results

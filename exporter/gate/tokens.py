@@ -183,19 +183,12 @@ def _float_io(path: Path) -> Path:
     return out
 
 
-def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]], options: Any,
-               lowered: dict[str, Path], say: Any, twin: Path | None = None) -> ParityReport:
-    """twin: a GenAI model folder whose teacher-forced logits stand in for the bundle's (a PagedAttention
-    decoder, which only GenAI's Engine runs and which returns no logits): the same builder, weights and
-    precision with GroupQueryAttention; the bundle's own decoder still produces every free-running token."""
+def _gate_runners(bundle: Path, options: Any, lowered: dict[str, Path], report: ParityReport) -> list[tuple[str, Generator]]:
+    """(case prefix, generator) pairs: the bundle's engines where they run here, and the storage emulation of
+    the lowered graphs for FP16/BF16 that this machine cannot show (notes say which)."""
     from exporter.export.generation import COMPONENTS
     from exporter.lower.emulate import emulated_runner
 
-    policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
-    report = ParityReport(options.precision, policy)
-    if options.skip_parity:
-        report.notes.append("parity not checked: --skip-parity")
-        return report.finish()
     runners: list[tuple[str, Generator]] = []
     try:
         runners.append(("", load_generator(bundle, device=options.device, verify=False)))
@@ -209,6 +202,20 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
                                                                      session_factory=lambda n: emulators[n])))
         report.notes.append(f"'{options.precision}-emulated' cases run the lowered graphs with FP32 compute and "
                             f"{options.precision} storage on the CPU (what a GPU computes)")
+    return runners
+
+
+def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]], options: Any,
+               lowered: dict[str, Path], say: Any, twin: Path | None = None) -> ParityReport:
+    """twin: a GenAI model folder whose teacher-forced logits stand in for the bundle's (a PagedAttention
+    decoder, which only GenAI's Engine runs and which returns no logits): the same builder, weights and
+    precision with GroupQueryAttention; the bundle's own decoder still produces every free-running token."""
+    policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
+    report = ParityReport(options.precision, policy)
+    if options.skip_parity:
+        report.notes.append("parity not checked: --skip-parity")
+        return report.finish()
+    runners = _gate_runners(bundle, options, lowered, report)
     if not runners:
         return report.finish(engine_checked=False)
     logits_from: dict[str, Any] = {}

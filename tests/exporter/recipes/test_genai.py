@@ -249,3 +249,10 @@ def test_a_refused_engine_is_never_published_not_checked(genai_bundle, tiny_qwen
         GenaiGenerator(bad, verify=False)
     with pytest.raises(UsageError, match="FP32 CUDA decoder"):
         build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "x", device="cuda", generator="genai"))
+
+
+def test_parity_command_reruns_the_token_gate(genai_bundle):
+    from exporter.gate.recheck import check_bundle
+
+    report = check_bundle(genai_bundle, trust_recorded=True)
+    assert report.passed and {o.name for c in report.cases for o in c.outputs} == {"logits", "tokens"}
