@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ._deps import require
+from .decoding import GENERATION_FILE
 from .errors import InvalidInput, UsageError
-
-GENERATION_FILE = "generation.json"
 
 
 class ChatTemplate:

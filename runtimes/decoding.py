@@ -301,7 +301,7 @@ class Generator:
               forced: Sequence[Sequence[int]] | None,
               cancel: Callable[[int], bool] | None = None) -> list[Generation]:
         """The prefill/decode loop shared by causal LMs and VLMs, from the prefill's feeds."""
-        stop = set(self.eos if opts.stop_token_ids is None else opts.stop_token_ids)
+        stop = self.stop_tokens(opts)
         rng = np.random.default_rng(opts.seed)
         b = len(prompts)
         width = prefill["attention_mask"].shape[1]
@@ -346,6 +346,10 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def stop_tokens(self, opts: SamplingOptions) -> set[int]:
+        """The ids that end a row: the options' stop_token_ids, else the bundle's end-of-sequence ids."""
+        return set(self.eos if opts.stop_token_ids is None else opts.stop_token_ids)
 
     def vocab_size(self) -> int | None:
         """Valid token ids are 0 .. vocab_size - 1 (the input_ids range recorded at build time)."""

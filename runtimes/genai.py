@@ -35,7 +35,6 @@ import numpy as np
 
 from ._deps import require
 from .decoding import (
-    GENERATION_FILE,
     Generation,
     Generator,
     SamplingOptions,
@@ -48,10 +47,6 @@ from .manifest import IOSpec, Manifest, confined_path, verify_files
 
 RUNTIME = "onnxruntime-genai"  # generation.json "runtime" and the manifest's target.options.generator
 CONFIG_FILE = "genai_config.json"
-
-
-def is_genai_bundle(spec: dict[str, Any]) -> bool:
-    return spec.get("runtime") == RUNTIME
 
 
 class GenaiGenerator(Generator):
@@ -82,8 +77,6 @@ class GenaiGenerator(Generator):
         # PagedAttention decoders run on GenAI's Engine only (og.Generator refuses their packed inputs: "Invalid
         # rank for input: input_ids", measured on the H200); generate_ids then submits each row to the Engine.
         self.paged = folder is None and self.spec["genai"].get("attention") == "paged"
-        self._runners: dict[str, Any] = {}
-        self._fns: dict[str, Any] = {}
         self._threads = threads
         self.model = self._open(threads, self.cuda_graph and self.device == "cuda")
         self._batch_model: Any = None  # CUDA graphs on: batches run on a second model without one (opened once)
@@ -126,7 +119,7 @@ class GenaiGenerator(Generator):
             return og.Model(config)
         except RuntimeError as exc:
             raise EngineRefused(f"Expected ONNX Runtime GenAI to open '{self.bundle}', but it refused: "
-                                     f"{str(exc)[:300]}. Rebuild with: {self.manifest.rebuild_command}") from None
+                                f"{str(exc)[:300]}. Rebuild with: {self.manifest.rebuild_command}") from None
 
     # -- the batch API (token gate, CLI, bench) ---------------------------------------------------------------
     def generate_ids(self, prompts: Sequence[Sequence[int]], options: SamplingOptions | None = None, *,
@@ -210,7 +203,7 @@ class GenaiGenerator(Generator):
         for row, p in enumerate(prompts):
             ids[row, :len(p)] = p  # right-padded: see the module doc
         steps = min(opts.max_new_tokens, self.max_length - width)
-        stop = set(self.eos if opts.stop_token_ids is None else opts.stop_token_ids)
+        stop = self.stop_tokens(opts)
         results = [Generation(list(map(int, p)), []) for p in prompts]
         done = np.zeros(b, bool)
         t0 = time.perf_counter()
@@ -249,7 +242,7 @@ class GenaiGenerator(Generator):
         self._check_batch([prompt_ids], opts)
         if self._engine is None:
             self._engine = _EngineThread(self)
-        handle = RequestHandle(list(map(int, prompt_ids)), opts, on_token)
+        handle = RequestHandle(list(map(int, prompt_ids)), opts, on_token, self.stop_tokens(opts))
         self._engine.put(handle)
         return handle
 
@@ -266,8 +259,9 @@ class GenaiGenerator(Generator):
 class RequestHandle:
     """One submitted prompt: `future` resolves to its Generation; cancel() ends it at the next step."""
 
-    def __init__(self, prompt: list[int], options: SamplingOptions, on_token: Callable[[int], None] | None):
-        self.prompt, self.options, self.on_token = prompt, options, on_token
+    def __init__(self, prompt: list[int], options: SamplingOptions, on_token: Callable[[int], None] | None,
+                 stop: set[int]):
+        self.prompt, self.options, self.on_token, self.stop = prompt, options, on_token, stop
         self.future: Future[Generation] = Future()
         self.cancelled = threading.Event()
         self.result = Generation(prompt, [])
@@ -284,7 +278,6 @@ class _EngineThread:
     def __init__(self, gen: GenaiGenerator):
         self.gen, self.og = gen, gen.og
         self.inbox: queue.Queue[RequestHandle | None] = queue.Queue()
-        self.wake = threading.Event()
         self.thread = threading.Thread(target=self._main, name="genai-engine", daemon=True)
         self.thread.start()
 
@@ -365,7 +358,6 @@ class _EngineThread:
             if opts.seed is not None:
                 turn.set_seed(int(opts.seed))
         request.begin_turn(np.array(handle.prompt, np.int32), turn)
-        handle.stop = set(self.gen.eos if opts.stop_token_ids is None else opts.stop_token_ids)  # type: ignore[attr-defined]
         return request
 
     def _token(self, live: dict[int, tuple[Any, RequestHandle]], key: int, handle: RequestHandle, token: int) -> None:
@@ -377,7 +369,7 @@ class _EngineThread:
                 handle.on_token(token)
             except Exception:  # a consumer's failure cancels its own request only
                 handle.cancelled.set()
-        if token in handle.stop:  # type: ignore[attr-defined]
+        if token in handle.stop:
             self._finish(live, key, "stop")
 
     def _finish(self, live: dict[int, tuple[Any, RequestHandle]], key: int, reason: str) -> None:
@@ -396,11 +388,3 @@ class _EngineThread:
                                                      "engine reported a failure for it."))
         else:
             handle.future.set_result(r)
-
-
-def genai_spec(bundle: Path) -> bool:
-    """Whether the bundle's generation.json says GenAI runs it (read without checking the rest)."""
-    try:
-        return is_genai_bundle(json.loads((Path(bundle) / GENERATION_FILE).read_text(encoding="utf-8")))
-    except (OSError, ValueError, AttributeError):
-        return False

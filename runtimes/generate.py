@@ -23,10 +23,10 @@ from .decoding import (
     Tokenizer,
     sample_next,
 )
+from .genai import RUNTIME as GENAI_RUNTIME
+from .genai import GenaiGenerator
 from .manifest import Manifest
 from .vlm import VisionLanguageGenerator
-
-GENAI_RUNTIME = "onnxruntime-genai"  # runtimes.genai.RUNTIME, without importing it
 
 __all__ = ["GENERATION_FILE", "TOKENIZER_FILE", "Generation", "Generator", "SamplingOptions", "Tokenizer",
            "VisionLanguageGenerator", "load_generator", "sample_next"]
@@ -41,7 +41,5 @@ def load_generator(bundle: str | Path, *, device: str | None = None, threads: in
     if manifest.kind is Kind.VISION_LANGUAGE:  # the manifest says it; generation.json is read once checked
         return VisionLanguageGenerator(bundle, device=device, threads=threads, verify=verify)
     if manifest.target.options.get("generator") == GENAI_RUNTIME:
-        from .genai import GenaiGenerator
-
         return GenaiGenerator(bundle, device=device, threads=threads, verify=verify)
     return Generator(bundle, device=device, threads=threads, verify=verify)

@@ -55,25 +55,10 @@ def model(folder: Path, device: str, graph: bool, overlay: dict | None):
 
 
 def generator_run(m, prompts: list[list[int]]) -> tuple[float, float]:
-    import numpy as np
-    import onnxruntime_genai as og
-
-    p = og.GeneratorParams(m)
-    p.set_search_options(max_length=PROMPT + NEW, min_length=PROMPT + NEW, do_sample=False, batch_size=len(prompts))
-    g = og.Generator(m, p)
-    t0 = time.perf_counter()
-    g.append_tokens(np.array(prompts, np.int32))
-    g.generate_next_token()
-    g.get_next_tokens()
-    t1 = time.perf_counter()
-    n = 1
-    while not g.is_done() and n < NEW:
-        g.generate_next_token()
-        g.get_next_tokens()
-        n += 1
-    t2 = time.perf_counter()
-    assert n == NEW
-    return (t1 - t0) * 1e3, (NEW - 1) / (t2 - t1)
+    """(time to first token ms, decode tok/s per sequence) of llm_bench's GenAI greedy loop."""
+    r = llm_bench.genai_greedy(m, prompts, NEW)
+    assert r.count == NEW
+    return r.ttft_ms, (NEW - 1) / (r.decode_ms / 1e3)
 
 
 def engine_run(m, prompts: list[list[int]]) -> tuple[float, float, float]:

@@ -187,12 +187,43 @@ def bench_enginekit(bundle: Path, rec: Recorder, label: str) -> None:
             rec.save()
 
 
+class Timed:
+    """One timed greedy run: time to first token, the rest's time, tokens produced."""
+
+    def __init__(self, ttft_ms: float, decode_ms: float, count: int):
+        self.ttft_ms, self.decode_ms, self.count = ttft_ms, decode_ms, count
+
+
+def genai_greedy(model, batch: list[list[int]], n: int) -> Timed:
+    """ONNX Runtime GenAI's own generator loop (as its examples write it), greedy, `n` new tokens per row
+    (min_length = max_length: random weights must not stop a row early); the clock starts after the
+    generator is made and stops before it is freed."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=PROMPT + n, min_length=PROMPT + n, do_sample=False, batch_size=len(batch))
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(np.array(batch, np.int32))
+    gen.generate_next_token()
+    gen.get_next_tokens()
+    t1 = time.perf_counter()
+    count = 1
+    while not gen.is_done() and count < n:
+        gen.generate_next_token()
+        gen.get_next_tokens()
+        count += 1
+    t2 = time.perf_counter()
+    del gen
+    return Timed((t1 - t0) * 1e3, (t2 - t1) * 1e3, count)
+
+
 def bench_genai_plain(folder: Path, rec: Recorder, label: str) -> None:
     """ONNX Runtime GenAI's own generator on the model folder (unchanged config but for the length), greedy,
     min_length = max_length so that no row stops early on random weights, with and without its CUDA graph."""
     import json as _json
 
-    import numpy as np
     import onnxruntime_genai as og
 
     for graph in ((False, True) if DEVICE == "cuda" else (False,)):
@@ -207,27 +238,9 @@ def bench_genai_plain(folder: Path, rec: Recorder, label: str) -> None:
         for b in BATCHES:
             name = f"ONNX Runtime GenAI {og.__version__} {label}" + (" + enable_cuda_graph" if graph else "")
 
-            def once(n: int, b: int = b, model=model):
-                params = og.GeneratorParams(model)
-                params.set_search_options(max_length=PROMPT + n, min_length=PROMPT + n, do_sample=False, batch_size=b)
-                gen = og.Generator(model, params)
-                t0 = time.perf_counter()
-                gen.append_tokens(np.array(prompts(b), np.int32))
-                gen.generate_next_token()
-                gen.get_next_tokens()
-                t1 = time.perf_counter()
-                count = 1
-                while not gen.is_done() and count < n:
-                    gen.generate_next_token()
-                    gen.get_next_tokens()
-                    count += 1
-                t2 = time.perf_counter()
-                del gen
-                return type("R", (), {"ttft_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "count": count})()
-
             try:
-                once(16)
-                runs = [once(NEW) for _ in range(RUNS)]
+                genai_greedy(model, prompts(b), 16)
+                runs = [genai_greedy(model, prompts(b), NEW) for _ in range(RUNS)]
                 assert all(r.count == NEW for r in runs)
                 rec.data["rows"].append(_row(name, b, runs))
             except Exception as exc:

@@ -55,7 +55,8 @@ def build_decoder(source: Path, out: Path, work: Path, precision: Precision, dev
     """Run the builder on an HF folder (`source`: config.json + weights + tokenizer) into `out`. paged: the
     PagedAttention decoder (CUDA, fp16/bf16) with a KV block pool sized by the dims: every one of `batch`
     max requests at `total_sequence` max, in the builder's blocks of 256 positions, fixed (not a fraction
-    of whatever GPU memory is free when the model loads)."""
+    of whatever GPU memory is free when the model loads). genai_config.json's search.max_length is set to
+    the dims' total_sequence max (tune_config)."""
     require("onnxruntime_genai", extra="genai", purpose="Building a causal LM with ONNX Runtime GenAI's model builder")
     from onnxruntime_genai.models import builder
 
@@ -81,16 +82,18 @@ def build_decoder(source: Path, out: Path, work: Path, precision: Precision, dev
         ) from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    return GenaiExport(out, decoder_io(out / "model.onnx", dims, vocab), options, op_counts(out / "model.onnx"))
-
-
-def decoder_io(path: Path, dims: dict[str, DimRange], vocab: int) -> IOSpec:
-    """The graph's inputs and outputs with the manifest's dim names and ranges."""
+    tune_config(out, dims["total_sequence"].max)
     import onnx
 
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    return GenaiExport(out, decoder_io(graph, dims, vocab), options, op_counts(graph))
+
+
+def decoder_io(graph: Any, dims: dict[str, DimRange], vocab: int) -> IOSpec:
+    """The graph's (an onnx.ModelProto) inputs and outputs with the manifest's dim names and ranges."""
     from exporter.export.onnxutil import io_from_onnx
 
-    ins, outs, _, _ = io_from_onnx(onnx.load(str(path), load_external_data=False))
+    ins, outs, _, _ = io_from_onnx(graph)
 
     def rename(t: TensorSpec) -> TensorSpec:
         return TensorSpec(t.name, t.dtype, tuple(DIM_NAMES.get(d, d) if isinstance(d, str) else d for d in t.shape))
@@ -99,11 +102,10 @@ def decoder_io(path: Path, dims: dict[str, DimRange], vocab: int) -> IOSpec:
                   values={"input_ids": {"kind": "randint", "low": 0, "high": vocab}})
 
 
-def op_counts(path: Path) -> dict[str, int]:
-    import onnx
-
+def op_counts(graph: Any) -> dict[str, int]:
+    """Op types of an onnx.ModelProto and their counts, most frequent first."""
     counts: dict[str, int] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
+    for node in graph.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 

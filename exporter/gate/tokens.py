@@ -218,11 +218,11 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
     runners = _gate_runners(bundle, options, lowered, report)
     if not runners:
         return report.finish(engine_checked=False)
-    logits_from: dict[str, Any] = {}
+    twin_gen: Generator | None = None  # teacher-forced logits for the bundle's own ("") runner, when it has a twin
     if twin is not None and runners[0][0] == "":
         from runtimes.genai import GenaiGenerator
 
-        logits_from[""] = GenaiGenerator(bundle, device=options.device, verify=False, folder=twin)
+        twin_gen = GenaiGenerator(bundle, device=options.device, verify=False, folder=twin)
         report.notes.append("teacher-forced logits: from a GroupQueryAttention twin of the PagedAttention decoder (same "
                             "builder, weights and precision; GenAI's Engine, the only runner of a paged decoder, gives "
                             "no logits); every free-running token comes from the paged decoder itself")
@@ -246,8 +246,8 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
             for i, (prompt, (ref_tokens, ref_logits)) in enumerate(zip(prompts, refs)):
                 say(f"Token parity: {prefix}engine, prompt {i}")
                 free = gen.generate_ids([prompt], greedy)[0].tokens
-                forced = logits_from.get(prefix, gen).generate_ids([prompt], greedy, record_logits=True,
-                                                                   forced=[ref_tokens])[0].logits
+                teacher = twin_gen if prefix == "" and twin_gen is not None else gen
+                forced = teacher.generate_ids([prompt], greedy, record_logits=True, forced=[ref_tokens])[0].logits
                 forced_logits = np.stack(forced)
                 forced_by_prompt.append(forced_logits)
                 case = compare_case(f"{prefix}prompt[{i}] ({len(prompt)} tokens, {steps} steps)",
@@ -271,7 +271,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
                 report.cases[-1].outputs.append(worst[0])
                 report.notes.append(f"{prefix}batch: worst row {worst[1]}")
     finally:
-        for gen in [g for _, g in runners] + list(logits_from.values()):
+        for gen in [g for _, g in runners] + ([twin_gen] if twin_gen is not None else []):
             gen.close()
     engine_ran = any(prefix == "" for prefix, _ in runners)
     return report.finish(engine_checked=engine_ran)

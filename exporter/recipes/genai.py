@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from exporter.export.genai import FOLDER, build_decoder, supports, tune_config
+from exporter.export.genai import FOLDER, build_decoder, supports
 from exporter.options import build_command
 from exporter.source.causal import generation_metadata, gguf_file
 from exporter.source.spec import SourceSpec
@@ -104,10 +104,8 @@ def build_genai_into(spec: SourceSpec, source_text: str, options: Any, output: P
                f"for {options.device}" + (" (PagedAttention, and its GroupQueryAttention twin for the gate)" if paged else "")):
         exported = build_decoder(source, bundle / FOLDER, work, options.precision, str(options.device), dims, vocab,
                                  paged=paged)
-        tune_config(exported.folder, dims["total_sequence"].max)
         if paged:  # og.Generator cannot run a paged decoder; the gate takes its teacher-forced logits from this twin
             twin = build_decoder(source, work / "twin", work, options.precision, str(options.device), dims, vocab).folder
-            tune_config(twin, dims["total_sequence"].max)
     tokenizer_file = f"{FOLDER}/{TOKENIZER_FILE}"
     if not (bundle / tokenizer_file).is_file():
         backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer is not None else None

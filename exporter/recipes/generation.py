@@ -30,6 +30,7 @@ from exporter.export.vlm import vlm_model_type
 from exporter.gate.task import check_tolerance_outputs
 from exporter.lower.mixed import mixed_options
 from exporter.options import build_command
+from exporter.recipes.genai import build_genai_into, use_genai
 from exporter.source.causal import DEFAULT_PROMPT, DEFAULT_TOTAL, generation_metadata, load_causal_lm
 from exporter.source.spec import SourceSpec
 from exporter.timing import Progress, timed
@@ -119,8 +120,6 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     with timed(timings, "load", say, f"Loading {spec}"):
         model, tokenizer, processor, info, dims, vision = _load(spec, options, vlm)
     check_memory(_decode_io(model, dims, options, vlm), options.memory_limit, gate_cases=False)
-    from exporter.recipes.genai import build_genai_into, use_genai
-
     if use_genai(options, model, vlm):
         return build_genai_into(spec, source_text, options, output, staging, say, timings, model, tokenizer, info, dims)
     native = options.lowering == "native"
