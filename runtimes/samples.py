@@ -42,6 +42,8 @@ def sample_array(spec: TensorSpec, shape: tuple[int, ...], hint: Mapping[str, An
         arr = rng.integers(int(hint.get("low", 0)), max(int(hint.get("high", 2)), int(hint.get("low", 0)) + 1), size=shape)
     elif kind == "zeros":
         arr = np.zeros(shape)
+    elif kind == "ones":  # a generation graph's attention mask: every position attends
+        arr = np.ones(shape)
     elif kind == "bool":
         arr = rng.random(size=shape) < 0.5
     elif kind == "mask":

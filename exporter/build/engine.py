@@ -4,6 +4,7 @@ TensorRT plan, through runtimes/*/build.py; and the TensorRT hand-off where the 
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +20,49 @@ def build_engine(onnx_path: Path, bundle: Path, options: BuildOptions, io: IOSpe
     """The engine files in `bundle` and their runtimes.manifest.Target. ORT: the graph through
     transformers' ORT fusion pass first (exporter/build/ortfuse.py; a failure builds it unfused and says so)."""
     if options.target == "ort":
-        from runtimes.ort.build import OrtBuildOptions, build_ort_engine
-
-        fusion: dict[str, Any] = {"enabled": options.ort_fusions}
-        if options.ort_fusions and work is not None:
-            from exporter.build.ortfuse import fuse_for_ort
-
-            fused_path = work / f"{onnx_path.stem}.ort-{options.device}.onnx"
-            try:
-                fusion.update(fuse_for_ort(onnx_path, fused_path, options.device))
-                onnx_path = fused_path
-            except Exception as exc:  # the fusion pass is best effort: an unfused engine is still correct
-                fusion["error"] = f"{type(exc).__name__}: {str(exc)[:200]}; built unfused"
-        target = build_ort_engine(onnx_path, bundle, OrtBuildOptions(device=options.device, low_precision=low_precision))
-        target.options["fusions"] = fusion
-        return target
+        return _build_ort(onnx_path, bundle, options, io, low_precision, work)
     from runtimes.trt.build import TIMING_CACHE_FILE, build_trt_engine
 
     # The bundle this build replaces (--force) tuned the same graph: its timing cache saves time.
     return build_trt_engine(onnx_path, bundle, options.trt, io, previous_cache=output / TIMING_CACHE_FILE,
                             progress=progress)
+
+
+def _build_ort(onnx_path: Path, bundle: Path, options: BuildOptions, io: IOSpec, low_precision: bool,
+               work: Path | None) -> Any:
+    """The ORT engine from the fused graph, unless fusing fails, or the fused engine fails to build, load
+    or run, or differs from the unfused graph (exporter/build/ortfuse.py fusion_breaks): then from the
+    unfused graph, with the reason recorded in target.options["fusions"]["fallback"]."""
+    from runtimes.errors import BuildError
+    from runtimes.ort.build import ENGINE_FILE, OrtBuildOptions, build_ort_engine
+
+    ort_options = OrtBuildOptions(device=options.device, low_precision=low_precision)
+    fusion: dict[str, Any] = {"enabled": options.ort_fusions}
+    target = None
+    if options.ort_fusions and work is not None:
+        from exporter.build.ortfuse import fuse_for_ort, fusion_breaks
+
+        fused_path = work / f"{onnx_path.stem}.ort-{options.device}.onnx"
+        reason = None
+        try:
+            fusion.update(fuse_for_ort(onnx_path, fused_path, options.device))
+            target = build_ort_engine(fused_path, bundle, ort_options)
+            reason = fusion_breaks(onnx_path, bundle / ENGINE_FILE, io, options.device, str(options.precision))
+        except BuildError as exc:
+            reason = f"the fused graph does not build: {str(exc)[:300]}"
+        except Exception as exc:  # the fusion pass is best effort: an unfused engine is still correct
+            reason = f"fusing failed: {type(exc).__name__}: {str(exc)[:200]}"
+        if reason is not None:
+            fusion["fallback"] = f"{reason}; built unfused"
+            fusion["tried_ops"] = fusion.pop("fused_ops", {})
+            fusion.pop("nodes_after", None)
+            target = None
+            for stale in bundle.iterdir():
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if target is None:
+        target = build_ort_engine(onnx_path, bundle, ort_options)
+    target.options["fusions"] = fusion
+    return target
 
 
 def check_tensorrt(loaded: LoadedSource, onnx_path: Path, lowered: Lowered, options: BuildOptions,

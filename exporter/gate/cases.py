@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from exporter.gate.parity import CaseReport, ParityReport, Tolerance, TolerancePolicy, compare_case
+from exporter.gate.parity import (
+    CaseReport,
+    ParityReport,
+    Tolerance,
+    TolerancePolicy,
+    check_constant_references,
+    compare_case,
+)
 from exporter.gate.task import TaskParity
 from runtimes.errors import EnginekitError, EngineRefused
 from runtimes.manifest import IOSpec
@@ -79,15 +86,23 @@ def run_gate(
     if loose is not None and any(not label.startswith(REAL_PREFIXES) for label, _ in cases):
         report.notes.append(f"generated inputs are outside the calibrated ranges: checked against a floor "
                             f"(cosine >= {QUANTIZED_GENERATED.cosine}); {precision} accuracy is gated on real samples")
+    references: dict[str, list[np.ndarray]] = {}
     for label, feeds in cases:
         if on_case:
             on_case(label)
         ref = reference(feeds)
+        for name, value in (task.elementwise(ref) if task else ref).items():
+            references.setdefault(name, []).append(np.asarray(value))
         case_policy = policy if label.startswith(REAL_PREFIXES) or loose is None else loose
         if engine is not None:
             report.cases.append(_compare(label, feeds, ref, engine(feeds), case_policy, task))
         if emulator is not None:
             report.cases.append(_compare(f"{precision}-emulated {label}", feeds, ref, emulator(feeds), case_policy, task))
+    check_constant_references(report, references)
+    masked = sum(o.masked for c in report.cases for o in c.outputs)
+    if masked:
+        report.notes.append(f"padded positions (attention_mask 0) are left out of the per-position outputs' metrics "
+                            f"({masked} positions over all cases): a model's values there are unspecified")
     return report.finish(engine_checked=engine is not None)
 
 

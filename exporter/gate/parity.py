@@ -33,6 +33,9 @@ class Tolerance:
     cosine: float | None = None
     argmax: float | None = None  # fraction of rows whose argmax (last axis) agrees; outputs named logits*
     equal: float | None = None  # fraction of equal elements; integer and bool outputs
+    # 1: an output whose reference is the same value everywhere, in every case, may pass. By default it fails:
+    # an engine that returns that constant (a broken graph, all zeros) would match it, so the gate proves nothing.
+    allow_constant: float | None = None
 
     def merged(self, other: Tolerance) -> Tolerance:
         return replace(self, **{f.name: getattr(other, f.name) for f in fields(other) if getattr(other, f.name) is not None})
@@ -128,6 +131,7 @@ class OutputMetrics:
     argmax_raw: float | None = None  # plain fraction of rows whose argmax agrees
     argmax_ties: int = 0  # disagreeing rows whose reference margin is within the row's own error
     equal: float | None = None
+    masked: int = 0  # positions left out of the metrics: padding by the case's attention_mask
     nan: int = 0  # in the engine's output
     inf: int = 0
     ref_nonfinite: int = 0  # NaN/Inf already in the reference: compared on finite positions only
@@ -340,14 +344,56 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) 
 
 def compare_case(label: str, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
                  candidate: Mapping[str, np.ndarray], policy: TolerancePolicy) -> CaseReport:
+    """Every output of one case. Where the feeds hold an attention_mask (batch, sequence) and an output
+    has those leading dims, padded positions (mask 0) are left out: what a model computes there is
+    unspecified (ModernBERT's unpadded attention leaves them at other values than torch's), and the
+    number left out is recorded per output."""
+    mask = _padding_mask(feeds)
     outputs = []
     for name, ref in reference.items():
         if name not in candidate:
             m = OutputMetrics(name, [], list(np.shape(ref)), failures=["missing from the engine's outputs"])
         else:
-            m = compare_output(name, ref, candidate[name], policy.for_output(name))
+            got = candidate[name]
+            keep = mask if mask is not None and np.shape(ref)[:2] == mask.shape == np.shape(got)[:2] else None
+            if keep is not None and not keep.all():
+                m = compare_output(name, np.asarray(ref)[keep], np.asarray(got)[keep], policy.for_output(name))
+                m.shape, m.ref_shape, m.masked = list(np.shape(got)), list(np.shape(ref)), int((~keep).sum())
+            else:
+                m = compare_output(name, ref, got, policy.for_output(name))
         outputs.append(m)
     return CaseReport(label, {k: list(np.shape(v)) for k, v in feeds.items()}, outputs)
+
+
+def _padding_mask(feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    mask = feeds.get("attention_mask")
+    if mask is None or np.ndim(mask) != 2:
+        return None
+    return np.asarray(mask) != 0
+
+
+def check_constant_references(report: ParityReport, references: Mapping[str, list[np.ndarray]]) -> None:
+    """Fail every floating-point output whose reference holds one value everywhere over all cases
+    (more than one element), unless its tolerance has allow_constant=1: a broken engine returning that
+    value would pass (a model whose outputs were exactly 0 for every input passed with cosine 1.0)."""
+    for name, arrays in references.items():
+        arrays = [np.asarray(a) for a in arrays if np.asarray(a).dtype.kind == "f" and np.asarray(a).size]
+        if not arrays or sum(a.size for a in arrays) < 2:
+            continue
+        first = arrays[0].flat[0]
+        if not all(np.all(a == first) for a in arrays):
+            continue
+        value = float(first)
+        if report.policy.for_output(name).allow_constant:
+            report.notes.append(f"'{name}': the reference is {value:g} everywhere in all {len(arrays)} cases, so the "
+                                "gate proves nothing about it; allowed by --tolerance allow_constant=1")
+            continue
+        target = next((o for c in report.cases for o in c.outputs if o.name == name), None)
+        if target is not None:
+            target.failures.append(
+                f"the reference is {value:g} everywhere in all {len(arrays)} cases: an engine returning {value:g} "
+                f"would pass, so the gate cannot tell it from a broken one (check the model and its inputs; "
+                f"--tolerance {name}:allow_constant=1 accepts it)")
 
 
 def one_minus_cos(cosine: float, digits: int = 3) -> str:

@@ -16,7 +16,8 @@ manifest.json (io: the decode graph's), parity.json, report.html.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def validate(options: Any, vlm: str | None = None) -> None:
 
 def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path, say: Any,
                 timings: dict[str, float]) -> tuple[Manifest, Any]:
-    from exporter.gate.tokens import parity_prompts, token_gate
+    from exporter.gate.tokens import parity_prompts
 
     work, bundle = staging / "work", staging / "bundle"
     work.mkdir()
@@ -131,45 +132,90 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
     with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
         lowered, realised = _lower_all(exported, options, prompts, work)
+    built = _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims, vision)
+    manifest = _engines_and_manifest(built, options, model, tokenizer, timings, say)
+    report = _gate_generation(built, options, model, tokenizer, processor, prompts, timings, say)
+    fused = any((c.get("fusions") or {}).get("fused_ops") for c in manifest.target.options["generation"].values())
+    if report.status == "failed" and fused and options.ort_fusions:
+        # A fusion must never make a graph worse: OPT's fused attention broke its padded batch (fp32).
+        from exporter.gate.parity import format_failures
+
+        why = f"the gate failed on the fused engines ({format_failures(report)}); built unfused"
+        say("The token gate failed with ORT's fusions: building the engines again without them")
+        options = replace(options, ort_fusions=False)
+        shutil.rmtree(bundle)
+        bundle.mkdir()
+        manifest = _engines_and_manifest(built, options, model, tokenizer, timings, say, unfused_because=why)
+        report = _gate_generation(built, options, model, tokenizer, processor, prompts, timings, say)
+    return manifest, report
+
+
+@dataclass
+class _Built:
+    """What the export and lowering stages handed the engine stage of a generation build."""
+
+    spec: SourceSpec
+    source_text: str
+    output: Path
+    bundle: Path
+    work: Path
+    exported: GenerationExport
+    lowered: dict[str, Path]
+    realised: dict[str, Any]
+    info: dict[str, Any]
+    dims: dict[str, DimRange]
+    vision: Any
+
+
+def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, timings: dict[str, float], say: Any,
+                          unfused_because: str | None = None) -> Manifest:
     components: dict[str, Any] = {}
     engine_files: list[str] = []
     target = None
     with timed(timings, "build", say, f"Building the ort engines ({options.device})"):
-        for name in exported.components:
-            target, files, io = _build_component(name, lowered[name], exported, options, bundle, work)
-            components[name] = {"file": files[0], "io": io.to_dict(), "fusions": target.options.get("fusions")}
+        for name in b.exported.components:
+            target, files, io = _build_component(name, b.lowered[name], b.exported, options, b.bundle, b.work)
+            fusions = target.options.get("fusions") or {}
+            if unfused_because:
+                fusions = {**fusions, "fallback": unfused_because}
+            components[name] = {"file": files[0], "io": io.to_dict(), "fusions": fusions}
             engine_files += files
     assert target is not None
     more: dict[str, Any] = {}
-    if vlm:
+    if b.vision is not None:
         from exporter.export.vlm import write_embeddings
 
-        more = {"model_type": info["model_type"], "vision": {**vision.to_dict(), "file": components["vision"]["file"]},
-                "embeddings": {"file": write_embeddings(model, bundle), "dtype": "float32"}}
-    extra = _write_side_files(bundle, model, tokenizer, exported, components, more)
+        more = {"model_type": b.info["model_type"], "vision": {**b.vision.to_dict(), "file": components["vision"]["file"]},
+                "embeddings": {"file": write_embeddings(model, b.bundle), "dtype": "float32"}}
+    extra = _write_side_files(b.bundle, model, tokenizer, b.exported, components, more)
     target = replace(target, engine_files=engine_files, options={**target.options, "generation": {
         n: {"file": c["file"], "fusions": c["fusions"]} for n, c in components.items()}})
-    decode_io = IOSpec.from_dict(components["decode"]["io"])
     manifest = Manifest(
-        name=output.name,
-        source={"spec": str(spec), "kind": spec.kind, "exporter": exported.exporter, "opset": exported.opset,
-                "onnx_sha256": file_sha256(exported.components["decode"].path), "notes": exported.notes, **info},
-        io=decode_io,
-        precision={"requested": options.precision, "realised": realised},
+        name=b.output.name,
+        source={"spec": str(b.spec), "kind": b.spec.kind, "exporter": b.exported.exporter, "opset": b.exported.opset,
+                "onnx_sha256": file_sha256(b.exported.components["decode"].path), "notes": b.exported.notes, **b.info},
+        io=IOSpec.from_dict(components["decode"]["io"]),
+        precision={"requested": options.precision, "realised": b.realised},
         target=target,
-        build_command=build_command(source_text, options, output, {k: v for k, v in dims.items() if k != "past_sequence"}),
+        build_command=build_command(b.source_text, options, b.output,
+                                    {k: v for k, v in b.dims.items() if k != "past_sequence"}),
         enginekit_version=__version__,
     )
-    manifest.files = {f: file_sha256(bundle / f) for f in engine_files + extra}
-    manifest.write(bundle)
+    manifest.files = {f: file_sha256(b.bundle / f) for f in engine_files + extra}
+    manifest.write(b.bundle)
+    return manifest
+
+
+def _gate_generation(b: _Built, options: Any, model: Any, tokenizer: Any, processor: Any, prompts: list[Any],
+                     timings: dict[str, float], say: Any) -> Any:
+    from exporter.gate.tokens import token_gate
+
     with timed(timings, "gate", say, "Token parity: engines vs transformers generate() (FP32)"):
-        if vlm:
+        if b.vision is not None:
             from exporter.gate.vision_language import vlm_gate
 
-            report = vlm_gate(model, tokenizer, processor, bundle, options, say)
-        else:
-            report = token_gate(model, tokenizer, bundle, prompts, options, lowered, say)
-    return manifest, report
+            return vlm_gate(model, tokenizer, processor, b.bundle, options, say)
+        return token_gate(model, tokenizer, b.bundle, prompts, options, b.lowered, say)
 
 
 def _load(spec: SourceSpec, options: Any, vlm: bool) -> tuple[Any, Any, Any, dict[str, Any], dict[str, DimRange], Any]:

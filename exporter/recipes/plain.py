@@ -53,6 +53,7 @@ class _Run:
     say: Progress
     timings: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # the FP32 fallback's rounds
+    unfused_because: str | None = None  # why ORT's fusions were switched off after a failed gate
 
 
 def build_plain(spec: SourceSpec, source_text: str, options: BuildOptions, output: Path, staging: Path,
@@ -82,9 +83,28 @@ def build_plain(spec: SourceSpec, source_text: str, options: BuildOptions, outpu
         report = _gate(reference, manifest, run.bundle, lowered.path, cases, options, run.say, run.timings)
         if held_out:
             report.notes.append("real inputs: the calibration data's held-out evaluation samples (never calibrated on)")
+        if unfuse_after_failure(report, run, manifest.target):
+            continue
         if not _next_fallback(report, mixed, onnx_info["path"], lowered.path, cases, loaded.io, run.history, run.say):
             break
+    if run.unfused_because:
+        manifest.target.options["fusions"]["fallback"] = run.unfused_because
     return _finish(run, manifest, report, mixed)
+
+
+def unfuse_after_failure(report: ParityReport, run: Any, target: Any) -> bool:
+    """After a failed gate on an engine built with ORT's fusions: switch them off for the next round (a
+    fusion must never make a graph worse; OPT's fused attention broke its padded batch) and say so.
+    False when the gate passed or nothing was fused."""
+    from exporter.gate.parity import format_failures
+
+    fusions = target.options.get("fusions") or {}
+    if report.status != "failed" or not fusions.get("fused_ops") or not run.options.ort_fusions:
+        return False
+    run.unfused_because = f"the gate failed on the fused engine ({format_failures(report)}); built unfused"
+    run.options = replace(run.options, ort_fusions=False)
+    run.say("The parity gate failed with ORT's fusions: building the engine again without them")
+    return True
 
 
 def _load_and_export(run: _Run) -> tuple[LoadedSource, dict[str, Any]]:

@@ -43,11 +43,30 @@ class FromConfig:
 
 
 VOCAB = FromConfig(("text_config.vocab_size", "vocab_size"), 30522)
-TYPE_VOCAB = FromConfig(("type_vocab_size",), 2)
+TYPE_VOCAB = FromConfig(("type_vocab_size",), 2)  # 0 in DeBERTa-v2's config: no table, the ids are ignored
 # Capped at 512 tokens by default: parity at the max shape runs on the CPU; --shapes raises it.
 MAX_POSITIONS = FromConfig(
     ("text_config.max_position_embeddings", "max_position_embeddings", "n_positions"), 512, cap=512
 )
+# Models whose position ids start after the padding index (fairseq's convention: position padding_idx + 1 for
+# the first token), so a table of N positions holds N - padding_idx - 1 tokens: RoBERTa's 514 rows hold 512.
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text", "xlm-roberta-xl",
+                    "ibert", "roberta-prelayernorm", "xmod", "luke")
+
+
+@dataclass(frozen=True)
+class SequenceLimit:
+    """The longest sequence a text model's position table holds: MAX_POSITIONS, less the padding offset
+    for OFFSET_POSITIONS models (a longer input indexes past the table: IndexError in the reference)."""
+
+    cap: int = 512
+
+    def resolve(self, config: Any) -> int:
+        limit = MAX_POSITIONS.resolve(config)
+        if getattr(config, "model_type", None) in OFFSET_POSITIONS:
+            table = FromConfig(MAX_POSITIONS.paths, 512).resolve(config)
+            limit = min(limit, table - int(getattr(config, "pad_token_id", None) or 0) - 1)
+        return max(1, min(limit, self.cap))
 IMAGE_H = FromConfig(("vision_config.image_size", "image_size"), 224, index=0)
 IMAGE_W = FromConfig(("vision_config.image_size", "image_size"), 224, index=1)
 CHANNELS = FromConfig(("vision_config.num_channels", "num_channels"), 3)
@@ -87,7 +106,7 @@ FAMILIES: tuple[Family, ...] = (
         ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "electra", "albert", "deberta",
          "deberta-v2", "modernbert", "xlm", "nomic_bert", "clip_text_model", "siglip_text_model", "ernie"),
         _text("batch"),
-        {"batch": BATCH, "sequence": (1, 128, MAX_POSITIONS)},
+        {"batch": BATCH, "sequence": (1, 128, SequenceLimit())},
     ),
     Family(
         "decoder",
@@ -151,6 +170,8 @@ def resolve_inputs(
         shape = tuple(d.resolve(config) if isinstance(d, FromConfig) else d for d in rec.shape)
         specs.append(TensorSpec(rec.name, rec.dtype, shape))
         hints[rec.name] = {k: (v.resolve(config) if isinstance(v, FromConfig) else v) for k, v in rec.values.items()}
+        if hints[rec.name].get("kind") == "randint" and hints[rec.name].get("high", 1) < 1:
+            hints[rec.name]["high"] = 1  # an empty table (type_vocab_size 0): zeros are the only valid ids
         used_dims.update(d for d in shape if isinstance(d, str))
     if not specs:
         raise SourceError(
@@ -160,7 +181,7 @@ def resolve_inputs(
     dims = {}
     for name, triple in fam.dims.items():
         if name in used_dims:
-            lo, opt, hi = (v.resolve(config) if isinstance(v, FromConfig) else int(v) for v in triple)
+            lo, opt, hi = (v.resolve(config) if isinstance(v, (FromConfig, SequenceLimit)) else int(v) for v in triple)
             hi = max(hi, lo)
             dims[name] = DimRange(lo, min(max(opt, lo), hi), hi)
     return specs, dims, hints

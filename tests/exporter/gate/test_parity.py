@@ -121,3 +121,43 @@ def test_report_lists_every_failure_and_serializes(tmp_path):
 def test_empty_report_is_not_checked_never_passed():
     report = ParityReport("bf16", TolerancePolicy.for_precision("bf16")).finish()
     assert report.status == "not-checked" and not report.passed
+
+
+def test_padded_positions_are_left_out_and_counted():
+    """Values at positions the attention mask marks as padding are unspecified (ModernBERT's unpadded
+    attention leaves other values there than torch): they do not fail a case, and the count is recorded."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    got = ref.copy()
+    got[1, 3:] += 10.0  # garbage where row 1 is padded
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    policy = TolerancePolicy(Tolerance(rel_l2=1e-6))
+    case = compare_case("c", {"input_ids": mask, "attention_mask": mask}, {"h": ref}, {"h": got}, policy)
+    assert case.passed and case.outputs[0].masked == 2 and case.outputs[0].shape == [2, 5, 4]
+    got[0, 0, 0] += 1.0  # a real position that differs still fails
+    case = compare_case("c", {"attention_mask": mask}, {"h": ref}, {"h": got}, policy)
+    assert not case.passed
+    pooled = compare_case("c", {"attention_mask": mask}, {"p": ref[:, 0]}, {"p": ref[:, 0] + 1}, policy)
+    assert pooled.outputs[0].masked == 0 and not pooled.passed  # (batch, hidden): not per position
+
+
+def test_a_constant_reference_fails_unless_allowed():
+    """A model whose outputs are exactly 0 for every input passed with cosine 1.0: an engine returning zeros
+    would pass too. Such an output now fails; --tolerance OUTPUT:allow_constant=1 accepts it with a note."""
+    from exporter.gate.cases import run_gate
+
+    cases = [("a", {"x": np.ones((2, 3), np.float32)}), ("b", {"x": np.full((4, 3), 2, np.float32)})]
+
+    def model(feeds):
+        x = feeds["x"]
+        return {"zeros": np.zeros_like(x), "y": x * 2}
+
+    report = run_gate(model, model, cases, TolerancePolicy.for_precision("fp32"), "fp32")
+    assert report.status == "failed"
+    assert [f.split(": ")[0] for f in report.failures()] == ["a/zeros"]
+    assert "the reference is 0 everywhere in all 2 cases" in report.failures()[0]
+    allowed = run_gate(model, model, cases, TolerancePolicy.for_precision("fp32", ["zeros:allow_constant=1"]), "fp32")
+    assert allowed.status == "passed" and any("allow_constant" in n for n in allowed.notes)
+    varied = run_gate(lambda f: {"y": f["x"] * 2}, lambda f: {"y": f["x"] * 2}, cases,
+                      TolerancePolicy.for_precision("fp32"), "fp32")
+    assert varied.status == "passed"  # constant within a case, different across cases: informative

@@ -1,6 +1,8 @@
 """SOURCE parsing and loading, including every bad source the CLI must explain."""
 
 
+from types import SimpleNamespace
+
 import onnx
 import pytest
 
@@ -98,3 +100,30 @@ def test_corrupt_and_truncated_onnx(tmp_path, bert_bundle):
     with pytest.raises(SourceError, match="corrupt|truncated|checker"):
         load_source(parse_source(f"onnx:{cut}"))
     assert onnx.load(str(bert_bundle / "model.onnx")) is not None
+
+
+def test_position_offset_models_get_the_sequence_their_table_holds():
+    """RoBERTa-style position ids start at padding_idx + 1: a 64-row table with padding id 1 holds 62 tokens
+    (the max shape of 64 indexed past the table: IndexError in the reference). BERT's 64 rows hold 64."""
+    from exporter.source.families import FAMILIES, resolve_inputs
+
+    text = next(f for f in FAMILIES if f.name == "text-encoder")
+    roberta = SimpleNamespace(model_type="roberta", vocab_size=99, max_position_embeddings=64, pad_token_id=1,
+                              type_vocab_size=1)
+    bert = SimpleNamespace(model_type="bert", vocab_size=99, max_position_embeddings=64, pad_token_id=0,
+                           type_vocab_size=2)
+    assert resolve_inputs(text, roberta, None)[1]["sequence"].max == 62
+    assert resolve_inputs(text, bert, None)[1]["sequence"].max == 64
+    real = SimpleNamespace(model_type="xlm-roberta", vocab_size=250002, max_position_embeddings=514, pad_token_id=1)
+    assert resolve_inputs(text, real, None)[1]["sequence"].max == 512
+
+
+def test_an_empty_token_type_table_allows_zeros_only():
+    """DeBERTa-v2's default type_vocab_size is 0 (no table; the ids are ignored): the valid range is 0..0,
+    not 0..-1, which refused every input."""
+    from exporter.source.families import FAMILIES, resolve_inputs
+
+    text = next(f for f in FAMILIES if f.name == "text-encoder")
+    config = SimpleNamespace(model_type="deberta-v2", vocab_size=99, max_position_embeddings=64, type_vocab_size=0)
+    hints = resolve_inputs(text, config, None)[2]
+    assert (hints["token_type_ids"]["low"], hints["token_type_ids"]["high"]) == (0, 1)

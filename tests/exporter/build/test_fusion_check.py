@@ -1,0 +1,44 @@
+"""ORT's fusions may never make a graph worse: exporter/build/ortfuse.py fusion_breaks compares the fused
+engine with the unfused graph in ONNX Runtime; the build falls back to the unfused graph on any reason."""
+
+import onnx
+from onnx import TensorProto, helper
+
+from exporter.build.ortfuse import fusion_breaks
+from runtimes.manifest import DimRange, IOSpec, TensorSpec
+
+
+def _graph(path, nodes, inits=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], list(inits)),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def _io():
+    return IOSpec(inputs=[TensorSpec("x", "float32", ("batch", 4))], outputs=[TensorSpec("y", "float32", ("batch", 4))],
+                  dims={"batch": DimRange(1, 2, 3)})
+
+
+def _scale(value):
+    return helper.make_tensor("s", TensorProto.FLOAT, [], [value])
+
+
+def test_a_faithful_fused_graph_is_kept(tmp_path):
+    plain = _graph(tmp_path / "a.onnx", [helper.make_node("Mul", ["x", "s"], ["y"])], [_scale(2.0)])
+    same = _graph(tmp_path / "b.onnx", [helper.make_node("Add", ["x", "x"], ["y"])])
+    assert fusion_breaks(plain, same, _io(), "cpu", "fp32") is None
+
+
+def test_a_fused_graph_that_differs_or_fails_is_named(tmp_path):
+    plain = _graph(tmp_path / "a.onnx", [helper.make_node("Mul", ["x", "s"], ["y"])], [_scale(2.0)])
+    off = _graph(tmp_path / "b.onnx", [helper.make_node("Mul", ["x", "s"], ["y"])], [_scale(2.001)])
+    reason = fusion_breaks(plain, off, _io(), "cpu", "fp32")
+    assert reason is not None and "differs from the unfused one at the min shapes: y: rel_l2" in reason
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [2, 4])  # fine at batch 2 only: fails at batch 1
+    breaks = _graph(tmp_path / "c.onnx", [helper.make_node("Reshape", ["x", "shape"], ["y"])], [shape])
+    assert "fails at the min shapes" in fusion_breaks(plain, breaks, _io(), "cpu", "fp32")
+    (tmp_path / "d.onnx").write_bytes(b"not a graph")
+    assert "does not load" in fusion_breaks(plain, tmp_path / "d.onnx", _io(), "cpu", "fp32")
