@@ -43,7 +43,7 @@ _DEC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 _VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, num_channels=3)
 _AUDIO = dict(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-              conv_dim=(32, 32), conv_stride=(4, 4), conv_kernel=(8, 8), num_conv_pos_embeddings=16,
+              conv_dim=(32, 32, 32), conv_stride=(5, 8, 8), conv_kernel=(10, 8, 8), num_conv_pos_embeddings=16,
               num_conv_pos_embedding_groups=2, pad_token_id=0)
 _S2S = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64, pad_token_id=1, eos_token_id=2,

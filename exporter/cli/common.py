@@ -39,6 +39,8 @@ def _console(stderr: bool = False) -> Any:
 
 
 INTERNAL_ERROR_EXIT = 3  # a bug in enginekit (user errors exit 2, a failed parity gate 1)
+# The stage the command was in (the last progress message, without its detail), for the internal-error paragraph.
+CURRENT_STAGE: dict[str, str | None] = {"stage": None}
 
 
 def handle_errors(fn: F) -> F:
@@ -62,8 +64,10 @@ def handle_errors(fn: F) -> F:
             raise
         except Exception as exc:  # a bug: never a raw traceback on the console
             saved = save_traceback(exc)
-            text = (f"{type(exc).__name__}: {str(exc)[:300]}. This is a bug in enginekit, not a problem with your input; "
-                    f"the traceback is saved in {saved}. Please report it with that file.")
+            stage = CURRENT_STAGE["stage"]
+            where = f"While '{stage}', " if stage else ""
+            text = (f"{where}{type(exc).__name__}: {str(exc)[:300]}. This is a bug in enginekit, not a problem with your "
+                    f"input; the traceback is saved in {saved}. Please report it with that file.")
             if as_json:
                 _print_json({"error": text, "exit_code": INTERNAL_ERROR_EXIT, "kind": "InternalError",
                              "traceback": str(saved)})
@@ -91,8 +95,13 @@ def save_traceback(exc: BaseException) -> Path:
 def stages(enabled: bool = True) -> Iterator[Callable[[str], None]]:
     """A progress callback: a spinner on the current stage, a ✓ line with its time for each done
     (nothing under -q)."""
+    CURRENT_STAGE["stage"] = None
+
+    def note(msg: str) -> None:
+        CURRENT_STAGE["stage"] = msg.split(": ")[0]
+
     if not enabled or VERBOSITY["level"] < 0:
-        yield lambda _msg: None
+        yield note
         return
     import time
 
@@ -110,6 +119,7 @@ def stages(enabled: bool = True) -> Iterator[Callable[[str], None]]:
                 progress.console.print(f"[green]✓[/] {state['stage']} [dim]({time.perf_counter() - state['t']:.1f} s)[/]")
 
         def say(msg: str) -> None:
+            note(msg)
             current = state["stage"]
             if current is None or msg.split(":")[0] != current.split(":")[0]:
                 finish()

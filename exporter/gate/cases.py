@@ -11,6 +11,7 @@ import numpy as np
 
 from exporter.gate.parity import (
     CaseReport,
+    OutputMetrics,
     ParityReport,
     Tolerance,
     TolerancePolicy,
@@ -95,15 +96,30 @@ def run_gate(
             references.setdefault(name, []).append(np.asarray(value))
         case_policy = policy if label.startswith(REAL_PREFIXES) or loose is None else loose
         if engine is not None:
-            report.cases.append(_compare(label, feeds, ref, engine(feeds), case_policy, task))
+            report.cases.append(_run_and_compare(label, feeds, ref, engine, case_policy, task))
         if emulator is not None:
-            report.cases.append(_compare(f"{precision}-emulated {label}", feeds, ref, emulator(feeds), case_policy, task))
+            report.cases.append(_run_and_compare(f"{precision}-emulated {label}", feeds, ref, emulator, case_policy, task))
     check_constant_references(report, references)
     masked = sum(o.masked for c in report.cases for o in c.outputs)
     if masked:
         report.notes.append(f"padded positions (attention_mask 0) are left out of the per-position outputs' metrics "
                             f"({masked} positions over all cases): a model's values there are unspecified")
     return report.finish(engine_checked=engine is not None)
+
+
+def _run_and_compare(label: str, feeds: Feeds, ref: Mapping[str, np.ndarray],
+                     run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]], policy: TolerancePolicy,
+                     task: TaskParity | None) -> CaseReport:
+    """One case; an engine that fails on valid inputs fails the case (the gate, exit 1), with its error."""
+    try:
+        got = run(feeds)
+    except EngineRefused:
+        raise
+    except Exception as exc:  # ORT's own exception types: the engine (or its emulation) broke at run time
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        failed = OutputMetrics("(run)", [], [], failures=[f"the engine failed on these inputs: {text}"])
+        return CaseReport(label, {k: list(np.shape(v)) for k, v in feeds.items()}, [failed])
+    return _compare(label, feeds, ref, got, policy, task)
 
 
 def _compare(label: str, feeds: Feeds, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],

@@ -119,7 +119,8 @@ def lower_mixed(onnx_path: Path, out_path: Path, options: MixedOptions,
     """Convert `onnx_path` to mixed precision at `out_path`; returns the realised-precision record."""
     convert = _autocast()
     calib_dir = write_calibration(calibration, out_path.parent / f"{out_path.stem}.calib")
-    excluded = [f"^{re.escape(n)}$" for n in options.excluded] + list(options.fp32_nodes)
+    from_ints = integer_derived_nodes(onnx.load(str(onnx_path), load_external_data=False))
+    excluded = [f"^{re.escape(n)}$" for n in [*options.excluded, *from_ints]] + list(options.fp32_nodes)
     with _captured_modelopt_logs() as logs:
         try:
             model = convert(
@@ -143,7 +144,7 @@ def lower_mixed(onnx_path: Path, out_path: Path, options: MixedOptions,
             shutil.rmtree(calib_dir, ignore_errors=True)
     big = model.ByteSize() > (1 << 30)
     onnx.save(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data" if big else None)
-    autocast_reasons = {}
+    autocast_reasons = {n: INTEGER_DERIVED for n in from_ints}
     for line in logs:
         m = _SKIP.match(line)
         if m:
@@ -186,6 +187,34 @@ def keep_unrunnable_op(exc: Exception, options: MixedOptions, history: list[dict
                     "kept_fp32_ops": [op], "stopped": None})
     say(f"ONNX Runtime has no {options.precision} kernel for {op} ({node}): keeping {op} in FP32 and lowering again")
     return True
+
+
+INTEGER_DERIVED = ("computes from integers only (lengths, positions, masks): kept exact in FP32 (wav2vec2's "
+                   "frame lengths rounded in FP16 indexed past its mask)")
+_INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+              onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
+
+
+def integer_derived_nodes(model: onnx.ModelProto, small: int = 16) -> list[str]:
+    """Float nodes of `model` whose inputs all derive from integers and small constants, never from a
+    float graph input or a weight: sequence lengths, position ids turned into angles, masks. In FP16 they
+    round (a frame count of 48.9 becomes 49.0, an index past the end); kept in FP32 they cost nothing."""
+    types = tensor_types(typed(model))
+    g = model.graph
+    derived = {i.name for i in g.input if i.type.tensor_type.elem_type in _INT_TYPES}
+    derived |= {t.name for t in g.initializer if t.data_type in _INT_TYPES or np.prod(t.dims, dtype=np.int64) <= small}
+    derived.add("")  # an omitted optional input
+    found = []
+    for n in g.node:
+        if n.op_type == "Constant" or (n.op_type in ("Shape", "Size") and n.input):
+            derived.update(n.output)
+            continue
+        if not all(x in derived for x in n.input):
+            continue
+        derived.update(n.output)
+        if n.op_type != "Cast" and any(types.get(y) == onnx.TensorProto.FLOAT for y in n.output):
+            found.append(n.name)
+    return [name for name in found if name]
 
 
 def census(model: onnx.ModelProto, options: MixedOptions, autocast_reasons: Mapping[str, str]) -> dict[str, Any]:

@@ -364,7 +364,11 @@ def _next_fallback(report: ParityReport, mixed: MixedOptions | None, fp32_path: 
     if len(history) > mixed.max_iterations or left <= 0:
         entry["stopped"] = "fallback budget spent (--fallback-budget / rounds)"
         return []
-    failing = next(c.label for c in report.cases if not c.passed).removeprefix(f"{mixed.precision}-emulated ")
+    failed_case = next(c for c in report.cases if not c.passed)
+    if any(o.name == "(run)" for o in failed_case.outputs):
+        entry["stopped"] = "the engine failed to run: no numeric difference to trace to a node"
+        return []
+    failing = failed_case.label.removeprefix(f"{mixed.precision}-emulated ")
     feeds = dict(cases)[failing]
     say(f"Parity fallback round {entry['round']}: locating the nodes that break {mixed.precision} parity")
     culprits = find_culprits(fp32_path, lowered, shrink(io, feeds), mixed.precision, excluded=set(mixed.excluded), limit=left)

@@ -73,6 +73,22 @@ CHANNELS = FromConfig(("vision_config.num_channels", "num_channels"), 3)
 
 
 @dataclass(frozen=True)
+class ReceptiveField:
+    """The fewest audio samples a wav2vec2-style convolutional feature encoder turns into two frames: one
+    frame needs the receptive field (400 for wav2vec2-base: kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2),
+    each more one hop (320); torch.export wants the frame dim >= 2 (it specializes a dim of size 1)."""
+
+    def resolve(self, config: Any) -> int:
+        kernels = list(getattr(config, "conv_kernel", None) or [400])
+        strides = list(getattr(config, "conv_stride", None) or [1] * len(kernels))
+        field, jump = kernels[0], strides[0]
+        for k, stride in zip(kernels[1:], strides[1:]):
+            field += (k - 1) * jump
+            jump *= stride
+        return int(field + jump)
+
+
+@dataclass(frozen=True)
 class InputRecipe:
     name: str
     dtype: str
@@ -122,6 +138,16 @@ FAMILIES: tuple[Family, ...] = (
          "van", "bit", "focalnet", "hiera"),
         (_pixels("batch"),),
         {"batch": BATCH},
+    ),
+    Family(
+        "audio",
+        ("wav2vec2", "hubert", "wavlm", "wav2vec2-conformer", "data2vec-audio", "unispeech", "unispeech-sat", "sew",
+         "sew-d", "wav2vec2-bert"),
+        # Raw 16 kHz waveforms as the feature extractor leaves them (zero mean, unit variance); mask 0 = padding.
+        (InputRecipe("input_values", "float32", ("batch", "samples"), {"kind": "normal", "std": 1.0}),
+         InputRecipe("attention_mask", "int64", ("batch", "samples"), {"kind": "mask"})),
+        # 1 s at opt, 3 s at max (the gate runs every max-shape case on the CPU; --shapes samples=… for longer clips)
+        {"batch": (1, 2, 8), "samples": (ReceptiveField(), 16000, 48000)},
     ),
     Family(
         "clip",
@@ -181,7 +207,7 @@ def resolve_inputs(
     dims = {}
     for name, triple in fam.dims.items():
         if name in used_dims:
-            lo, opt, hi = (v.resolve(config) if isinstance(v, (FromConfig, SequenceLimit)) else int(v) for v in triple)
+            lo, opt, hi = (v.resolve(config) if hasattr(v, "resolve") else int(v) for v in triple)
             hi = max(hi, lo)
             dims[name] = DimRange(lo, min(max(opt, lo), hi), hi)
     return specs, dims, hints

@@ -10,7 +10,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from exporter.source.families import family_for, resolve_inputs
+from exporter.source.families import FAMILIES, family_for, resolve_inputs
 from exporter.source.spec import LoadedSource, SourceSpec, make_wrapper, model_name
 from runtimes.errors import SourceError
 from runtimes.manifest import IOSpec
@@ -23,6 +23,8 @@ TASK_AUTO_CLASS = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
     "image-classification": "AutoModelForImageClassification",
+    "automatic-speech-recognition": "AutoModelForCTC",  # wav2vec2-style CTC heads (encoder-decoder ASR is refused)
+    "audio-classification": "AutoModelForAudioClassification",
     "text-generation": "AutoModelForCausalLM",
     "zero-shot-image-classification": "AutoModel",
     # CLIP's towers with their projection heads, one engine each (exporter/recipes/zeroshot.py)
@@ -34,6 +36,8 @@ _ARCH_SUFFIX_TASK = (
     ("ForTokenClassification", "token-classification"),
     ("ForImageClassification", "image-classification"),
     ("ForMaskedLM", "fill-mask"),
+    ("ForCTC", "automatic-speech-recognition"),
+    ("ForAudioClassification", "audio-classification"),
     ("ForCausalLM", "text-generation"),
     ("LMHeadModel", "text-generation"),
 )
@@ -45,10 +49,11 @@ def default_task(config: Any, folder: Path | None) -> str:
         return "sentence-embedding"
     if getattr(config, "model_type", None) in ("clip", "siglip", "chinese_clip", "altclip"):
         return "zero-shot-image-classification"
+    audio = getattr(config, "model_type", None) in next(f for f in FAMILIES if f.name == "audio").model_types
     for arch in getattr(config, "architectures", None) or []:
         for suffix, task in _ARCH_SUFFIX_TASK:
             if arch.endswith(suffix):
-                return task
+                return "audio-classification" if audio and task == "sequence-classification" else task
     return "feature-extraction"
 
 

@@ -183,3 +183,20 @@ def test_every_build_flag_round_trips_through_the_rebuild_command(tmp_path):
                                         "shapes": dims})
         assert again == expected, [f.path for f in FLAGS if getattr(again, f.path.split(".")[0]) !=
                                    getattr(expected, f.path.split(".")[0])]
+
+
+def test_an_internal_error_during_a_build_names_its_stage(monkeypatch, tmp_path, tiny_bert_dir):
+    """The contract: 0 built, 1 gate failed, 2 user error, 3 a bug; a bug's paragraph names the stage it
+    happened in, the exception and the saved traceback, and nothing is written where the bundle would go."""
+    from exporter.export import graph
+
+    def broken(*_a, **_k):
+        raise KeyError("planted export bug")
+
+    monkeypatch.setattr(graph, "export_onnx", broken)
+    monkeypatch.setenv("ENGINEKIT_CRASH_DIR", str(tmp_path / "crash"))
+    res = runner.invoke(app, ["build", f"hf:{tiny_bert_dir}", "-o", str(tmp_path / "out")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 3 and "Traceback" not in res.output
+    assert "While 'Exporting to ONNX (torch.export → torch.onnx)', KeyError: 'planted export bug'" in text
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

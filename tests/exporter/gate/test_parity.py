@@ -161,3 +161,18 @@ def test_a_constant_reference_fails_unless_allowed():
     varied = run_gate(lambda f: {"y": f["x"] * 2}, lambda f: {"y": f["x"] * 2}, cases,
                       TolerancePolicy.for_precision("fp32"), "fp32")
     assert varied.status == "passed"  # constant within a case, different across cases: informative
+
+
+def test_an_engine_that_fails_at_run_time_fails_its_case():
+    """A built engine that raises on valid inputs is a failed gate (exit 1, bundle kept as .rejected), not a
+    bug of enginekit's (exit 3): found on a wav2vec2 whose FP16 frame lengths indexed past its mask."""
+    from exporter.gate.cases import run_gate
+
+    cases = [("a", {"x": np.arange(6, dtype=np.float32).reshape(2, 3)})]
+
+    def broken(_feeds):
+        raise RuntimeError("invalid indice found, indice = 49")
+
+    report = run_gate(lambda f: {"y": f["x"] * 2}, broken, cases, TolerancePolicy.for_precision("fp32"), "fp32")
+    assert report.status == "failed"
+    assert report.failures() == ["a/(run): the engine failed on these inputs: invalid indice found, indice = 49"]

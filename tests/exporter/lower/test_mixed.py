@@ -178,3 +178,31 @@ def test_an_op_without_a_low_precision_kernel_stays_fp32(tmp_path):
     again = BuildError("... Provider type for Relu node with name 'act' is not set.")
     with pytest.raises(BuildError, match=r"refused Relu node 'act' even with Relu kept in FP32 \(op types kept in FP32 so far: Resize, Relu\)"):
         keep_unrunnable_op(again, mixed, history, said.append)
+
+
+def test_nodes_that_compute_from_integers_only_stay_fp32():
+    """Lengths and positions (integers turned into floats and back) are exact in FP32 and cheap; in FP16
+    they round. A node fed by a float graph input or a weight is not among them."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporter.lower.mixed import integer_derived_nodes
+
+    nodes = [
+        helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT, name="cast_in"),
+        helper.make_node("ReduceSum", ["m"], ["len"], keepdims=0, name="length"),
+        helper.make_node("Div", ["len", "hop"], ["frames"], name="frames"),
+        helper.make_node("Floor", ["frames"], ["whole"], name="floor"),
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+        helper.make_node("Mul", ["h", "hop"], ["y"], name="scale"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 8]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("whole", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor("hop", TensorProto.FLOAT, [], [320.0]),
+         helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.1] * 16)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert integer_derived_nodes(onnx.shape_inference.infer_shapes(model)) == ["length", "frames", "floor"]
