@@ -69,8 +69,11 @@ def run_outputs(session: Any, feeds: Sequence[Feeds]) -> list[dict[str, np.ndarr
     return [dict(zip(names, session.run(names, dict(f)))) for f in feeds]
 
 
-def accuracy(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[Mapping[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Per float output: per-sample cosine (min, mean) and top-1 agreement over the samples."""
+def accuracy(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[Mapping[str, np.ndarray]],
+             masks: Sequence[np.ndarray | None] | None = None) -> dict[str, dict[str, float]]:
+    """Per float output: per-sample cosine (min, mean) and top-1 agreement over the samples. masks: each batch's
+    attention_mask [batch, sequence]; positions it marks as padding are zeroed in both outputs shaped
+    [batch, sequence, ...] (their values are unspecified), so they weigh nothing."""
     out: dict[str, dict[str, float]] = {}
     for name in reference[0]:
         ref = [np.asarray(r[name]) for r in reference]
@@ -78,8 +81,12 @@ def accuracy(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[
             continue
         got = [np.asarray(c[name], dtype=np.float64) for c in candidate]
         cos, top1 = [], []
-        for r, g in zip(ref, got):
+        for i, (r, g) in enumerate(zip(ref, got)):
             r = r.astype(np.float64)
+            mask = masks[i] if masks is not None and i < len(masks) else None
+            if mask is not None and r.shape[:2] == np.shape(mask) and r.ndim >= 3:
+                keep = (np.asarray(mask) != 0).reshape(*np.shape(mask), *([1] * (r.ndim - 2)))
+                r, g = r * keep, g * keep
             rows_r = r.reshape(r.shape[0], -1) if r.ndim >= 2 else r.reshape(1, -1)
             rows_g = g.reshape(rows_r.shape)
             num = (rows_r * rows_g).sum(1)

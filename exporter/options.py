@@ -61,6 +61,10 @@ class BuildOptions:
     # range method (minmax | entropy | percentile | all), the accuracy budget on held-out samples
     # (--data when given, else every 4th --calib sample), and image preprocessing without an HF config.
     calib: str | None = None
+    # int8: "static" (Q/DQ from --calib: TensorRT, ORT CUDA, ORT CPU), "dynamic" (ORT CPU: weights INT8, activation
+    # scales computed per call; --calib, if given, only ranks layers for the accuracy budget), "auto": dynamic for
+    # --target ort --device cpu without --calib.
+    quantization: str = "auto"
     calib_method: str = "percentile"
     accuracy_budget: str | None = "cosine>=0.99"
     image: ImageOptions = field(default_factory=ImageOptions)
@@ -144,15 +148,38 @@ class BuildOptions:
 
             require("onnxruntime", extra="cpu", purpose="--target ort (building and gating an ONNX Runtime engine)")
 
+    def quantization_mode(self) -> str | None:
+        """'static' (Q/DQ from --calib), 'dynamic' (ORT CPU, scales per call) or None (not quantized)."""
+        if not self.precision.quantized:
+            return None
+        if self.quantization == "dynamic" or (self.quantization == "auto" and self.precision is Precision.INT8 and
+                                              self.target == "ort" and not self.device.gpu and self.calib is None):
+            return "dynamic"
+        return "static"
+
+    def _validate_quantization(self) -> None:
+        if self.quantization not in ("auto", "static", "dynamic"):
+            raise UsageError(f"Expected --quantization auto, static or dynamic, found '{self.quantization}'.")
+        if self.quantization != "dynamic":
+            return
+        if self.precision is not Precision.INT8 or self.target != "ort" or self.device.gpu:
+            raise UsageError(
+                f"Expected --precision int8 --target ort --device cpu with --quantization dynamic, found --precision "
+                f"{self.precision} --target {self.target} --device {self.device}: dynamic quantization (activation scales "
+                "computed per call) runs on ONNX Runtime's CPU kernels only; TensorRT and CUDA take static Q/DQ from --calib."
+            )
+
     def _validate_calibration(self) -> None:
         from calibration.budget import parse_budget
         from calibration.quantize import check_method
 
+        self._validate_quantization()
         quantized = self.precision.quantized
-        if quantized and self.calib is None:
+        if quantized and self.calib is None and self.quantization_mode() != "dynamic":
             raise UsageError(
-                f"Expected --calib DATA with --precision {self.precision}: Q/DQ scales come from real inputs (a .txt/"
-                ".jsonl of texts, a folder of images or of .npz feed dicts). --calib random is for smoke tests only."
+                f"Expected --calib DATA with --precision {self.precision} (static Q/DQ for this target): the scales come "
+                "from real inputs (a .txt/.jsonl of texts, a folder of images or of .npz feed dicts). --calib random is "
+                "for smoke tests only. On --target ort --device cpu, INT8 without --calib is dynamic quantization."
             )
         if self.calib is not None and not self.precision.reduced:
             raise UsageError(
@@ -330,11 +357,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("calib", ("--calib",), "Calibration data for reduced precision (fp16/bf16: ranges for the lowering; int8/fp8: "
          "Q/DQ scales): .txt/.jsonl texts, a folder of images or .npz feeds, or random[:N] (smoke tests only).",
          cli=str | None, render=_calib_text, panel="Calibration"),
+    Flag("quantization", ("--quantization",), "int8: auto | static | dynamic. static: Q/DQ scales from --calib (the "
+         "form for TensorRT and CUDA); dynamic: ONNX Runtime CPU, activation scales per call, no calibration; auto: "
+         "dynamic for --target ort --device cpu without --calib, else static.",
+         when=lambda o: o.precision.quantized, even_default=True, panel="Calibration"),
     Flag("calib_method", ("--calib-method", "--method"), "minmax | entropy | percentile | all (all: compare them, keep "
          "the best).", when=_quantized_with_calib, even_default=True, panel="Calibration"),
     Flag("accuracy_budget", ("--accuracy-budget",), "[OUTPUT:]METRIC>=VALUE on held-out samples, METRIC cosine (worst "
          "sample) or top1; the most sensitive layers stay in float until it holds. 'none': quantize all.",
-         render=lambda v: v or "none", when=_quantized_with_calib, even_default=True, panel="Calibration"),
+         render=lambda v: v or "none", when=lambda o: o.precision.quantized, even_default=True, panel="Calibration"),
     Flag("smooth", ("--smooth",), "SmoothQuant alpha in (0,1]: move activation outliers into the weights before "
          "quantizing (helps transformers; e.g. 0.7). Default: off.", cli=float | None, when=_with_calib,
          panel="Calibration"),

@@ -50,6 +50,10 @@ def supports(architectures: list[str] | None) -> bool:
     return bool(architectures) and str(architectures[0]) in GENAI_ARCHITECTURES
 
 
+class BuilderFailed(BuildError):
+    """GenAI's model builder could not write this model (--generator auto then builds enginekit's own graphs)."""
+
+
 def build_decoder(source: Path, out: Path, work: Path, precision: Precision, device: str,
                   dims: dict[str, DimRange], vocab: int, paged: bool = False) -> GenaiExport:
     """Run the builder on an HF folder (`source`: config.json + weights + tokenizer) into `out`. paged: the
@@ -75,7 +79,7 @@ def build_decoder(source: Path, out: Path, work: Path, precision: Precision, dev
             parsed = builder.parse_extra_options(None, str(source), str(out), options["precision"], ep, str(cache), kv)
             builder.create_model(None, str(source), str(out), options["precision"], ep, str(cache), **parsed)
     except Exception as exc:  # the builder raises plain Exceptions (and ValueError, KeyError, …) for what it lacks
-        raise BuildError(
+        raise BuilderFailed(
             f"Expected ONNX Runtime GenAI's model builder to write the {precision} decoder for --device {device}, but it "
             f"failed: {type(exc).__name__}: {str(exc).strip()[:300]}. Its log is in '{log}'. Build with enginekit's own "
             "export instead: --generator enginekit."

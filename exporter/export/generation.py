@@ -123,6 +123,13 @@ def export_generation(model: Any, work: Path, dims: dict[str, DimRange], *, expo
             raise ExportError("--exporter transformers cannot export a VLM's decoder on inputs_embeds (transformers' "
                               "decomposition of Qwen2-VL has no such stages); use --exporter auto")
         notes.append("decoder: generic wrapper on inputs_embeds (transformers' decomposition has no such stages)")
+    elif exporter == "auto" and sliding_window(model.config):
+        # transformers' decomposition keeps a sliding layer's cache at the window (plus a
+        # _sliding_window_tensor output): layers whose past lengths differ, which enginekit's one
+        # past_sequence dim cannot carry. The wrapper keeps every layer's whole cache; the model's own
+        # mask function limits attention to the window, so a prompt past it computes what transformers does.
+        notes.append(f"sliding window {sliding_window(model.config)}: generic wrapper with full-length caches "
+                     "(attention limited to the window by the model's mask)")
     elif exporter in ("auto", "transformers"):
         try:
             graphs = _export_with_transformers(model, opset)
@@ -229,7 +236,8 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
             self.lm, self.with_past = lm, with_past
 
         def forward(self, first: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
-            kv = DynamicCache(config=self.lm.config)
+            # Sliding-window models get plain full-length layers (see export_generation).
+            kv = DynamicCache() if sliding_window(self.lm.config) else DynamicCache(config=self.lm.config)
             for i in range(len(past) // 2):
                 kv.update(past[2 * i], past[2 * i + 1], i)
             if embeds:
@@ -285,6 +293,13 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
                     "--exporter transformers shows transformers' own error."
                 ) from None
     return graphs
+
+
+def sliding_window(config: Any) -> int | None:
+    """The sliding attention window of a causal LM's (text) config, None without one."""
+    text = getattr(config, "text_config", None) or config
+    window = getattr(text, "sliding_window", None)
+    return int(window) if window else None
 
 
 def _cache_kwarg(module: Any) -> str:

@@ -51,12 +51,14 @@ def census(path: Path) -> dict[str, Any]:
 
 
 def lower_precision(onnx_path: Path, precision: str, work_dir: Path, *, mixed: Any = None,
-                    calibration: Sequence[Mapping[str, Any]] = (), quantize: dict[str, Any] | None = None) -> Lowered:
+                    calibration: Sequence[Mapping[str, Any]] = (), quantize: dict[str, Any] | None = None,
+                    dynamic: bool = False) -> Lowered:
     """Lower `onnx_path` to `precision` under `work_dir`; returns the lowered graph and what it realised.
 
     mixed: MixedOptions for fp16/bf16 (exporter/lower/mixed.py); calibration: feed dicts whose ranges
     drive AutoCast's range analysis (fp16/bf16); quantize (int8/fp8): keyword arguments of
-    calibration.calibrate.quantize_model (io, options, tokenizer_dir, progress)."""
+    calibration.calibrate.quantize_model (io, options, tokenizer_dir, progress); dynamic: int8 by ONNX
+    Runtime's dynamic quantization instead (exporter/lower/dynamic.py, no calibration)."""
 
     check_precision(precision)
     if precision == "fp32":
@@ -67,6 +69,12 @@ def lower_precision(onnx_path: Path, precision: str, work_dir: Path, *, mixed: A
         opts = mixed or MixedOptions(precision=precision)
         out = Path(work_dir) / f"model.{precision}.onnx"
         return Lowered(out, lower_mixed(Path(onnx_path), out, opts, calibration))
+    if precision == "int8" and dynamic:
+        from exporter.lower.dynamic import quantize_dynamic_int8
+
+        out = Path(work_dir) / "model.int8-dynamic.onnx"
+        done = quantize_dynamic_int8(Path(onnx_path), out, **(quantize or {}))
+        return Lowered(out, {"requested": precision, **census(out), **done})
     if precision in ("int8", "fp8"):
         from calibration.calibrate import quantize_model
 

@@ -29,16 +29,17 @@ from runtimes.generate import GENERATION_FILE, TOKENIZER_FILE
 from runtimes.manifest import DimRange, Manifest, Target, file_sha256
 
 
-def use_genai(options: Any, model: Any, vlm: bool) -> bool:
-    """Whether this build goes through GenAI (see _decide); --genai-attention paged where it does not is refused."""
-    chosen = _decide(options, model, vlm)
+def use_genai(options: Any, model: Any, vlm: bool, total: int | None = None) -> bool:
+    """Whether this build goes through GenAI (see _decide); --genai-attention paged where it does not is refused.
+    total: the bundle's longest prompt + generation (its total_sequence max)."""
+    chosen = _decide(options, model, vlm, total)
     if not chosen and options.genai_attention == "paged":
         raise UsageError(f"Expected a build on ONNX Runtime GenAI for --genai-attention paged, found one on enginekit's "
                          f"own graphs ({type(model).__name__}{', a VLM' if vlm else ''}). Drop --genai-attention.")
     return chosen
 
 
-def _decide(options: Any, model: Any, vlm: bool) -> bool:
+def _decide(options: Any, model: Any, vlm: bool, total: int | None = None) -> bool:
     """Whether this build goes through GenAI: --generator genai, or auto for an architecture its builder writes
     (INT4 only there) unless --exporter or --lowering native ask for enginekit's own graphs; a VLM never yet (its
     vision tower and embeddings splice are enginekit's)."""
@@ -85,6 +86,19 @@ def _decide(options: Any, model: Any, vlm: bool) -> bool:
                 f"Expected an architecture ONNX Runtime GenAI's model builder writes for --generator genai / --precision "
                 f"int4, found {arch}. Build it with enginekit's own export (--generator enginekit, --precision fp32, fp16, "
                 "bf16 or int8)."
+            )
+        return False
+    window = getattr(model.config, "sliding_window", None)
+    if window and total and int(window) < total:
+        # Prompts past the window broke GenAI 0.18's CPU GroupQueryAttention on tiny Mistral and Gemma 2 (window 16:
+        # "present.0.key has shape {1,2,32,16} but the computed output shape is {1,2,33,16}", "seqlens_k[0] = 11 is
+        # too small for sequence_length 38"); enginekit's graphs keep the whole cache and mask to the window.
+        if wanted == "genai":
+            raise UsageError(
+                f"Expected a sliding window of at least the bundle's {total} tokens for --generator genai, found "
+                f"{arch}'s sliding_window {window}: ONNX Runtime GenAI 0.18's decoder failed on prompts past the window "
+                f"(measured). Drop --generator (enginekit's graphs gate past the window) or cap total_sequence at "
+                f"{window} with --shapes."
             )
         return False
     return True

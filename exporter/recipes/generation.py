@@ -121,12 +121,28 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     with timed(timings, "load", say, f"Loading {spec}"):
         model, tokenizer, processor, info, dims, vision = _load(spec, options, vlm)
     check_memory(_decode_io(model, dims, options, vlm), options.memory_limit, gate_cases=False)
-    if use_genai(options, model, vlm):
-        return build_genai_into(spec, source_text, options, output, staging, say, timings, model, tokenizer, info, dims)
+    builder_note = None
+    if use_genai(options, model, vlm, dims["total_sequence"].max if "total_sequence" in dims else None):
+        from exporter.export.genai import BuilderFailed
+
+        try:
+            return build_genai_into(spec, source_text, options, output, staging, say, timings, model, tokenizer, info,
+                                    dims)
+        except BuilderFailed as exc:
+            if options.generator != "auto" or options.precision is Precision.INT4:
+                raise
+            # e.g. GenAI 0.18's builder on a tiny Phi-3 at fp32: KeyError 'multi_cache'
+            builder_note = f"ONNX Runtime GenAI's builder failed ({str(exc).split(' Its log')[0][-200:]}); built enginekit's own graphs"
+            say("ONNX Runtime GenAI's builder failed: building enginekit's own graphs")
+            for folder in (work, bundle):
+                shutil.rmtree(folder)
+                folder.mkdir()
     native = options.lowering == "native"
     with timed(timings, "export", say, "Exporting prefill and decode graphs (KV cache as inputs/outputs)"
                 + (f" in {options.precision}" if native else "") + (" and the vision engine" if vlm else "")):
         exported = _export(model, options, work, dims, vision)
+    if builder_note:
+        exported.notes.append(builder_note)
     for part in exported.components.values():
         check_memory(part.io, options.memory_limit, graph=part.path)
     prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)

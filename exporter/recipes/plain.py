@@ -139,12 +139,13 @@ def _lower_and_build(run: _Run, loaded: LoadedSource, onnx_path: Path, mixed: Mi
     options, say = run.options, run.say
     with timed(run.timings, "lower", say, f"Lowering precision to {options.precision}"):
         lowered = _lower(loaded, onnx_path, options.precision, run.work, mixed, calibration,
-                         quantize=_calibration(loaded, options, run.output, say))
+                         quantize=_calibration(loaded, options, run.output, say),
+                         dynamic=options.quantization_mode() == "dynamic")
     if options.target == "trt":
         say("Looking for TensorRT and a GPU")
         check_tensorrt(loaded, onnx_path, lowered, options, run.output)
     engine_onnx = detect.engine_graph(lowered.path, detect.hidden_outputs(loaded.info))
-    if options.precision is Precision.INT8 and options.target == "ort" and not options.device.gpu:
+    if options.quantization_mode() == "static" and options.target == "ort" and not options.device.gpu:
         from calibration.quantize import to_ort_cpu_form
 
         pairs = to_ort_cpu_form(engine_onnx, run.work / "model.int8.ort-cpu.onnx")
@@ -239,12 +240,14 @@ def _finish(run: _Run, manifest: Manifest, report: ParityReport, mixed: MixedOpt
 
 
 def _lower(loaded: LoadedSource, onnx_path: Path, precision: str, work: Path, mixed: MixedOptions | None = None,
-           calibration: list[Feeds] | None = None, *, quantize: dict[str, Any] | None = None) -> Lowered:
+           calibration: list[Feeds] | None = None, *, quantize: dict[str, Any] | None = None,
+           dynamic: bool = False) -> Lowered:
     """Lower the graph, unless it is an ONNX that enginekit already lowered (the kept ONNX of a
     TensorRT build handed over to another machine): lowering it again would change it twice."""
     already = loaded.info.get("lowered")
     if not already:
-        return lower_precision(onnx_path, precision, work, mixed=mixed, calibration=calibration or [], quantize=quantize)
+        return lower_precision(onnx_path, precision, work, mixed=mixed, calibration=calibration or [], quantize=quantize,
+                               dynamic=dynamic)
     if already != precision:
         raise UsageError(
             f"Expected --precision {already} for '{onnx_path}', which enginekit already lowered to {already} "
@@ -290,7 +293,10 @@ def _as_engine_dtypes(io: IOSpec, fn: Callable[[Feeds], Any]) -> Callable[[Feeds
 def _calibration(loaded: LoadedSource, options: BuildOptions, output: Path, say: Progress) -> dict[str, Any] | None:
     """quantize_model's arguments for int8/fp8: the ranges cache sits next to the bundle, so it
     survives a --force rebuild; --data, when given, is the held-out evaluation set."""
-    if not options.precision.quantized:
+    mode = options.quantization_mode()
+    if mode == "dynamic":
+        return {"feeds": _ranking_feeds(loaded, options), "budget": options.accuracy_budget, "progress": say}
+    if mode != "static":
         return None
     from calibration.calibrate import CalibOptions
 
@@ -299,6 +305,29 @@ def _calibration(loaded: LoadedSource, options: BuildOptions, output: Path, say:
                          eval_data=options.data, cache_dir=output.parent / f"{output.name}.calib", image=options.image,
                          seed=options.seed, smooth=options.smooth)
     return {"io": loaded.io, "options": calib, "tokenizer_dir": processor_dir(loaded), "progress": say}
+
+
+def _ranking_feeds(loaded: LoadedSource, options: BuildOptions) -> list[Feeds]:
+    """Dynamic INT8's samples for ranking MatMuls against the accuracy budget (no scales come from them):
+    --calib when given; else, for a text model with a tokenizer, 48 of enginekit's own calibration sentences
+    (exporter/data/calibration_sentences.txt, never the gate's --data); else four generated batches at the opt
+    shapes with every position attended (padded positions would weigh values no one reads)."""
+    from calibration.data import load_feeds
+
+    tokenizer = processor_dir(loaded)
+    text = any(s.name == "input_ids" for s in loaded.io.inputs)
+    if options.calib is not None and not str(options.calib).startswith("random"):
+        return load_feeds(options.calib, loaded.io, tokenizer_dir=tokenizer, batch_size=8, image_options=options.image)[:8]
+    if text and tokenizer is not None:
+        sentences = Path(__file__).resolve().parents[1] / "data" / "calibration_sentences.txt"
+        return load_feeds(sentences, loaded.io, tokenizer_dir=tokenizer, batch_size=8)[:6]
+    from runtimes.samples import generate_feeds
+
+    feeds = [generate_feeds(loaded.io, "opt", seed=options.seed + 50 + i) for i in range(4)]
+    for f in feeds:
+        if "attention_mask" in f:
+            f["attention_mask"] = np.ones_like(f["attention_mask"])
+    return feeds
 
 
 def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases: list[tuple[str, Feeds]],
@@ -335,6 +364,7 @@ def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases
                     notes.append(note)
                     task = replace(task, ungated=task.ungated | set(hidden))
             report = run_gate(reference, engine, cases, policy, options.precision,
+                              calibrated=options.quantization_mode() != "dynamic",
                               emulator=_as_engine_dtypes(manifest.io, emulator) if emulator else None,
                               on_case=lambda label: say(f"Parity gate: {label}"), task=task)
         finally:

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import runtimes
 from exporter.cli import app
 from exporter.pipeline import BuildOptions, build
+from runtimes.errors import UsageError
 from tests.conftest import MODELS, ROOT, run_cli
 
 DATA = ROOT / "exporter" / "data"
@@ -75,7 +76,7 @@ def test_calibrate_command_in_a_subprocess(image_feeds, tmp_path):
 
 
 BAD = [
-    (["build", CONV, "--precision", "int8"], "--calib DATA"),
+    (["build", CONV, "--precision", "int8", "--quantization", "static"], "--calib DATA"),
     (["build", CONV, "--calib", "{data}"], "found --precision fp32, which needs no calibration"),
     (["build", CONV, "--precision", "fp8", "--calib", "{data}"], "compute capability >= 8.9"),
     (["build", CONV, "--precision", "int8", "--calib", "{empty}"], "it is empty"),
@@ -157,3 +158,29 @@ def test_fp8_build_where_fp8_cannot_run_is_not_checked_never_passed(image_feeds,
     m = json.loads((tmp_path / "fp8" / "manifest.json").read_text())
     assert m["parity"]["status"] == "not-checked" and m["precision"]["realised"]["activations"].startswith("float8")
     assert any("emulated" in n for n in m["calibration"]["notes"])  # the budget was measured by CPU emulation
+
+
+def test_int8_without_calib_on_the_cpu_is_dynamic(tiny_bert_dir, tmp_path):
+    """--precision int8 on ORT CPU without --calib: onnxruntime's quantize_dynamic (INT8 weights per channel,
+    activation scales per call); generated inputs are held to the quantized floor, and the note says why."""
+    from exporter.pipeline import BuildOptions, build
+
+    res = build(f"hf:{tiny_bert_dir}", BuildOptions(output=tmp_path / "dyn", precision="int8"))
+    manifest = json.loads((res.bundle / "manifest.json").read_text())
+    realised = manifest["precision"]["realised"]
+    assert realised["quantization"] == "dynamic" and realised["quantized_ops"]
+    assert "calibration" not in manifest or not manifest["calibration"]
+    assert "--quantization" in str(manifest["build_command"])
+    assert any("give dynamic INT8 activation ranges" in n for n in manifest["parity"]["notes"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"precision": "int8", "quantization": "dynamic", "target": "trt"}, "runs on ONNX Runtime's CPU kernels only"),
+    ({"precision": "int8", "quantization": "static"}, "Expected --calib DATA"),
+    ({"precision": "int8", "quantization": "sometimes"}, "Expected --quantization auto, static or dynamic"),
+])
+def test_quantization_mode_is_checked(kwargs, message):
+    from exporter.options import BuildOptions
+
+    with pytest.raises(UsageError, match=message):
+        BuildOptions(**kwargs).validate()
