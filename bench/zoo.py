@@ -119,8 +119,10 @@ ZOO: tuple[Entry, ...] = (
     Entry("resnet", "vision", "ResNetForImageClassification", "ResNetConfig",
           dict(embedding_size=16, hidden_sizes=(16, 32), depths=(1, 1), num_channels=3)),
     Entry("mobilevit", "vision", "MobileViTModel", "MobileViTConfig",
+          # initializer_range 0.3: at the default 0.02 this tiny MobileViT outputs exactly 0 for every input
+          # (a model the gate refuses: it cannot tell a working engine from a broken one)
           dict(image_size=64, hidden_sizes=(32, 40, 48), neck_hidden_sizes=(8, 8, 16, 16, 32, 32, 64),
-               num_attention_heads=2)),
+               num_attention_heads=2, initializer_range=0.3)),
     Entry("segformer", "vision", "SegformerForSemanticSegmentation", "SegformerConfig",
           dict(image_size=64, num_encoder_blocks=2, depths=(1, 1), sr_ratios=(2, 1), hidden_sizes=(16, 32),
                num_attention_heads=(1, 2), decoder_hidden_size=32, num_labels=3)),
@@ -145,6 +147,12 @@ ZOO: tuple[Entry, ...] = (
 
 
 REFUSED_GROUPS = ("encoder-decoder", "speech-to-text", "image-to-text")  # no recipe yet: refused with exit 2
+# Builds that fail their gate today, with why (open work, not hidden): the test asserts they still fail, so that
+# fixing one shows up as a change to make here.
+KNOWN_FAILURES = {
+    ("mobilevit", "fp16"): "fp16-emulated rel-L2 0.0146 > 0.01 after the FP32 fallback kept 8 nodes and found no "
+                           "more to blame (random weights at initializer_range 0.3; at 0.02 the model outputs 0)",
+}
 
 
 def make_model(entry: Entry, folder: Path) -> Path:
@@ -169,7 +177,7 @@ def make_model(entry: Entry, folder: Path) -> Path:
     return folder
 
 
-def build_one(entry: Entry, precision: str, folder: Path, out: Path) -> dict[str, Any]:
+def build_one(entry: Entry, precision: str, folder: Path, out: Path, device: str = "cpu") -> dict[str, Any]:
     """One `enginekit build` as the CLI makes it; the outcome and the exit code the CLI would give."""
     import traceback
 
@@ -186,7 +194,7 @@ def build_one(entry: Entry, precision: str, folder: Path, out: Path) -> dict[str
                            "recipe": select_recipe(source, read_config(source)).name}
     try:
         result = build(f"hf:{folder}", BuildOptions(output=out / f"{entry.name}-{precision}", precision=Precision(precision),
-                                                     force=True))
+                                                     device=device, force=True))
         row.update(exit_code=0, verdict="pass", generator=_generator_of(result.bundle),
                    fusion_fallback=_fusion_fallbacks(result.bundle))
     except EnginekitError as exc:
@@ -225,7 +233,7 @@ def _generator_of(bundle: Path) -> str | None:
         return None
 
 
-def run_entry(name: str, precisions: tuple[str, ...], work: str) -> list[dict[str, Any]]:
+def run_entry(name: str, precisions: tuple[str, ...], work: str, device: str = "cpu") -> list[dict[str, Any]]:
     """Worker: make the model once, build it at each precision (the engines go in `work`, then away)."""
     import shutil
 
@@ -240,19 +248,19 @@ def run_entry(name: str, precisions: tuple[str, ...], work: str) -> list[dict[st
         return [{"arch": name, "group": entry.group, "head": entry.head, "precision": p, "exit_code": None,
                  "verdict": "model not built", "message": f"{type(exc).__name__}: {exc}"[:500]} for p in precisions]
     for precision in precisions:
-        rows.append(build_one(entry, precision, folder, base / "engines"))
+        rows.append(build_one(entry, precision, folder, base / "engines", device))
     shutil.rmtree(base, ignore_errors=True)
     return rows
 
 
 def run_zoo(work: Path, names: list[str] | None = None, precisions: tuple[str, ...] = ("fp32", "fp16"),
-            jobs: int = 2) -> list[dict[str, Any]]:
+            jobs: int = 2, device: str = "cpu") -> list[dict[str, Any]]:
     """Every entry (or `names`), `jobs` worker processes (spawned: ORT and torch threads break under fork)."""
     chosen = [e.name for e in ZOO if names is None or e.name in names]
     threads = max(1, (os.cpu_count() or 2) // jobs)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_entry, n, precisions, str(work)) for n in chosen]
+        futures = [pool.submit(run_entry, n, precisions, str(work), device) for n in chosen]
         rows = [row for f in futures for row in f.result()]
     return rows
 
@@ -274,12 +282,17 @@ def coverage_table(rows: list[dict[str, Any]]) -> str:
         marks = []
         for p in precisions:
             c = cells.get(p)
+            known = " (known)" if (arch, p) in KNOWN_FAILURES else ""
             marks.append("—" if c is None else ("pass" + (" (unfused)" if c.get("fusion_fallback") else "")
-                                                if c["verdict"] == "pass" else f"**{c['verdict']}** (exit {c['exit_code']})"))
+                                                if c["verdict"] == "pass" else f"**{c['verdict']}**{known} (exit {c['exit_code']})"))
         lines.append(f"| {arch} | {first['group']} | {first['head']} | {recipe} | " + " | ".join(marks) + " |")
     passed = {p: sum(1 for c in by_arch.values() if c.get(p, {}).get("verdict") == "pass") for p in precisions}
     lines.append("")
     lines.append(", ".join(f"{p}: {n}/{len(by_arch)} pass" for p, n in passed.items()))
+    known = [f"{a} {p}: {why}" for (a, p), why in KNOWN_FAILURES.items() if a in by_arch and p in precisions]
+    if known:
+        lines.append("")
+        lines.append("Known failures: " + "; ".join(known) + ".")
     return "\n".join(lines)
 
 
@@ -289,11 +302,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated architectures")
     parser.add_argument("--precision", default="fp32,fp16")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (the GPU machine)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows = run_zoo(args.out / "work", args.only.split(",") if args.only else None,
-                   tuple(args.precision.split(",")), args.jobs)
+                   tuple(args.precision.split(",")), args.jobs, args.device)
     wall = time.perf_counter() - start
     command = "python bench/zoo.py " + " ".join(sys.argv[1:])
     (args.out / "zoo.json").write_text(json.dumps({"command": command, "wall_s": round(wall, 1),

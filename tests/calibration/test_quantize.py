@@ -217,3 +217,23 @@ def test_fp8_accuracy_is_labelled_as_cpu_emulation(model, tmp_path):
     entry = res.manifest_entry()
     assert res.graph.precision == "fp8" and entry["budget_met"]
     assert any("emulated" in n for n in entry["notes"]) and any("RANDOM DATA" in n for n in entry["notes"])
+
+
+def test_the_budget_ranks_layers_end_to_end_and_locally_past_the_limit(model, tmp_path, monkeypatch):
+    """Up to END_TO_END_LIMIT layers the ranking is each layer alone kept in float, scored by the mean cosine
+    of the whole graph on the evaluation split (the local one-node error did not follow what a layer costs at
+    the output); past it, the local order. Both rank every quantized layer."""
+    import calibration.calibrate as calibrate
+
+    data = _npz_folder(tmp_path / "d")
+    loose = quantize_model(model, tmp_path / "a.onnx", "int8", IO, CalibOptions(data=data, budget="none"),
+                           work=tmp_path / "w1")
+    tight = loose.accuracy["logits"]["cosine_min"] + (1 - loose.accuracy["logits"]["cosine_min"]) / 2
+    options = CalibOptions(data=data, budget=f"cosine>={tight:.6f}", max_excluded_fraction=1.0)
+    e2e = quantize_model(model, tmp_path / "b.onnx", "int8", IO, options, work=tmp_path / "w2")
+    scores = [s for _, s in e2e.sensitivity]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    monkeypatch.setattr(calibrate, "END_TO_END_LIMIT", 0)
+    local = quantize_model(model, tmp_path / "c.onnx", "int8", IO, options, work=tmp_path / "w3")
+    assert {n for n, _ in local.sensitivity} == {n for n, _ in e2e.sensitivity}
+    assert local.budget_met and e2e.budget_met
