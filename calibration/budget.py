@@ -100,6 +100,12 @@ def accuracy(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[
     return out
 
 
+def mean_cosine(acc: Mapping[str, Mapping[str, float]]) -> float:
+    """One score for an `accuracy()` result: the mean over outputs of their mean per-sample cosine. Ranking
+    layers by it (rather than by the worst sample, which over a few dozen samples follows one of them)."""
+    return float(np.mean([v["cosine_mean"] for v in acc.values()]))
+
+
 def check_budget(acc: Mapping[str, Mapping[str, float]], budget: Sequence[Requirement]) -> list[str]:
     """The requirements `acc` misses, as readable strings (empty: the budget holds)."""
     misses = []

@@ -18,12 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from runtimes.errors import BuildError, UsageError
 from runtimes.manifest import IOSpec, file_sha256
 
-from .budget import Requirement, accuracy, check_budget, parse_budget, rank_sensitivity, run_outputs
+from .budget import (
+    Requirement,
+    accuracy,
+    check_budget,
+    mean_cosine,
+    parse_budget,
+    rank_sensitivity,
+    run_outputs,
+)
 from .data import DataSplit, check_fits, load_split
 from .images import ImageOptions
 from .quantize import (
@@ -277,7 +283,7 @@ def rank_end_to_end(prepared: Path, graph: QuantizedGraph, ranges: dict[str, tup
         trial = quantize_graph(prepared, work / "q-rank.onnx", ranges, precision=precision, method=graph.method,
                                exclude=[name])
         acc = evaluate(trial)
-        scores.append((name, float(np.mean([v["cosine_mean"] for v in acc.values()]))))
+        scores.append((name, mean_cosine(acc)))
     for leftover in work.glob("q-rank.onnx*"):
         leftover.unlink()
     return sorted(scores, key=lambda kv: -kv[1])

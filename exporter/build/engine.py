@@ -65,6 +65,18 @@ def _build_ort(onnx_path: Path, bundle: Path, options: BuildOptions, io: IOSpec,
     return target
 
 
+def unfuse_reason(report: Any, fusions: list[dict[str, Any]], ort_fusions: bool) -> str | None:
+    """After the gate: why the engines must be built again without ORT's fusions (a failed gate on engines
+    where something was fused: a fusion must never make a graph worse; OPT's fused attention broke its padded
+    batch), or None (the gate passed, nothing was fused, or fusions are already off)."""
+    from exporter.gate.parity import format_failures
+
+    if report.status != "failed" or not ort_fusions or not any(f.get("fused_ops") for f in fusions):
+        return None
+    engines = "engines" if len(fusions) > 1 else "engine"
+    return f"the gate failed on the fused {engines} ({format_failures(report)}); built unfused"
+
+
 def check_tensorrt(loaded: LoadedSource, onnx_path: Path, lowered: Lowered, options: BuildOptions,
                    output: Path) -> None:
     """Stop a TensorRT build that cannot run here, keeping the lowered ONNX and saying how to

@@ -19,6 +19,8 @@ def fuse_for_ort(onnx_path: Path, out_path: Path, device: str) -> dict[str, Any]
     """Write the fused graph to `out_path`; returns what was fused (empty when nothing matched)."""
     import onnx_ir as ir
 
+    from runtimes.ort.build import needs_external_data
+
     try:
         from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
     except ImportError:  # transformers < 5: onnxscript's fusions alone
@@ -31,7 +33,7 @@ def fuse_for_ort(onnx_path: Path, out_path: Path, device: str) -> dict[str, Any]
     before = sum(1 for _ in model.graph.all_nodes())
     fuse_for_onnxruntime(model, "cuda" if device == "cuda" else "cpu")
     fused = Counter(n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft")
-    big = sum(p.stat().st_size for p in Path(onnx_path).parent.glob(Path(onnx_path).name + "*")) > (1 << 30)
+    big = needs_external_data(Path(onnx_path))
     ir.save(model, str(out_path), external_data=(out_path.name + ".data") if big else None)
     return {"fused_ops": dict(fused), "nodes_before": before, "nodes_after": sum(1 for _ in model.graph.all_nodes())}
 

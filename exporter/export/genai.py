@@ -51,7 +51,12 @@ def supports(architectures: list[str] | None) -> bool:
 
 
 class BuilderFailed(BuildError):
-    """GenAI's model builder could not write this model (--generator auto then builds enginekit's own graphs)."""
+    """GenAI's model builder could not write this model (--generator auto then builds enginekit's own graphs).
+    cause: the builder's own exception, 'KeyError: ...'."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 def build_decoder(source: Path, out: Path, work: Path, precision: Precision, device: str,
@@ -79,10 +84,11 @@ def build_decoder(source: Path, out: Path, work: Path, precision: Precision, dev
             parsed = builder.parse_extra_options(None, str(source), str(out), options["precision"], ep, str(cache), kv)
             builder.create_model(None, str(source), str(out), options["precision"], ep, str(cache), **parsed)
     except Exception as exc:  # the builder raises plain Exceptions (and ValueError, KeyError, …) for what it lacks
+        cause = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
         raise BuilderFailed(
             f"Expected ONNX Runtime GenAI's model builder to write the {precision} decoder for --device {device}, but it "
-            f"failed: {type(exc).__name__}: {str(exc).strip()[:300]}. Its log is in '{log}'. Build with enginekit's own "
-            "export instead: --generator enginekit."
+            f"failed: {cause}. Its log is in '{log}'. Build with enginekit's own export instead: --generator enginekit.",
+            cause,
         ) from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)

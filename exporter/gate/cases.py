@@ -11,6 +11,7 @@ import numpy as np
 
 from exporter.gate.parity import (
     CaseReport,
+    ConstantWatch,
     OutputMetrics,
     ParityReport,
     Tolerance,
@@ -31,6 +32,7 @@ REAL_PREFIXES = ("data[", "eval[")
 # cases prove that every shape runs without NaN/Inf against a floor that catches a broken graph;
 # accuracy is gated on the real, held-out samples.
 QUANTIZED_GENERATED = Tolerance(cosine=0.95, argmax=0.8, equal=0.9)
+RUN_FAILED = "(run)"  # the output name of a case whose engine raised instead of returning outputs
 
 
 def generated_policy(precision: str, policy: TolerancePolicy) -> TolerancePolicy | None:
@@ -90,19 +92,19 @@ def run_gate(
             "(random values, unlike service inputs) give dynamic INT8 activation ranges no real input has"
         report.notes.append(f"generated inputs {why}: checked against a floor (cosine >= {QUANTIZED_GENERATED.cosine}); "
                             f"{precision} accuracy is gated on real samples (--data)")
-    references: dict[str, list[np.ndarray]] = {}
+    constants = ConstantWatch()
     for label, feeds in cases:
         if on_case:
             on_case(label)
         ref = reference(feeds)
         for name, value in (task.elementwise(ref) if task else ref).items():
-            references.setdefault(name, []).append(np.asarray(value))
+            constants.add(name, value)
         case_policy = policy if label.startswith(REAL_PREFIXES) or loose is None else loose
         if engine is not None:
             report.cases.append(_run_and_compare(label, feeds, ref, engine, case_policy, task))
         if emulator is not None:
             report.cases.append(_run_and_compare(f"{precision}-emulated {label}", feeds, ref, emulator, case_policy, task))
-    check_constant_references(report, references)
+    check_constant_references(report, constants)
     masked = sum(o.masked for c in report.cases for o in c.outputs)
     if masked:
         report.notes.append(f"padded positions (attention_mask 0) are left out of the per-position outputs' metrics "
@@ -120,7 +122,7 @@ def _run_and_compare(label: str, feeds: Feeds, ref: Mapping[str, np.ndarray],
         raise
     except Exception as exc:  # ORT's own exception types: the engine (or its emulation) broke at run time
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        failed = OutputMetrics("(run)", [], [], failures=[f"the engine failed on these inputs: {text}"])
+        failed = OutputMetrics(RUN_FAILED, [], [], failures=[f"the engine failed on these inputs: {text}"])
         return CaseReport(label, {k: list(np.shape(v)) for k, v in feeds.items()}, [failed])
     return _compare(label, feeds, ref, got, policy, task)
 

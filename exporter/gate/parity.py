@@ -372,26 +372,41 @@ def _padding_mask(feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return np.asarray(mask) != 0
 
 
-def check_constant_references(report: ParityReport, references: Mapping[str, list[np.ndarray]]) -> None:
-    """Fail every floating-point output whose reference holds one value everywhere over all cases
-    (more than one element), unless its tolerance has allow_constant=1: a broken engine returning that
-    value would pass (a model whose outputs were exactly 0 for every input passed with cosine 1.0)."""
-    for name, arrays in references.items():
-        arrays = [np.asarray(a) for a in arrays if np.asarray(a).dtype.kind == "f" and np.asarray(a).size]
-        if not arrays or sum(a.size for a in arrays) < 2:
+@dataclass
+class ConstantWatch:
+    """Whether each floating-point reference output has held one value everywhere so far: (that value, the
+    cases seen, the elements seen), or None once it varied. Kept per case, so no reference is held."""
+
+    seen: dict[str, tuple[float, int, int] | None] = field(default_factory=dict)
+
+    def add(self, name: str, value: Any) -> None:
+        arr = np.asarray(value)
+        if arr.dtype.kind != "f" or not arr.size or self.seen.get(name, ()) is None:
+            return
+        first = float(arr.flat[0]) if name not in self.seen else self.seen[name][0]  # type: ignore[index]
+        if not np.all(arr == first):
+            self.seen[name] = None
+            return
+        cases, elements = self.seen[name][1:] if name in self.seen else (0, 0)  # type: ignore[index]
+        self.seen[name] = (first, cases + 1, elements + arr.size)
+
+
+def check_constant_references(report: ParityReport, watch: ConstantWatch) -> None:
+    """Fail every floating-point output whose reference held one value everywhere over all cases (more than
+    one element), unless its tolerance has allow_constant=1: a broken engine returning that value would pass
+    (a model whose outputs were exactly 0 for every input passed with cosine 1.0)."""
+    for name, seen in watch.seen.items():
+        if seen is None or seen[2] < 2:
             continue
-        first = arrays[0].flat[0]
-        if not all(np.all(a == first) for a in arrays):
-            continue
-        value = float(first)
+        value, cases, _ = seen
         if report.policy.for_output(name).allow_constant:
-            report.notes.append(f"'{name}': the reference is {value:g} everywhere in all {len(arrays)} cases, so the "
+            report.notes.append(f"'{name}': the reference is {value:g} everywhere in all {cases} cases, so the "
                                 "gate proves nothing about it; allowed by --tolerance allow_constant=1")
             continue
         target = next((o for c in report.cases for o in c.outputs if o.name == name), None)
         if target is not None:
             target.failures.append(
-                f"the reference is {value:g} everywhere in all {len(arrays)} cases: an engine returning {value:g} "
+                f"the reference is {value:g} everywhere in all {cases} cases: an engine returning {value:g} "
                 f"would pass, so the gate cannot tell it from a broken one (check the model and its inputs; "
                 f"--tolerance {name}:allow_constant=1 accepts it)")
 

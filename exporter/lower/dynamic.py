@@ -13,10 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from runtimes._deps import require
 from runtimes.errors import BuildError
+from runtimes.ort.build import needs_external_data
 
 # MatMul/Gemm carry nearly all of a transformer's FLOPs; ORT's dynamic kernels (DynamicQuantizeMatMul,
 # MatMulInteger) exist for them on x86 and ARM. Convolutions are left in FP32 (ConvInteger is slower than
@@ -64,7 +63,8 @@ def _quantize(source: Path, out_path: Path, excluded: Sequence[str]) -> None:
     try:
         q.quantize_dynamic(str(source), str(out_path), weight_type=q.QuantType.QInt8, per_channel=True,
                            op_types_to_quantize=list(OPS), nodes_to_exclude=list(excluded),
-                           use_external_data_format=_large(source), extra_options={"MatMulConstBOnly": True})
+                           use_external_data_format=needs_external_data(source),
+                           extra_options={"MatMulConstBOnly": True})
     except Exception as exc:  # onnxruntime.quantization raises plain exceptions for graphs it cannot rewrite
         raise BuildError(
             f"Expected onnxruntime.quantization.quantize_dynamic to quantize {source.name}, but it failed: "
@@ -75,7 +75,7 @@ def _quantize(source: Path, out_path: Path, excluded: Sequence[str]) -> None:
 def _within_budget(source: Path, out_path: Path, candidates: list[str], feeds: Sequence[Mapping[str, Any]],
                    budget: str | None, say: Callable[[str], None]) -> tuple[dict[str, str], dict[str, Any]]:
     """Quantize, then keep nodes in FP32 (best single-node gain first) until the budget holds on `feeds`."""
-    from calibration.budget import accuracy, check_budget, parse_budget
+    from calibration.budget import accuracy, check_budget, mean_cosine, parse_budget
 
     _quantize(source, out_path, [])
     # The ranking samples are few and from another corpus than service inputs: all-MiniLM-L6-v2's worst held-out
@@ -97,8 +97,7 @@ def _within_budget(source: Path, out_path: Path, candidates: list[str], feeds: S
     for name in candidates:
         _quantize(source, trial, [name])
         single = accuracy(fp32, _outputs(trial, feeds), masks)
-        # ranked by the mean cosine it restores: the minimum over a few dozen samples follows one sample
-        gains.append((float(np.mean([v["cosine_mean"] for v in single.values()])), name))
+        gains.append((mean_cosine(single), name))
     gains.sort(reverse=True)
     kept: dict[str, str] = {}
     for rank, (_score, name) in enumerate(gains[:max(1, len(candidates) // 4)], 1):
@@ -114,19 +113,12 @@ def _within_budget(source: Path, out_path: Path, candidates: list[str], feeds: S
 
 
 def _outputs(path: Path, feeds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    import onnxruntime as ort
-
     from calibration.budget import run_outputs
+    from calibration.calibrate import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     names = {i.name for i in session.get_inputs()}
     return run_outputs(session, [{k: v for k, v in f.items() if k in names} for f in feeds])
-
-
-def _large(path: Path) -> bool:
-    return sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*")) > (1 << 30)
 
 
 def _ort_version() -> str:

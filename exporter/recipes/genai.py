@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.export.genai import FOLDER, build_decoder, supports
+from exporter.export.generation import sliding_window
 from exporter.options import build_command
 from exporter.source.causal import generation_metadata, gguf_file
 from exporter.source.spec import SourceSpec
@@ -88,8 +89,8 @@ def _decide(options: Any, model: Any, vlm: bool, total: int | None = None) -> bo
                 "bf16 or int8)."
             )
         return False
-    window = getattr(model.config, "sliding_window", None)
-    if window and total and int(window) < total:
+    window = sliding_window(model.config)
+    if window and total and window < total:
         # Prompts past the window broke GenAI 0.18's CPU GroupQueryAttention on tiny Mistral and Gemma 2 (window 16:
         # "present.0.key has shape {1,2,32,16} but the computed output shape is {1,2,33,16}", "seqlens_k[0] = 11 is
         # too small for sequence_length 38"); enginekit's graphs keep the whole cache and mask to the window.

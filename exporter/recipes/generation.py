@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.build.engine import build_engine
+from exporter.build.engine import build_engine, unfuse_reason
 from exporter.bundle.assemble import BuildResult, finish_bundle
 from exporter.export.generation import GenerationExport, cache_layout, component_io, export_generation
 from exporter.export.memory import check_memory
@@ -132,7 +132,7 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
             if options.generator != "auto" or options.precision is Precision.INT4:
                 raise
             # e.g. GenAI 0.18's builder on a tiny Phi-3 at fp32: KeyError 'multi_cache'
-            builder_note = f"ONNX Runtime GenAI's builder failed ({str(exc).split(' Its log')[0][-200:]}); built enginekit's own graphs"
+            builder_note = f"ONNX Runtime GenAI's builder failed ({exc.cause[:200]}); built enginekit's own graphs"
             say("ONNX Runtime GenAI's builder failed: building enginekit's own graphs")
             for folder in (work, bundle):
                 shutil.rmtree(folder)
@@ -151,12 +151,9 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     built = _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims, vision)
     manifest = _engines_and_manifest(built, options, model, tokenizer, timings, say)
     report = _gate_generation(built, options, model, tokenizer, processor, prompts, timings, say)
-    fused = any((c.get("fusions") or {}).get("fused_ops") for c in manifest.target.options["generation"].values())
-    if report.status == "failed" and fused and options.ort_fusions:
-        # A fusion must never make a graph worse: OPT's fused attention broke its padded batch (fp32).
-        from exporter.gate.parity import format_failures
-
-        why = f"the gate failed on the fused engines ({format_failures(report)}); built unfused"
+    why = unfuse_reason(report, [c.get("fusions") or {} for c in manifest.target.options["generation"].values()],
+                        options.ort_fusions)
+    if why is not None:
         say("The token gate failed with ORT's fusions: building the engines again without them")
         options = replace(options, ort_fusions=False)
         shutil.rmtree(bundle)

@@ -20,11 +20,26 @@ from typing import Any
 import numpy as np
 import onnx
 
-from exporter.build.engine import build_engine, check_tensorrt, has_cuda_provider, realised, torch_cuda
+from exporter.build.engine import (
+    build_engine,
+    check_tensorrt,
+    has_cuda_provider,
+    realised,
+    torch_cuda,
+    unfuse_reason,
+)
 from exporter.bundle.assemble import BuildResult, finish_bundle
 from exporter.export import detector as detect
 from exporter.export.memory import check_memory
-from exporter.gate.cases import CachedReference, Feeds, gate_cases, not_runnable_here, run_gate, shrink
+from exporter.gate.cases import (
+    RUN_FAILED,
+    CachedReference,
+    Feeds,
+    gate_cases,
+    not_runnable_here,
+    run_gate,
+    shrink,
+)
 from exporter.gate.parity import ParityReport
 from exporter.gate.task import check_tolerance_outputs, gate_policy
 from exporter.lower.emulate import emulated_runner
@@ -93,15 +108,12 @@ def build_plain(spec: SourceSpec, source_text: str, options: BuildOptions, outpu
 
 
 def unfuse_after_failure(report: ParityReport, run: Any, target: Any) -> bool:
-    """After a failed gate on an engine built with ORT's fusions: switch them off for the next round (a
-    fusion must never make a graph worse; OPT's fused attention broke its padded batch) and say so.
-    False when the gate passed or nothing was fused."""
-    from exporter.gate.parity import format_failures
-
-    fusions = target.options.get("fusions") or {}
-    if report.status != "failed" or not fusions.get("fused_ops") or not run.options.ort_fusions:
+    """After a failed gate on an engine built with ORT's fusions: switch them off for the next round and say so
+    (exporter/build/engine.py unfuse_reason). False when the gate passed or nothing was fused."""
+    why = unfuse_reason(report, [target.options.get("fusions") or {}], run.options.ort_fusions)
+    if why is None:
         return False
-    run.unfused_because = f"the gate failed on the fused engine ({format_failures(report)}); built unfused"
+    run.unfused_because = why
     run.options = replace(run.options, ort_fusions=False)
     run.say("The parity gate failed with ORT's fusions: building the engine again without them")
     return True
@@ -395,7 +407,7 @@ def _next_fallback(report: ParityReport, mixed: MixedOptions | None, fp32_path: 
         entry["stopped"] = "fallback budget spent (--fallback-budget / rounds)"
         return []
     failed_case = next(c for c in report.cases if not c.passed)
-    if any(o.name == "(run)" for o in failed_case.outputs):
+    if any(o.name == RUN_FAILED for o in failed_case.outputs):
         entry["stopped"] = "the engine failed to run: no numeric difference to trace to a node"
         return []
     failing = failed_case.label.removeprefix(f"{mixed.precision}-emulated ")

@@ -44,10 +44,10 @@ class FromConfig:
 
 VOCAB = FromConfig(("text_config.vocab_size", "vocab_size"), 30522)
 TYPE_VOCAB = FromConfig(("type_vocab_size",), 2)  # 0 in DeBERTa-v2's config: no table, the ids are ignored
-# Capped at 512 tokens by default: parity at the max shape runs on the CPU; --shapes raises it.
-MAX_POSITIONS = FromConfig(
-    ("text_config.max_position_embeddings", "max_position_embeddings", "n_positions"), 512, cap=512
-)
+# The rows of a text model's position table, and (MAX_POSITIONS) the longest sequence by default: capped at 512
+# tokens, since parity at the max shape runs on the CPU; --shapes raises it.
+POSITION_ROWS = FromConfig(("text_config.max_position_embeddings", "max_position_embeddings", "n_positions"), 512)
+MAX_POSITIONS = FromConfig(POSITION_ROWS.paths, 512, cap=512)
 # Models whose position ids start after the padding index (fairseq's convention: position padding_idx + 1 for
 # the first token), so a table of N positions holds N - padding_idx - 1 tokens: RoBERTa's 514 rows hold 512.
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text", "xlm-roberta-xl",
@@ -56,17 +56,17 @@ OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer"
 
 @dataclass(frozen=True)
 class SequenceLimit:
-    """The longest sequence a text model's position table holds: MAX_POSITIONS, less the padding offset
-    for OFFSET_POSITIONS models (a longer input indexes past the table: IndexError in the reference)."""
-
-    cap: int = 512
+    """The longest sequence a text model's position table holds, capped like MAX_POSITIONS: its rows, less
+    the padding offset for OFFSET_POSITIONS models (a longer input indexes past the table: IndexError in the
+    reference)."""
 
     def resolve(self, config: Any) -> int:
-        limit = MAX_POSITIONS.resolve(config)
+        rows = POSITION_ROWS.resolve(config)
         if getattr(config, "model_type", None) in OFFSET_POSITIONS:
-            table = FromConfig(MAX_POSITIONS.paths, 512).resolve(config)
-            limit = min(limit, table - int(getattr(config, "pad_token_id", None) or 0) - 1)
-        return max(1, min(limit, self.cap))
+            rows -= int(getattr(config, "pad_token_id", None) or 0) + 1
+        return max(1, min(rows, MAX_POSITIONS.cap or rows))
+
+
 IMAGE_H = FromConfig(("vision_config.image_size", "image_size"), 224, index=0)
 IMAGE_W = FromConfig(("vision_config.image_size", "image_size"), 224, index=1)
 CHANNELS = FromConfig(("vision_config.num_channels", "num_channels"), 3)

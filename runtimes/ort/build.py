@@ -60,6 +60,13 @@ def _offline_plan(ort: Any, options: OrtBuildOptions) -> tuple[str, str]:
     return ("none" if options.low_precision else "basic"), PROVIDERS["cpu"]
 
 
+def needs_external_data(onnx_path: Path) -> bool:
+    """Whether a graph with its external data files (`model.onnx*`) is past EXTERNAL_DATA_BYTES, so that a
+    rewrite of it must keep its weights outside the protobuf (which cannot exceed 2 GiB)."""
+    onnx_path = Path(onnx_path)
+    return sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*")) > EXTERNAL_DATA_BYTES
+
+
 def build_ort_engine(onnx_path: Path, bundle_dir: Path, options: OrtBuildOptions) -> Target:
     """Optimize `onnx_path` offline into `bundle_dir/model.onnx` (+ .data) and describe the target."""
     ort = require("onnxruntime", extra="cpu", purpose="Building an ONNX Runtime engine")
@@ -71,8 +78,7 @@ def build_ort_engine(onnx_path: Path, bundle_dir: Path, options: OrtBuildOptions
     if level_name not in levels and level_name != "none":
         raise UsageError(f"Expected offline_level 'basic', 'extended' or 'none', found '{level_name}'.")
     onnx_path = Path(onnx_path)
-    weight_bytes = sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*"))
-    external = weight_bytes > EXTERNAL_DATA_BYTES
+    external = needs_external_data(onnx_path)
     if level_name == "none":
         _copy_model(onnx_path, bundle_dir / ENGINE_FILE, external)
     else:
