@@ -53,6 +53,9 @@ class VisionSpec:
     image_token: str = "<|image_pad|>"
     vision_start_token: str = "<|vision_start|>"
     vision_end_token: str = "<|vision_end|>"
+    # Qwen3-VL: vision features added to the first `deepstack` decoder layers' hidden states at the image
+    # tokens (the vision engine's deepstack_embeds output, the prefill's deepstack_embeds input); 0: none.
+    deepstack: int = 0
     file: str | None = None  # the vision engine, relative to the bundle
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -165,6 +168,23 @@ def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id
     return positions, deltas
 
 
+def dense_deepstack(is_image: np.ndarray, spec: VisionSpec, hidden: int, n_images: int,
+                    levels: np.ndarray | None) -> np.ndarray:
+    """Qwen3-VL's dense prefill input [levels, batch, sequence, hidden]: each image's deepstack features
+    (the vision engine's deepstack_embeds [images, levels, tokens, hidden], images in order over the rows) at its
+    tokens (`is_image` [batch, sequence]), zero elsewhere (see exporter/export/vlm.py)."""
+    dense = np.zeros((spec.deepstack, *is_image.shape, hidden), np.float32)
+    if n_images:
+        if levels is None or levels.shape[:3] != (n_images, spec.deepstack, spec.tokens_per_image):
+            raise UsageError(
+                f"Expected deepstack_embeds [{n_images}, {spec.deepstack}, {spec.tokens_per_image}, {hidden}] with "
+                f"image_embeds for this Qwen3-VL bundle, found {None if levels is None else levels.shape}. Pass "
+                "encode_images_all()'s outputs, or the images themselves."
+            )
+        dense[:, is_image] = np.asarray(levels, np.float32).transpose(1, 0, 2, 3).reshape(spec.deepstack, -1, hidden)
+    return dense
+
+
 class VisionLanguageGenerator(Generator):
     """A Generator whose decoder takes inputs_embeds: the vision engine, the embedding table, the
     image merge and M-RoPE positions in front of the shared prefill/decode loop."""
@@ -188,14 +208,22 @@ class VisionLanguageGenerator(Generator):
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
         """Image embeddings [images, tokens_per_image, hidden] from HxWx3 uint8 arrays (batched by
         the engine's `images` range)."""
+        return self.encode_images_all(images)["image_embeds"]
+
+    def encode_images_all(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Every output of the vision engine: image_embeds, and Qwen3-VL's deepstack_embeds [images,
+        levels, tokens_per_image, hidden]."""
         pixels = np.stack([preprocess_image(im, self.vision) for im in images])
-        out = []
+        names = ["image_embeds"] + (["deepstack_embeds"] if self.vision.deepstack else [])
+        out: dict[str, list[np.ndarray]] = {n: [] for n in names}
         step = self.vision.max_images
         for i in range(0, len(pixels), step):
             feeds = {"pixel_values": pixels[i:i + step]}
-            out.append(self._fns["vision"](feeds)["image_embeds"] if self._fns else
-                       self._runners["vision"].session.run(["image_embeds"], feeds)[0])
-        return np.concatenate(out)
+            got = self._fns["vision"](feeds) if self._fns else \
+                dict(zip(names, self._runners["vision"].session.run(names, feeds)))
+            for n in names:
+                out[n].append(got[n])
+        return {n: np.concatenate(v) for n, v in out.items()}
 
     def generate(self, prompt: str, options: SamplingOptions | None = None,
                  on_text: Callable[[str], None] | None = None, images: Sequence[Any] = ()) -> Generation:
@@ -224,10 +252,12 @@ class VisionLanguageGenerator(Generator):
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], options: SamplingOptions | None = None, *,
                      images: Sequence[Sequence[Any]] | None = None, image_embeds: np.ndarray | None = None,
+                     deepstack_embeds: np.ndarray | None = None,
                      on_token: Callable[[int, int], None] | None = None, record_logits: bool = False,
                      forced: Sequence[Sequence[int]] | None = None) -> list[Generation]:
         """Generator.generate_ids with images: per prompt, the images its <|image_pad|> runs stand for
-        (raw arrays), or image_embeds [images, tokens, hidden] already encoded, in order over the rows."""
+        (raw arrays), or image_embeds [images, tokens, hidden] (and for Qwen3-VL deepstack_embeds [images,
+        levels, tokens, hidden]) already encoded, in order over the rows."""
         opts = options or SamplingOptions()
         opts.validate()
         self._check_batch(prompts, opts)
@@ -239,7 +269,10 @@ class VisionLanguageGenerator(Generator):
         is_image = ids == v.image_token_id
         runs = sum(len([k for k, _ in itertools.groupby(r[m.astype(bool)].tolist()) if k == v.image_token_id])
                    for r, m in zip(ids, mask))
-        embeds_given = image_embeds if image_embeds is not None else self.encode_images(flat) if flat else None
+        if image_embeds is None and flat:
+            encoded = self.encode_images_all(flat)
+            image_embeds, deepstack_embeds = encoded["image_embeds"], encoded.get("deepstack_embeds")
+        embeds_given = image_embeds
         n_given = 0 if embeds_given is None else len(embeds_given)
         if int(is_image.sum()) != n_given * v.tokens_per_image or runs != n_given:
             raise UsageError(
@@ -251,8 +284,10 @@ class VisionLanguageGenerator(Generator):
         if embeds_given is not None:
             embeds[is_image] = np.asarray(embeds_given, np.float32).reshape(-1, embeds.shape[-1])
         positions, _ = rope_index(ids, mask, v.image_token_id, [v.grid] * n_given, v.merge_size)
-        return self._loop(prompts, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}, opts,
-                          on_token=on_token, record_logits=record_logits, forced=forced)
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        if v.deepstack:
+            feeds["deepstack_embeds"] = dense_deepstack(is_image, v, embeds.shape[-1], n_given, deepstack_embeds)
+        return self._loop(prompts, feeds, opts, on_token=on_token, record_logits=record_logits, forced=forced)
 
     def _token_inputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         return {"inputs_embeds": self.embed(tokens)}

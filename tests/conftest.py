@@ -157,6 +157,25 @@ def vlm_bundle(tiny_qwen2_vl_dir: Path, bundles: Path) -> Path:
                                                         shapes=parse_shapes(VLM_SHAPES))).bundle
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.models.vlm import tiny_qwen2_5_vl
+
+    return tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.models.vlm import tiny_qwen3_vl
+
+    return tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))
+
+
+# Qwen2.5-VL: 112x56 is 2x1 windows of 56 px (its tiny window); Qwen3-VL: 96x64 is 6x4 patches of 16 merged 2x2.
+QWEN25_VL_SHAPES = VLM_SHAPES.replace("image_height=84", "image_height=112")
+QWEN3_VL_SHAPES = VLM_SHAPES.replace("image_height=84,image_width=56", "image_height=96,image_width=64")
+
+
 # -- issue 17: a real Triton server ---------------------------------------------------------------------
 OS_PYTHON = Path("/usr/bin/python3.11")
 

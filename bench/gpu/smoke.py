@@ -10,7 +10,8 @@ Steps (each through the real `enginekit` CLI in a subprocess, as a user runs it)
      (the default): bf16, bf16 with PagedAttention and int4; the OpenAI server on the bf16 one (8 concurrent requests); on enginekit's own
      graphs (--generator enginekit): bf16 with --lowering native, both exporters (auto = transformers' own, torch =
      the generic wrapper); `enginekit generate` on the GenAI bf16 one
-  4. a tiny Qwen2-VL bundle (vision engine + decoder graphs), fp32
+  4. tiny VLM bundles (vision engine + decoder graphs): Qwen2-VL fp32, Qwen2.5-VL fp16 (windowed attention),
+     Qwen3-VL fp16 and bf16 (deepstack, interleaved M-RoPE)
   5. `enginekit bench` on the fp16 BERT bundle: the plain CUDA path and CUDA graph replay vs torch eager
   6. `pytest -m "gpu or trt"`
 Every step's result goes to OUT/smoke.json as soon as it is known, and OUT/smoke.md is the summary; the
@@ -32,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 VLM_SHAPES = "image_height=84,image_width=56,images=1:1:4,batch=1:1:4,sequence=1:64:128,total_sequence=2:128:256"
+QWEN25_VL_SHAPES = VLM_SHAPES.replace("image_height=84", "image_height=112")  # 2x1 windows of 56 px
+QWEN3_VL_SHAPES = VLM_SHAPES.replace("image_height=84,image_width=56", "image_height=96,image_width=64")
 LLM_SHAPES = "batch=1:2:8,sequence=1:16:64,total_sequence=2:64:128"
 
 
@@ -147,7 +150,7 @@ def main() -> int:
 
     from tests.models.causal import tiny_causal_lm
     from tests.models.encoders import tiny_bert
-    from tests.models.vlm import tiny_qwen2_vl
+    from tests.models.vlm import tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 
     bert, qwen, vl = tiny_bert(work / "bert"), tiny_causal_lm(work / "qwen2", "qwen2"), tiny_qwen2_vl(work / "qwen2-vl")
     bundles = work / "bundles"
@@ -179,6 +182,11 @@ def main() -> int:
     if (gen / "manifest.json").is_file():
         serve_openai(smoke, gen)
     smoke.build("qwen2-vl fp32", f"hf:{vl}", bundles / "qwen2-vl-fp32", "--shapes", VLM_SHAPES)
+    vl25, vl3 = tiny_qwen2_5_vl(work / "qwen2.5-vl"), tiny_qwen3_vl(work / "qwen3-vl")
+    smoke.build("qwen2.5-vl fp16", f"hf:{vl25}", bundles / "qwen2.5-vl-fp16", "--precision", "fp16",
+                "--shapes", QWEN25_VL_SHAPES)
+    for p in ["fp16"] + (["bf16"] if cuda else []):
+        smoke.build(f"qwen3-vl {p}", f"hf:{vl3}", bundles / f"qwen3-vl-{p}", "--precision", p, "--shapes", QWEN3_VL_SHAPES)
 
     fp16 = bundles / "bert-fp16"
     if (fp16 / "manifest.json").is_file():

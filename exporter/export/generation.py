@@ -81,9 +81,10 @@ def cache_layout(config: Any) -> CacheLayout:
 
 
 def component_io(name: str, cache: CacheLayout, vocab: int, dims: dict[str, DimRange], *,
-                 embeds: int | None = None, mrope: bool = False) -> IOSpec:
+                 embeds: int | None = None, mrope: bool = False, deepstack: int = 0) -> IOSpec:
     """The canonical IOSpec of one component (see the module docstring). embeds: the decoder takes
-    inputs_embeds of that width instead of input_ids (VLMs); mrope: 3 position rows (Qwen2-VL)."""
+    inputs_embeds of that width instead of input_ids (VLMs); mrope: 3 position rows (Qwen2-VL);
+    deepstack: the prefill also takes Qwen3-VL's deepstack_embeds [levels, batch, sequence, embeds]."""
     seq = "sequence" if name == "prefill" else 1
     kv_in = "sequence" if name == "prefill" else "total_sequence"
     pos_shape: tuple[Any, ...] = (3, "batch", seq) if mrope else ("batch", seq)
@@ -91,6 +92,8 @@ def component_io(name: str, cache: CacheLayout, vocab: int, dims: dict[str, DimR
              else TensorSpec("input_ids", "int64", ("batch", seq)))
     inputs = [first, TensorSpec("attention_mask", "int64", ("batch", kv_in)),
               TensorSpec("position_ids", "int64", pos_shape)]
+    if deepstack and name == "prefill":
+        inputs.append(TensorSpec("deepstack_embeds", "float32", (deepstack, "batch", seq, embeds)))
     if name == "decode":
         inputs += [TensorSpec(n, cache.dtype, ("batch", cache.kv_heads, "past_sequence", cache.head_dim))
                    for n in cache.names("past_key_values")]
@@ -104,10 +107,11 @@ def component_io(name: str, cache: CacheLayout, vocab: int, dims: dict[str, DimR
 
 
 def export_generation(model: Any, work: Path, dims: dict[str, DimRange], *, exporter: str = "auto",
-                      opset: int | None = None, vlm: bool = False) -> GenerationExport:
+                      opset: int | None = None, vlm: bool = False, deepstack: int = 0) -> GenerationExport:
     """Export `model` (a transformers causal LM in FP32) to work/prefill.onnx and work/decode.onnx.
-    vlm: the language decoder of a Qwen2-VL (exporter/export/vlm.py): inputs_embeds [batch, seq, hidden]
-    instead of input_ids, and M-RoPE position_ids [3, batch, seq]."""
+    vlm: the language decoder of a Qwen2-VL-family VLM (exporter/export/vlm.py): inputs_embeds [batch, seq,
+    hidden] instead of input_ids, and M-RoPE position_ids [3, batch, seq]; deepstack: Qwen3-VL's levels, a
+    prefill input (see component_io)."""
     cache = cache_layout(model.config)
     cache.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -139,12 +143,12 @@ def export_generation(model: Any, work: Path, dims: dict[str, DimRange], *, expo
                 raise
             notes.append(f"transformers' exporter failed ({str(exc)[:300]}); exported with the generic wrapper")
     if graphs is None:
-        graphs = _export_with_wrapper(model, cache, opset, embeds=embeds)
+        graphs = _export_with_wrapper(model, cache, opset, embeds=embeds, deepstack=deepstack)
         used = "torch.onnx.export (dynamo) of a generic KV-cache wrapper"
     out: dict[str, GraphExport] = {}
     opset_used = 0
     for name in COMPONENTS:
-        io = component_io(name, cache, vocab, dims, embeds=embeds, mrope=vlm)
+        io = component_io(name, cache, vocab, dims, embeds=embeds, mrope=vlm, deepstack=deepstack)
         path = Path(work) / f"{name}.onnx"
         opset_used = _finalize(graphs[name], io, path, cache)
         out[name] = GraphExport(path, io)
@@ -224,9 +228,10 @@ def _ir_model(exported: Any) -> Any:
 
 # -- the generic wrapper ---------------------------------------------------------------------------------
 def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
-                         embeds: int | None = None) -> dict[str, Any]:
+                         embeds: int | None = None, deepstack: int = 0) -> dict[str, Any]:
     """embeds: the graphs take inputs_embeds of that width and 3-row M-RoPE positions, and run the
-    VLM's language model (model.model.language_model) and LM head, not the whole model."""
+    VLM's language model (model.model.language_model) and LM head, not the whole model; deepstack: the
+    prefill takes Qwen3-VL's dense deepstack_embeds after position_ids (see component_io)."""
     import torch
     from transformers import DynamicCache
 
@@ -234,16 +239,19 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
         def __init__(self, lm: Any, with_past: bool):
             super().__init__()
             self.lm, self.with_past = lm, with_past
+            self.deep = bool(deepstack) and not with_past
 
-        def forward(self, first: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
+        def forward(self, first: Any, attention_mask: Any, position_ids: Any, *rest: Any) -> tuple[Any, ...]:
+            levels, past = (rest[0], rest[1:]) if self.deep else (None, rest)
             # Sliding-window models get plain full-length layers (see export_generation).
             kv = DynamicCache() if sliding_window(self.lm.config) else DynamicCache(config=self.lm.config)
             for i in range(len(past) // 2):
                 kv.update(past[2 * i], past[2 * i + 1], i)
             if embeds:
                 lm = self.lm.model.language_model
+                more = {"visual_pos_masks": None, "deepstack_visual_embeds": list(levels.unbind(0))} if self.deep else {}
                 out = lm(inputs_embeds=first, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{_cache_kwarg(lm): kv})
+                         use_cache=True, **{_cache_kwarg(lm): kv}, **more)
                 logits = self.lm.lm_head(out.last_hidden_state[:, -1:])
             else:
                 out = self.lm(input_ids=first, attention_mask=attention_mask, position_ids=position_ids,
@@ -268,21 +276,22 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
         if embeds:
             pos = pos.expand(3, b, q).contiguous()
         past = [torch.randn(b, cache.kv_heads, p, cache.head_dim, dtype=dtype) for _ in range(2 * cache.layers)] if decode else []
+        levels = [torch.randn(deepstack, b, q, embeds, dtype=dtype)] if deepstack and not decode else []
         seq = torch.export.Dim("sequence", min=1, max=1 << 16)
         past_dim = torch.export.Dim("past_sequence", min=1, max=1 << 16)
         tokens = {0: batch, **({} if decode else {1: seq})}
         shapes: list[Any] = [tokens, {0: batch, 1: (past_dim + 1) if decode else seq},
                              {1: batch, **({} if decode else {2: seq})} if embeds else tokens]
-        if past:
-            shapes.append(tuple({0: batch, 2: past_dim} for _ in past))  # the *past varargs: one nested entry
-        with quiet():
+        if levels or past:  # the *rest varargs (deepstack levels, then the past): one nested entry
+            shapes.append(tuple([{1: batch, 2: seq} for _ in levels] + [{0: batch, 2: past_dim} for _ in past]))
+        with quiet(), _dense_deepstack(model if levels else None):
             try:
-                ep = torch.export.export(Step(model, decode).eval(), (first, mask, pos, *past),
+                ep = torch.export.export(Step(model, decode).eval(), (first, mask, pos, *levels, *past),
                                          dynamic_shapes=tuple(shapes), strict=False,
                                          prefer_deferred_runtime_asserts_over_guards=True)
                 names = ["inputs_embeds" if embeds else "input_ids", "attention_mask", "position_ids"]
-                names += cache.names("past_key_values") if decode else []
-                graphs[name] = torch.onnx.export(ep, (first, mask, pos, *past), dynamo=True, opset_version=opset,
+                names += ["deepstack_embeds"] * len(levels) + (cache.names("past_key_values") if decode else [])
+                graphs[name] = torch.onnx.export(ep, (first, mask, pos, *levels, *past), dynamo=True, opset_version=opset,
                                                  input_names=names, output_names=["logits", *cache.names("present")],
                                                  optimize=False, verbose=False).model
             except Exception as exc:  # torch.export / torch.onnx raise many types
@@ -293,6 +302,23 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
                     "--exporter transformers shows transformers' own error."
                 ) from None
     return graphs
+
+
+class _dense_deepstack:
+    """Qwen3-VL's text model adds a deepstack level at the image tokens (`_deepstack_process`: a boolean-mask
+    gather and scatter, data-dependent shapes in the graph). For the export it adds the dense level instead
+    (zero off the image tokens, so the sum is the same); the model is restored after. model None: no-op."""
+
+    def __init__(self, model: Any):
+        self.lm = model.model.language_model if model is not None else None
+
+    def __enter__(self) -> None:
+        if self.lm is not None:
+            self.lm._deepstack_process = lambda hidden, _mask, level: hidden + level.to(hidden.dtype)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.lm is not None:
+            del self.lm._deepstack_process
 
 
 def sliding_window(config: Any) -> int | None:

@@ -9,11 +9,13 @@
 - one text-only prompt: a VLM bundle also answers without images.
 
 Photos: scikit-image's bundled astronaut, chelsea (a cat) and coffee, resized to the bundle's
-fixed size with PIL's bicubic filter (what transformers' processor would do to them).
+fixed size with PIL's bicubic filter (what transformers' processor would do to them). Lowering to
+fp16/bf16 calibrates on two others (rocket, camera: calibration_feeds_vlm).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +36,17 @@ CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
 )
 
 
-def gate_photos(spec: VisionSpec) -> list[np.ndarray]:
-    """The gate's photos as HxWx3 uint8 at the bundle's size."""
+# AutoCast's range data (fp16/bf16 lowering): other photos than the gate's, so that the gate judges on images
+# the lowering never saw; the camera is grayscale (as RGB, the way PIL's convert does it).
+CALIBRATION_PHOTOS = ("rocket", "camera")
+CALIBRATION_PROMPTS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    (f"{IMAGE_MARKER}Describe this image.", (0,)),
+    (f"What differs between {IMAGE_MARKER} and {IMAGE_MARKER}?", (1, 0)),
+)
+
+
+def gate_photos(spec: VisionSpec, names: tuple[str, ...] = PHOTOS) -> list[np.ndarray]:
+    """The gate's photos (or `names` from scikit-image's bundled ones) as HxWx3 uint8 at the bundle's size."""
     try:
         import skimage.data
         from PIL import Image
@@ -44,10 +55,55 @@ def gate_photos(spec: VisionSpec) -> list[np.ndarray]:
                                 "pip install scikit-image pillow.") from None
     h, w = spec.image_size
     out = []
-    for name in PHOTOS:
+    for name in names:
         arr = getattr(skimage.data, name)()
         out.append(np.asarray(Image.fromarray(arr).convert("RGB").resize((w, h), Image.BICUBIC)))
     return out
+
+
+def calibration_feeds_vlm(paths: dict[str, Path], spec: VisionSpec, tokenizer: Any,
+                          table: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Range data for AutoCast, per graph of a VLM, computed as the runtime computes its feeds (numpy
+    preprocessing, placeholders, embedding merge, M-RoPE, deepstack) from the FP32 graphs: the vision graph on
+    CALIBRATION_PHOTOS, the prefill on CALIBRATION_PROMPTS about them, the decode on the next token with the
+    prefill's cache. table: the decoder's token embeddings [vocab, hidden]."""
+    from runtimes._deps import require
+    from runtimes.vlm import dense_deepstack, expand_prompt, preprocess_image, rope_index
+
+    ort = require("onnxruntime", extra="cpu", purpose="Calibration feeds for a VLM's graphs")
+
+    def session(name: str) -> Any:
+        return ort.InferenceSession(str(paths[name]), providers=["CPUExecutionProvider"])
+
+    photos = gate_photos(spec, CALIBRATION_PHOTOS)[:spec.max_images]
+    pixels = np.stack([preprocess_image(p, spec) for p in photos])
+    vision = session("vision")
+    names = [o.name for o in vision.get_outputs()]
+    encoded = dict(zip(names, vision.run(names, {"pixel_values": pixels})))
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {"vision": [{"pixel_values": pixels}], "prefill": [], "decode": []}
+    prefill = session("prefill")
+    outs_named = [o.name for o in prefill.get_outputs()]
+    for prompt, which in CALIBRATION_PROMPTS:
+        if max(which) >= len(photos):
+            continue
+        ids = np.array([tokenizer(expand_prompt(prompt, len(which), spec))["input_ids"]], np.int64)
+        mask = np.ones_like(ids)
+        is_image = ids == spec.image_token_id
+        embeds = np.asarray(table[ids], np.float32)
+        embeds[is_image] = encoded["image_embeds"][list(which)].reshape(-1, embeds.shape[-1])
+        positions, _ = rope_index(ids, mask, spec.image_token_id, [spec.grid] * len(which), spec.merge_size)
+        pre = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        if spec.deepstack:
+            pre["deepstack_embeds"] = dense_deepstack(is_image, spec, embeds.shape[-1], len(which),
+                                                      encoded["deepstack_embeds"][list(which)])
+        outs = dict(zip(outs_named, prefill.run(outs_named, pre)))
+        feeds["prefill"].append(pre)
+        feeds["decode"].append({
+            "inputs_embeds": np.asarray(table[outs["next_token"]], np.float32),
+            "attention_mask": np.ones((1, ids.shape[1] + 1), np.int64), "position_ids": positions[..., -1:] + 1,
+            **{n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present.")},
+        })
+    return feeds
 
 
 def reference_inputs(prompt: str, images: list[np.ndarray], tokenizer: Any, processor: Any, model: Any,
@@ -71,13 +127,19 @@ def reference_inputs(prompt: str, images: list[np.ndarray], tokenizer: Any, proc
     return ids, extra
 
 
-def torch_image_embeds(model: Any, processor: Any, images: list[np.ndarray]) -> np.ndarray:
+def torch_image_embeds(model: Any, processor: Any, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The torch vision tower's outputs named as the vision engine's: image_embeds [images, tokens, hidden], and
+    for Qwen3-VL deepstack_embeds [images, levels, tokens, hidden]."""
     import torch
 
     px = processor(images=images, return_tensors="pt")
     with torch.inference_mode():
         out = model.model.get_image_features(px["pixel_values"], px["image_grid_thw"], return_dict=True)
-    return torch.stack(list(out.pooler_output)).float().numpy()
+    result = {"image_embeds": torch.stack(list(out.pooler_output)).float().numpy()}
+    levels = getattr(out, "deepstack_features", None)
+    if levels:
+        result["deepstack_embeds"] = torch.stack([torch.stack(list(level)) for level in levels], dim=1).float().numpy()
+    return result
 
 
 def vlm_gate(model: Any, tokenizer: Any, processor: Any, bundle: Any, options: Any, say: Any) -> ParityReport:
@@ -95,10 +157,9 @@ def vlm_gate(model: Any, tokenizer: Any, processor: Any, bundle: Any, options: A
         photos = gate_photos(spec)
         say(f"Vision parity: {len(photos)} photos at {spec.image_size[0]}x{spec.image_size[1]}")
         ref = torch_image_embeds(model, processor, photos)
-        got = gen.encode_images(photos)
+        got = gen.encode_images_all(photos)
         report.cases.append(compare_case(f"vision: {len(photos)} photos ({', '.join(PHOTOS)}) in one batch",
-                                         {"pixel_values": np.zeros((len(photos), 1), np.float32)},
-                                         {"image_embeds": ref}, {"image_embeds": got}, policy))
+                                         {"pixel_values": np.zeros((len(photos), 1), np.float32)}, ref, got, policy))
         cases = [(p, [photos[i] for i in idx]) for p, idx in CASES if len(idx) <= spec.max_images]
         inputs = [reference_inputs(p, ims, tokenizer, processor, model, spec) for p, ims in cases]
         steps = gate_tokens([ids for ids, _ in inputs], gen.max_length, options)

@@ -81,11 +81,13 @@ def build_generation(spec: SourceSpec, source_text: str, options: Any, output: P
 
 def validate(options: Any, vlm: str | None = None) -> None:
     """Refuse what generation bundles cannot be built as (vlm: the model_type of a VLM source)."""
-    if vlm and (options.precision.reduced or options.target != "ort"):
+    if vlm and (options.precision not in (Precision.FP32, Precision.FP16, Precision.BF16) or options.target != "ort"
+                or options.lowering == "native"):
         raise UsageError(
-            f"Expected --target ort --precision fp32 for a VLM ({vlm}), found --target {options.target} --precision "
-            f"{options.precision}: VLM bundles are built and gated in FP32 on ONNX Runtime only in this version "
-            "(reduced precisions are not lowered or gated for the vision engine yet). Drop --precision/--target."
+            f"Expected --target ort --precision fp32, fp16 or bf16 (AutoCast lowering) for a VLM ({vlm}), found --target "
+            f"{options.target} --precision {options.precision} --lowering {options.lowering}: VLM bundles are built "
+            "and gated on ONNX Runtime only, and weight-only int8/int4 or native lowering of the vision engine and "
+            "decoder are not built in this version. Pick one of those precisions."
         )
     if options.target != "ort":
         raise UsageError(
@@ -117,7 +119,7 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     bundle.mkdir()
     vlm = vlm_model_type(spec) is not None
     # The gate compares these outputs (exporter/gate/tokens.py, vision_language.py): checked before loading.
-    check_tolerance_outputs(options.tolerances, ["logits", "tokens"] + (["image_embeds"] if vlm else []))
+    check_tolerance_outputs(options.tolerances, ["logits", "tokens"] + (["image_embeds", "deepstack_embeds"] if vlm else []))
     with timed(timings, "load", say, f"Loading {spec}"):
         model, tokenizer, processor, info, dims, vision = _load(spec, options, vlm)
     check_memory(_decode_io(model, dims, options, vlm), options.memory_limit, gate_cases=False)
@@ -147,7 +149,8 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
         check_memory(part.io, options.memory_limit, graph=part.path)
     prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
     with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-        lowered, realised = _lower_all(exported, options, prompts, work)
+        lowered, realised = _lower_all(exported, options, prompts, work, _vlm_feeds(exported, options, vision,
+                                                                                     tokenizer, model))
     built = _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims, vision)
     manifest = _engines_and_manifest(built, options, model, tokenizer, timings, say)
     report = _gate_generation(built, options, model, tokenizer, processor, prompts, timings, say)
@@ -260,7 +263,8 @@ def _decode_io(model: Any, dims: dict[str, DimRange], options: Any, vlm: bool) -
 def _export(model: Any, options: Any, work: Path, dims: dict[str, DimRange], vision: Any) -> GenerationExport:
     native, vlm = options.lowering == "native", vision is not None
     exported = export_generation(_in_dtype(model, options.precision) if native else model, work, dims,
-                                 exporter=options.exporter, opset=options.opset, vlm=vlm)
+                                 exporter=options.exporter, opset=options.opset, vlm=vlm,
+                                 deepstack=vision.deepstack if vlm else 0)
     if vlm:
         from exporter.export.generation import GraphExport
         from exporter.export.vlm import DEFAULT_IMAGES, export_vision
@@ -271,10 +275,21 @@ def _export(model: Any, options: Any, work: Path, dims: dict[str, DimRange], vis
     return exported
 
 
+def _vlm_feeds(exported: GenerationExport, options: Any, vision: Any, tokenizer: Any, model: Any) -> Any:
+    """AutoCast's range data for a VLM's graphs (photos and prompts, exporter/gate/vision_language.py); None when
+    nothing is lowered or the model is a causal LM (its prompts make the feeds)."""
+    if vision is None or options.precision not in (Precision.FP16, Precision.BF16):
+        return None
+    from exporter.gate.vision_language import calibration_feeds_vlm
+
+    table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    return calibration_feeds_vlm({n: c.path for n, c in exported.components.items()}, vision, tokenizer, table)
+
+
 def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]],
-               work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Each graph lowered on its own (fp16/bf16: AutoCast with ranges from the prompts; int8:
-    weight-only MatMulNBits); returns the lowered paths and the realised precision per graph."""
+               work: Path, feeds: dict[str, Any] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Each graph lowered on its own (fp16/bf16: AutoCast with ranges from the prompts, or a VLM's `feeds`;
+    int8: weight-only MatMulNBits); returns the lowered paths and the realised precision per graph."""
     paths = {n: c.path for n, c in exported.components.items()}
     if not options.precision.reduced:
         return paths, {"requested": "fp32"}
@@ -294,7 +309,7 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
     from exporter.gate.tokens import calibration_feeds
     from exporter.lower.precision import lower_precision
 
-    feeds = calibration_feeds(paths, prompts)
+    feeds = feeds or calibration_feeds(paths, prompts)
     out, realised = {}, {"requested": options.precision}
     for name, path in paths.items():
         sub = work / f"lower-{name}"

@@ -150,16 +150,21 @@ def test_cli_generate_with_image_files(vlm_bundle, tiny_vl, spec, photos, tmp_pa
     assert resized.returncode == 0, resized.stderr
 
 
-def test_vlm_runtime_imports_no_torch(vlm_bundle):
+def runs_without_torch(bundle, size: tuple[int, int]) -> None:
+    """Generate with one image in a fresh interpreter: no torch, transformers, exporter, calibration or PIL."""
     code = textwrap.dedent(f"""
         import sys
         import numpy as np
         from runtimes.generate import SamplingOptions, load_generator
-        with load_generator({str(vlm_bundle)!r}) as g:
-            out = g.generate("<image>Describe.", SamplingOptions(max_new_tokens=4), images=[np.zeros((84, 56, 3), np.uint8)])
+        with load_generator({str(bundle)!r}) as g:
+            out = g.generate("<image>Describe.", SamplingOptions(max_new_tokens=4), images=[np.zeros(({size[0]}, {size[1]}, 3), np.uint8)])
         heavy = [m for m in ("torch", "transformers", "exporter", "calibration", "PIL") if m in sys.modules]
         print("HEAVY:", heavy, type(g).__name__, len(out.tokens))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY: [] VisionLanguageGenerator" in proc.stdout
+
+
+def test_vlm_runtime_imports_no_torch(vlm_bundle):
+    runs_without_torch(vlm_bundle, (84, 56))

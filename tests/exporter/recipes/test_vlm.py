@@ -38,17 +38,17 @@ def test_refusals(tiny_qwen2_vl_dir, tmp_path, vlm_bundle):
     with pytest.raises(UsageError, match="load_generator"):
         runtimes.load(vlm_bundle)
     shapes = parse_shapes(VLM_SHAPES)
-    with pytest.raises(UsageError, match="--precision fp32 for a VLM"):
-        build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=tmp_path / "fp16", precision="fp16", shapes=shapes))
     with pytest.raises(UsageError, match="multiples of 28.*image_height=84"):
         build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=tmp_path / "odd", shapes=parse_shapes(
             VLM_SHAPES.replace("image_height=84", "image_height=90"))))
-    other = tmp_path / "qwen25"
+    other = tmp_path / "qwen3moe"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
-    with pytest.raises(UsageError, match="Qwen2.5-VL"):
-        build(f"hf:{other}", BuildOptions(output=tmp_path / "q25"))
-    assert not (tmp_path / "fp16").exists() and not (tmp_path / "q25").exists()
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
+    with pytest.raises(UsageError, match="Qwen3-VL-MoE.*mixture-of-experts"):
+        build(f"hf:{other}", BuildOptions(output=tmp_path / "moe"))
+    with pytest.raises(UsageError, match="--precision fp32, fp16 or bf16.*found --target ort --precision int8"):
+        build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=tmp_path / "int8", precision="int8", shapes=shapes))
+    assert not (tmp_path / "int8").exists() and not (tmp_path / "moe").exists()
 
 
 def test_parity_command_reruns_the_vlm_gate(vlm_bundle):

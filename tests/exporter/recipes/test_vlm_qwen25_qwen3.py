@@ -1,0 +1,145 @@
+"""Qwen2.5-VL (windowed vision attention) and Qwen3-VL (deepstack features, interleaved M-RoPE, an
+interpolated position table) as VLM generation bundles: build and gate at fp32 and fp16 against
+transformers, the runtime's preprocessing, positions and deepstack merge without torch, the CLI's
+--image, and the refusal of image sizes whose windows would be partial."""
+
+import json
+
+import numpy as np
+import pytest
+
+from exporter.pipeline import BuildOptions, build
+from exporter.source.shapes import parse_shapes
+from runtimes.errors import UsageError
+from runtimes.generate import SamplingOptions, load_generator
+from tests.conftest import QWEN3_VL_SHAPES, QWEN25_VL_SHAPES, run_cli
+
+FAMILIES = {"qwen2_5_vl": ("tiny_qwen2_5_vl_dir", QWEN25_VL_SHAPES), "qwen3_vl": ("tiny_qwen3_vl_dir", QWEN3_VL_SHAPES)}
+
+
+def _build(request, bundles, family: str, precision: str):
+    fixture, shapes = FAMILIES[family]
+    folder = request.getfixturevalue(fixture)
+    out = bundles / f"{family}-{precision}"
+    if (out / "manifest.json").is_file():
+        return out
+    return build(f"hf:{folder}", BuildOptions(output=out, precision=precision, shapes=parse_shapes(shapes))).bundle
+
+
+@pytest.fixture(scope="module")
+def qwen3_bundle(request, bundles):
+    return _build(request, bundles, "qwen3_vl", "fp32")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_qwen3_vl_dir):
+    import torch
+    import transformers
+
+    model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(str(tiny_qwen3_vl_dir), dtype=torch.float32)
+    return (model.eval(), transformers.AutoTokenizer.from_pretrained(str(tiny_qwen3_vl_dir)),
+            transformers.AutoImageProcessor.from_pretrained(str(tiny_qwen3_vl_dir)))
+
+
+def _check_bundle(bundle, family: str, precision: str) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    gen = json.loads((bundle / "generation.json").read_text())
+    assert m["source"]["model_type"] == family and set(gen["components"]) == {"prefill", "decode", "vision"}
+    vision_out = {o["name"]: o["shape"] for o in gen["components"]["vision"]["io"]["outputs"]}
+    prefill_in = {i["name"]: i["shape"] for i in gen["components"]["prefill"]["io"]["inputs"]}
+    if family == "qwen3_vl":
+        assert gen["vision"]["deepstack"] == 2 and gen["vision"]["patch_size"] == 16
+        assert vision_out == {"image_embeds": ["images", 6, 64], "deepstack_embeds": ["images", 2, 6, 64]}
+        assert prefill_in["deepstack_embeds"] == [2, "batch", "sequence", 64]
+    else:
+        assert gen["vision"]["deepstack"] == 0 and vision_out == {"image_embeds": ["images", 8, 64]}
+        assert "deepstack_embeds" not in prefill_in
+    p = m["parity"]
+    assert p["status"] == "passed", p
+    assert p["worst"]["tokens"]["equal"] == 1.0 and sum("identical for 32 steps" in n for n in p["notes"]) == 5
+    floor = 0.99999 if precision == "fp32" else 0.9995
+    assert p["worst"]["image_embeds"]["cosine"] > floor
+    if family == "qwen3_vl":
+        assert p["worst"]["deepstack_embeds"]["cosine"] > floor
+    if precision == "fp16":  # lowered for real: every graph holds FP16 nodes
+        realised = m["precision"]["realised"]
+        assert all(realised[c]["nodes_by_dtype"].get("float16", 0) > 0 for c in ("prefill", "decode", "vision"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_build_and_gate(request, bundles, family, precision):
+    _check_bundle(_build(request, bundles, family, precision), family, precision)
+
+
+@pytest.mark.slow
+def test_partial_windows_are_refused(tiny_qwen2_5_vl_dir, tmp_path):
+    with pytest.raises(UsageError, match=r"windows are all equal.*multiples of 56 px.*image_height=56 or 112"):
+        build(f"hf:{tiny_qwen2_5_vl_dir}", BuildOptions(output=tmp_path / "odd", shapes=parse_shapes(
+            QWEN25_VL_SHAPES.replace("image_height=112", "image_height=84"))))
+    assert not (tmp_path / "odd").exists()
+
+
+@pytest.mark.slow
+def test_qwen3_preprocessing_and_positions_equal_transformers(qwen3, qwen3_bundle):
+    import torch
+
+    from exporter.gate.vision_language import gate_photos
+    from runtimes.vlm import preprocess_image, rope_index
+
+    model, _, processor = qwen3
+    with load_generator(qwen3_bundle) as g:
+        spec = g.vision
+    photos = gate_photos(spec)
+    want = processor(images=photos, return_tensors="np")
+    got = np.concatenate([preprocess_image(im, spec) for im in photos])
+    assert want["image_grid_thw"].tolist() == [[1, 6, 4]] * 3
+    np.testing.assert_array_equal(got, want["pixel_values"])  # mean/std 0.5, patches of 16
+    img, n = spec.image_token_id, spec.tokens_per_image
+    ids = np.array([[50, spec.vision_start_token_id, *[img] * n, spec.vision_end_token_id, 60, 70]])
+    mask = np.ones_like(ids)
+    pos, _ = rope_index(ids, mask, img, [spec.grid], spec.merge_size)
+    ref, _ = model.model.get_rope_index(torch.tensor(ids), mm_token_type_ids=torch.tensor((ids == img).astype(np.int32)),
+                                        image_grid_thw=torch.tensor([spec.grid]), attention_mask=torch.tensor(mask))
+    np.testing.assert_array_equal(pos, ref.numpy())
+
+
+@pytest.mark.slow
+def test_qwen3_generate_cli_and_deepstack(qwen3, qwen3_bundle, tmp_path):
+    """The runtime's tokens equal transformers' generate() with an image; the deepstack input is not
+    dead weight (zeroing it changes the logits); `enginekit generate --image` on a file."""
+    from PIL import Image
+
+    from exporter.gate.tokens import reference_generate
+    from exporter.gate.vision_language import gate_photos, reference_inputs
+
+    model, tok, processor = qwen3
+    with load_generator(qwen3_bundle) as g:
+        spec = g.vision
+        photo = gate_photos(spec)[1]
+        ids, extra = reference_inputs("<image>Describe this image.", [photo], tok, processor, model, spec)
+        want, _ = reference_generate(model, ids, 16, extra)
+        opts = SamplingOptions(max_new_tokens=16, stop_token_ids=[])
+        got = g.generate("<image>Describe this image.", opts, images=[photo])
+        assert got.prompt_tokens == ids and got.tokens == want
+        enc = g.encode_images_all([photo])
+        one = SamplingOptions(max_new_tokens=1, stop_token_ids=[])
+        full = g.generate_ids([ids], one, record_logits=True, **enc)[0].logits[0]
+        zeroed = g.generate_ids([ids], one, record_logits=True, image_embeds=enc["image_embeds"],
+                                deepstack_embeds=np.zeros_like(enc["deepstack_embeds"]))[0].logits[0]
+        assert np.abs(full - zeroed).max() > 1e-3
+        with pytest.raises(UsageError, match="deepstack_embeds"):
+            g.generate_ids([ids], one, image_embeds=enc["image_embeds"])
+    Image.fromarray(photo).save(tmp_path / "cat.png")
+    ok = run_cli("generate", str(qwen3_bundle), "-p", "<image>Describe this image.", "--image", str(tmp_path / "cat.png"),
+                 "-n", "16", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)[0]["text"] == tok.decode(want, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_qwen3_runtime_imports_no_torch(qwen3_bundle):
+    from tests.runtimes.test_vlm import runs_without_torch
+
+    runs_without_torch(qwen3_bundle, (96, 64))  # the deepstack merge included
