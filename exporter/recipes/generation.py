@@ -29,7 +29,7 @@ from exporter.export.generation import GenerationExport, cache_layout, component
 from exporter.export.memory import check_memory
 from exporter.export.vlm import vlm_model_type
 from exporter.gate.task import check_tolerance_outputs
-from exporter.lower.mixed import mixed_options
+from exporter.lower.mixed import keep_unrunnable_op, mixed_options
 from exporter.options import build_command
 from exporter.recipes.genai import build_genai_into, use_genai
 from exporter.source.causal import DEFAULT_PROMPT, DEFAULT_TOTAL, generation_metadata, load_causal_lm
@@ -37,7 +37,7 @@ from exporter.source.spec import SourceSpec
 from exporter.timing import Progress, timed
 from runtimes._version import __version__
 from runtimes.choices import Precision
-from runtimes.errors import UsageError
+from runtimes.errors import BuildError, UsageError
 from runtimes.generate import GENERATION_FILE, TOKENIZER_FILE
 from runtimes.manifest import DimRange, IOSpec, Manifest, file_sha256
 
@@ -148,11 +148,25 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     for part in exported.components.values():
         check_memory(part.io, options.memory_limit, graph=part.path)
     prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
-    with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-        lowered, realised = _lower_all(exported, options, prompts, work, _vlm_feeds(exported, options, vision,
-                                                                                     tokenizer, model))
-    built = _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims, vision)
-    manifest = _engines_and_manifest(built, options, model, tokenizer, timings, say)
+    feeds = _vlm_feeds(exported, options, vision, tokenizer, model)
+    kept = mixed_options(options) if options.lowering != "native" else None  # op types the provider refused
+    history: list[dict[str, Any]] = []
+    while True:
+        with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
+            lowered, realised = _lower_all(exported, options, prompts, work, feeds, kept)
+        if history:
+            realised["provider_refusals"] = list(history)
+        built = _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims, vision)
+        try:
+            manifest = _engines_and_manifest(built, options, model, tokenizer, timings, say)
+            break
+        except BuildError as exc:
+            # e.g. ORT 1.31's CUDA provider has no BF16 Reciprocal (Qwen3-VL's RMSNorm, measured on the H200):
+            # keep that op type in FP32 in every graph and lower again (the plain recipe does the same)
+            if not (kept and keep_unrunnable_op(exc, kept, history, say)):
+                raise
+            shutil.rmtree(bundle)
+            bundle.mkdir()
     report = _gate_generation(built, options, model, tokenizer, processor, prompts, timings, say)
     why = unfuse_reason(report, [c.get("fusions") or {} for c in manifest.target.options["generation"].values()],
                         options.ort_fusions)
@@ -286,10 +300,11 @@ def _vlm_feeds(exported: GenerationExport, options: Any, vision: Any, tokenizer:
     return calibration_feeds_vlm({n: c.path for n, c in exported.components.items()}, vision, tokenizer, table)
 
 
-def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]],
-               work: Path, feeds: dict[str, Any] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
+def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]], work: Path,
+               feeds: dict[str, Any] | None = None, kept: Any = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """Each graph lowered on its own (fp16/bf16: AutoCast with ranges from the prompts, or a VLM's `feeds`;
-    int8: weight-only MatMulNBits); returns the lowered paths and the realised precision per graph."""
+    int8: weight-only MatMulNBits); returns the lowered paths and the realised precision per graph.
+    kept: MixedOptions whose fp32_ops (op types the provider refused in the low precision) every graph keeps."""
     paths = {n: c.path for n, c in exported.components.items()}
     if not options.precision.reduced:
         return paths, {"requested": "fp32"}
@@ -316,7 +331,10 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
         sub.mkdir(exist_ok=True)
         safe = path.with_name(f"{name}.maskfill.onnx")
         clamped = clamp_mask_fill(path, safe)
-        lowered = lower_precision(safe, options.precision, sub, mixed=mixed_options(options), calibration=feeds[name])
+        mixed = mixed_options(options)
+        if kept is not None:
+            mixed.fp32_ops, mixed.op_reasons = list(kept.fp32_ops), dict(kept.op_reasons)
+        lowered = lower_precision(safe, options.precision, sub, mixed=mixed, calibration=feeds[name])
         _drop_shapes(lowered.path)
         out[name] = lowered.path
         realised[name] = {**lowered.realised, "mask_fill_constants_clamped": clamped}

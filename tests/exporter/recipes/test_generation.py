@@ -101,6 +101,38 @@ def test_fp16_engine_and_emulation(tiny_qwen2_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_provider_refusal_keeps_that_op_fp32_in_every_graph(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """On the H200, ORT 1.31's CUDA provider has no BF16 Reciprocal, and refused a Qwen3-VL decoder
+    ("Provider type for Reciprocal node with name 'node_rsqrt' is not set"). The CPU provider has the FP16
+    kernels of a tiny Qwen2, so the refusal is raised here the way ONNX Runtime words it, once, for the
+    first graph holding a lowered Softmax; the recipe keeps Softmax in FP32 in every graph and lowers again."""
+    import onnx
+
+    import exporter.recipes.generation as recipe
+    from runtimes.errors import BuildError
+
+    real, refused = recipe.build_engine, []
+
+    def build_engine(path, *args, **kwargs):
+        graph = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+        half = {v.name for v in graph.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+        soft = [n for n in graph.graph.node if n.op_type == "Softmax" and n.input[0] in half]
+        if soft and not refused:
+            refused.append(soft[0].name)
+            raise BuildError(f"... Provider type for Softmax node with name '{soft[0].name}' is not set.. Check ...")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "build_engine", build_engine)
+    res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "fp16", precision="fp16", generator="enginekit"))
+    realised = res.manifest.precision["realised"]
+    assert refused and res.parity.passed
+    assert realised["provider_refusals"][0]["kept_fp32_ops"] == ["Softmax"]
+    for name in ("prefill", "decode"):
+        reasons = {n["op"]: n["reason"] for n in realised[name]["fp32_nodes"]}
+        assert "no fp16 kernel" in reasons["Softmax"]
+
+
+@pytest.mark.slow
 def test_int8_weight_only(tiny_qwen2_dir, tmp_path):
     res = build(f"hf:{tiny_qwen2_dir}", BuildOptions(output=tmp_path / "int8", precision="int8", generator="enginekit"))
     realised = res.manifest.precision["realised"]["decode"]
