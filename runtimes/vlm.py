@@ -185,6 +185,23 @@ def dense_deepstack(is_image: np.ndarray, spec: VisionSpec, hidden: int, n_image
     return dense
 
 
+def prefill_feeds(ids: np.ndarray, mask: np.ndarray, table: np.ndarray, spec: VisionSpec,
+                  image_embeds: np.ndarray | None, deepstack_embeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The prefill's inputs for token ids [batch, sequence] (padded by `mask`) whose <|image_pad|> runs stand for
+    `image_embeds` [images, tokens, hidden] in order over the rows: the embedding rows of `table` [vocab, hidden]
+    with the images spliced in, M-RoPE positions, and for Qwen3-VL the dense deepstack levels."""
+    is_image = ids == spec.image_token_id
+    n_images = 0 if image_embeds is None else len(image_embeds)
+    embeds = np.asarray(table[ids], np.float32)
+    if n_images:
+        embeds[is_image] = np.asarray(image_embeds, np.float32).reshape(-1, embeds.shape[-1])
+    positions, _ = rope_index(ids, mask, spec.image_token_id, [spec.grid] * n_images, spec.merge_size)
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+    if spec.deepstack:
+        feeds["deepstack_embeds"] = dense_deepstack(is_image, spec, embeds.shape[-1], n_images, deepstack_embeds)
+    return feeds
+
+
 class VisionLanguageGenerator(Generator):
     """A Generator whose decoder takes inputs_embeds: the vision engine, the embedding table, the
     image merge and M-RoPE positions in front of the shared prefill/decode loop."""
@@ -280,13 +297,7 @@ class VisionLanguageGenerator(Generator):
                 f"found {int(is_image.sum())} such tokens in {runs} run(s) for {n_given} image(s). Build prompts with "
                 f"the {IMAGE_MARKER} marker (generate()), or pass as many images as placeholder runs."
             )
-        embeds = self.embed(ids)
-        if embeds_given is not None:
-            embeds[is_image] = np.asarray(embeds_given, np.float32).reshape(-1, embeds.shape[-1])
-        positions, _ = rope_index(ids, mask, v.image_token_id, [v.grid] * n_given, v.merge_size)
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        if v.deepstack:
-            feeds["deepstack_embeds"] = dense_deepstack(is_image, v, embeds.shape[-1], n_given, deepstack_embeds)
+        feeds = prefill_feeds(ids, mask, self.embeddings, v, embeds_given, deepstack_embeds)
         return self._loop(prompts, feeds, opts, on_token=on_token, record_logits=record_logits, forced=forced)
 
     def _token_inputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:

@@ -23,7 +23,9 @@ generic wrapper builds a DynamicCache from the past tensors and exports with tor
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,21 +306,20 @@ def _export_with_wrapper(model: Any, cache: CacheLayout, opset: int | None, *,
     return graphs
 
 
-class _dense_deepstack:
+@contextlib.contextmanager
+def _dense_deepstack(model: Any) -> Iterator[None]:
     """Qwen3-VL's text model adds a deepstack level at the image tokens (`_deepstack_process`: a boolean-mask
     gather and scatter, data-dependent shapes in the graph). For the export it adds the dense level instead
     (zero off the image tokens, so the sum is the same); the model is restored after. model None: no-op."""
-
-    def __init__(self, model: Any):
-        self.lm = model.model.language_model if model is not None else None
-
-    def __enter__(self) -> None:
-        if self.lm is not None:
-            self.lm._deepstack_process = lambda hidden, _mask, level: hidden + level.to(hidden.dtype)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.lm is not None:
-            del self.lm._deepstack_process
+    if model is None:
+        yield
+        return
+    lm = model.model.language_model
+    lm._deepstack_process = lambda hidden, _mask, level: hidden + level.to(hidden.dtype)
+    try:
+        yield
+    finally:
+        del lm._deepstack_process
 
 
 def sliding_window(config: Any) -> int | None:

@@ -34,7 +34,9 @@ decode step; the decoder graphs then take inputs_embeds on both steps and hold n
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,26 +255,21 @@ def export_vision(model: Any, spec: VisionSpec, path: Path, images: DimRange, op
     return io
 
 
-class _zero_bias:
+@contextlib.contextmanager
+def _zero_bias(conv: Any) -> Iterator[None]:
     """A bias-free Conv3d patch embedding (Qwen2.5-VL's, Qwen3-VL's has one) given a zero bias for the export:
     torch 2.13's ONNX exporter wrote its missing bias as a [32, 2] zero tensor there, which ONNX Runtime refuses
     ("bias must be a 1D tensor of size output_channels"); a zero bias computes the same."""
+    import torch
 
-    def __init__(self, conv: Any):
-        self.conv = conv
-
-    def __enter__(self) -> None:
-        import torch
-
-        if self.conv.bias is None:
-            self.conv.bias = torch.nn.Parameter(torch.zeros(self.conv.out_channels, dtype=self.conv.weight.dtype))
-            self.added = True
-        else:
-            self.added = False
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.added:
-            self.conv.bias = None
+    if conv.bias is not None:
+        yield
+        return
+    conv.bias = torch.nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+    try:
+        yield
+    finally:
+        conv.bias = None
 
 
 def _finalize_vision(model: Any, io: IOSpec, path: Path) -> None:

@@ -13,6 +13,7 @@ from exporter.gate.cases import gate_cases, run_gate
 from exporter.gate.parity import ParityReport
 from exporter.gate.report import write_html
 from exporter.gate.task import check_tolerance_outputs, gate_policy
+from exporter.gate.vision_language import VISION_OUTPUTS
 from exporter.source.loading import load_source
 from exporter.source.spec import parse_source
 from exporter.timing import Progress
@@ -59,7 +60,7 @@ def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | Non
     verify_files(bundle, manifest)  # an altered bundle says so first, whatever the reference
     generation = manifest.kind in (Kind.GENERATION, Kind.VISION_LANGUAGE)
     # what the gate compares: the token gate's checks for generation bundles, else the engine's outputs
-    compared = ["logits", "tokens", *(["image_embeds", "deepstack_embeds"] if manifest.kind is Kind.VISION_LANGUAGE else [])]
+    compared = ["logits", "tokens", *(VISION_OUTPUTS if manifest.kind is Kind.VISION_LANGUAGE else ())]
     check_tolerance_outputs(tolerances or [], compared if generation else [o.name for o in manifest.io.outputs])
     source = reference_source(bundle, manifest, reference, trust_recorded)
     if generation:  # gated on tokens

@@ -78,9 +78,14 @@ def calibration_feeds(paths: dict[str, Path], prompts: list[list[int]]) -> dict[
         feeds["decode"].append({
             "input_ids": outs["next_token"].astype(np.int64), "attention_mask": np.ones((1, len(p) + 1), np.int64),
             "position_ids": np.array([[len(p)]], np.int64),
-            **{n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present.")},
+            **past_from_present(outs),
         })
     return feeds
+
+
+def past_from_present(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A graph run's present.* outputs named as the next decode step's past_key_values.* inputs."""
+    return {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present.")}
 
 
 def reference_generate(model: Any, prompt: list[int], steps: int,

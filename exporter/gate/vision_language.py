@@ -21,12 +21,15 @@ from typing import Any
 import numpy as np
 
 from exporter.gate.parity import ParityReport, TolerancePolicy, compare_case
-from exporter.gate.tokens import reference_generate, token_metrics
+from exporter.gate.tokens import past_from_present, reference_generate, token_metrics
 from runtimes.errors import DataError, MissingDependency
 from runtimes.generate import SamplingOptions
 from runtimes.vlm import IMAGE_MARKER, VisionLanguageGenerator, VisionSpec
 
 PHOTOS = ("astronaut", "chelsea", "coffee")
+# What the vision case compares (the vision engine's outputs; deepstack_embeds: Qwen3-VL only), besides the
+# token gate's logits and tokens: the names a --tolerance may give.
+VISION_OUTPUTS = ("image_embeds", "deepstack_embeds")
 # (prompt, indices into PHOTOS): one image before the text, one after it, two images, and no image.
 CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
     (f"{IMAGE_MARKER}Describe this image.", (0,)),
@@ -68,7 +71,7 @@ def calibration_feeds_vlm(paths: dict[str, Path], spec: VisionSpec, tokenizer: A
     CALIBRATION_PHOTOS, the prefill on CALIBRATION_PROMPTS about them, the decode on the next token with the
     prefill's cache. table: the decoder's token embeddings [vocab, hidden]."""
     from runtimes._deps import require
-    from runtimes.vlm import dense_deepstack, expand_prompt, preprocess_image, rope_index
+    from runtimes.vlm import expand_prompt, prefill_feeds, preprocess_image
 
     ort = require("onnxruntime", extra="cpu", purpose="Calibration feeds for a VLM's graphs")
 
@@ -87,21 +90,14 @@ def calibration_feeds_vlm(paths: dict[str, Path], spec: VisionSpec, tokenizer: A
         if max(which) >= len(photos):
             continue
         ids = np.array([tokenizer(expand_prompt(prompt, len(which), spec))["input_ids"]], np.int64)
-        mask = np.ones_like(ids)
-        is_image = ids == spec.image_token_id
-        embeds = np.asarray(table[ids], np.float32)
-        embeds[is_image] = encoded["image_embeds"][list(which)].reshape(-1, embeds.shape[-1])
-        positions, _ = rope_index(ids, mask, spec.image_token_id, [spec.grid] * len(which), spec.merge_size)
-        pre = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        if spec.deepstack:
-            pre["deepstack_embeds"] = dense_deepstack(is_image, spec, embeds.shape[-1], len(which),
-                                                      encoded["deepstack_embeds"][list(which)])
+        pre = prefill_feeds(ids, np.ones_like(ids), table, spec, encoded["image_embeds"][list(which)],
+                            encoded["deepstack_embeds"][list(which)] if spec.deepstack else None)
         outs = dict(zip(outs_named, prefill.run(outs_named, pre)))
         feeds["prefill"].append(pre)
         feeds["decode"].append({
             "inputs_embeds": np.asarray(table[outs["next_token"]], np.float32),
-            "attention_mask": np.ones((1, ids.shape[1] + 1), np.int64), "position_ids": positions[..., -1:] + 1,
-            **{n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present.")},
+            "attention_mask": np.ones((1, ids.shape[1] + 1), np.int64), "position_ids": pre["position_ids"][..., -1:] + 1,
+            **past_from_present(outs),
         })
     return feeds
 

@@ -29,6 +29,7 @@ from exporter.export.generation import GenerationExport, cache_layout, component
 from exporter.export.memory import check_memory
 from exporter.export.vlm import vlm_model_type
 from exporter.gate.task import check_tolerance_outputs
+from exporter.gate.vision_language import VISION_OUTPUTS
 from exporter.lower.mixed import keep_unrunnable_op, mixed_options
 from exporter.options import build_command
 from exporter.recipes.genai import build_genai_into, use_genai
@@ -119,7 +120,7 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     bundle.mkdir()
     vlm = vlm_model_type(spec) is not None
     # The gate compares these outputs (exporter/gate/tokens.py, vision_language.py): checked before loading.
-    check_tolerance_outputs(options.tolerances, ["logits", "tokens"] + (["image_embeds", "deepstack_embeds"] if vlm else []))
+    check_tolerance_outputs(options.tolerances, ["logits", "tokens", *(VISION_OUTPUTS if vlm else ())])
     with timed(timings, "load", say, f"Loading {spec}"):
         model, tokenizer, processor, info, dims, vision = _load(spec, options, vlm)
     check_memory(_decode_io(model, dims, options, vlm), options.memory_limit, gate_cases=False)
@@ -148,12 +149,12 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     for part in exported.components.values():
         check_memory(part.io, options.memory_limit, graph=part.path)
     prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
-    feeds = _vlm_feeds(exported, options, vision, tokenizer, model)
+    feeds = _autocast_feeds(exported, options, vision, tokenizer, model, prompts)
     kept = mixed_options(options) if options.lowering != "native" else None  # op types the provider refused
     history: list[dict[str, Any]] = []
     while True:
         with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-            lowered, realised = _lower_all(exported, options, prompts, work, feeds, kept)
+            lowered, realised = _lower_all(exported, options, work, feeds, kept)
         if history:
             realised["provider_refusals"] = list(history)
         built = _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims, vision)
@@ -289,21 +290,28 @@ def _export(model: Any, options: Any, work: Path, dims: dict[str, DimRange], vis
     return exported
 
 
-def _vlm_feeds(exported: GenerationExport, options: Any, vision: Any, tokenizer: Any, model: Any) -> Any:
-    """AutoCast's range data for a VLM's graphs (photos and prompts, exporter/gate/vision_language.py); None when
-    nothing is lowered or the model is a causal LM (its prompts make the feeds)."""
-    if vision is None or options.precision not in (Precision.FP16, Precision.BF16):
+def _autocast_feeds(exported: GenerationExport, options: Any, vision: Any, tokenizer: Any, model: Any,
+                    prompts: list[list[int]]) -> dict[str, Any] | None:
+    """AutoCast's range data per graph, computed once per build (a lowering round after a provider refusal reuses
+    it): a causal LM's from its prompts (exporter/gate/tokens.py), a VLM's from photos and prompts
+    (exporter/gate/vision_language.py); None when nothing is lowered by AutoCast."""
+    if options.precision not in (Precision.FP16, Precision.BF16) or options.lowering == "native":
         return None
+    paths = {n: c.path for n, c in exported.components.items()}
+    if vision is None:
+        from exporter.gate.tokens import calibration_feeds
+
+        return calibration_feeds(paths, prompts)
     from exporter.gate.vision_language import calibration_feeds_vlm
 
     table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
-    return calibration_feeds_vlm({n: c.path for n, c in exported.components.items()}, vision, tokenizer, table)
+    return calibration_feeds_vlm(paths, vision, tokenizer, table)
 
 
-def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]], work: Path,
-               feeds: dict[str, Any] | None = None, kept: Any = None) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Each graph lowered on its own (fp16/bf16: AutoCast with ranges from the prompts, or a VLM's `feeds`;
-    int8: weight-only MatMulNBits); returns the lowered paths and the realised precision per graph.
+def _lower_all(exported: GenerationExport, options: Any, work: Path, feeds: dict[str, Any] | None = None,
+               kept: Any = None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Each graph lowered on its own (fp16/bf16: AutoCast with the range data `feeds`, _autocast_feeds; int8:
+    weight-only MatMulNBits); returns the lowered paths and the realised precision per graph.
     kept: MixedOptions whose fp32_ops (op types the provider refused in the low precision) every graph keeps."""
     paths = {n: c.path for n, c in exported.components.items()}
     if not options.precision.reduced:
@@ -321,10 +329,8 @@ def _lower_all(exported: GenerationExport, options: Any, prompts: list[list[int]
             out[name] = work / f"{name}.int8.onnx"
             realised[name] = quantize_weights(path, out[name], device=options.device)
         return out, realised
-    from exporter.gate.tokens import calibration_feeds
     from exporter.lower.precision import lower_precision
 
-    feeds = feeds or calibration_feeds(paths, prompts)
     out, realised = {}, {"requested": options.precision}
     for name, path in paths.items():
         sub = work / f"lower-{name}"
