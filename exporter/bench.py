@@ -75,6 +75,7 @@ class Row:
     throughput: float  # samples per second at p50
     memory_mib: float | None
     speedup: float | None = None  # vs torch FP32 eager at the same batch
+    vs_compile: float | None = None  # engines: the best torch.compile mode's p50 over this p50, same batch
     note: str = ""
     compile_s: float | None = None  # torch.compile variants: the first call, compilation included
 
@@ -305,14 +306,11 @@ def run_bench(bundles: list[Path], options: BenchOptions, progress: Callable[[st
             for r in rows:
                 if r.batch == batch and ref is not None:
                     r.speedup = round(ref.p50_ms / r.p50_ms, 3)
-        best_compile = {}
-        for batch in options.batches:
-            comp = [r for r in rows if r.batch == batch and r.variant.startswith("torch.compile")]
-            if comp:
-                best_compile[batch] = min(comp, key=lambda r: r.p50_ms).variant
+        best_compile, slower = compile_ratios(rows, options.batches)
         return {"bundles": [str(b) for b in bundles], "environment": env, "options": asdict(options),
                 "rows": [asdict(r) for r in rows], "skipped": skipped, "best_compile": best_compile,
-                "profiles": profiles, "notes": notes, **({"partial": True} if partial else {})}
+                "slower_than_compile": slower, "profiles": profiles, "notes": notes,
+                **({"partial": True} if partial else {})}
 
     def on_row(row: Row) -> None:
         rows.append(row)
@@ -328,6 +326,25 @@ def run_bench(bundles: list[Path], options: BenchOptions, progress: Callable[[st
         _, p = bench_engine(b, options, say, on_row)
         profiles.update(p)
     return result(partial=False)
+
+
+def compile_ratios(rows: list[Row], batches: list[int]) -> tuple[dict[int, str], list[str]]:
+    """Set every engine row's vs_compile (the best torch.compile mode's p50 at that batch over the engine's);
+    returns {batch: best compile variant} and one line per engine row slower than it (ratio < 1.0)."""
+    best_compile, slower = {}, []
+    for batch in batches:
+        comp = [r for r in rows if r.batch == batch and r.variant.startswith("torch.compile")]
+        if not comp:
+            continue
+        best = min(comp, key=lambda r: r.p50_ms)
+        best_compile[batch] = best.variant
+        for r in rows:
+            if r.batch == batch and r.kind == "engine":
+                r.vs_compile = round(best.p50_ms / r.p50_ms, 3)
+                if r.vs_compile < 1.0:
+                    slower.append(f"{r.variant} at batch {batch}: {r.p50_ms:.3f} ms, slower than {best.variant} "
+                                  f"({best.p50_ms:.3f} ms): {r.vs_compile:.2f}×")
+    return best_compile, slower
 
 
 def environment(manifests: list[Manifest]) -> dict[str, Any]:

@@ -35,11 +35,13 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+
+from recorder import Recorder  # noqa: E402  (bench/gpu/recorder.py)
 
 PROMPT, NEW, BATCHES, RUNS = 128, 128, (1, 8), 3
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -58,39 +60,6 @@ def _sync() -> None:
 
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-class Recorder:
-    def __init__(self, out: Path, budget_s: float):
-        self.out, self.t0, self.budget = out, time.perf_counter(), budget_s
-        self.data: dict = {"command": " ".join(sys.argv), "stages": {}, "rows": [], "notes": []}
-
-    def left(self) -> float:
-        return self.budget - (time.perf_counter() - self.t0)
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "llm_bench.json").write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-
-    def stage(self, name: str, fn, need_s: float):
-        if self.left() < need_s:
-            self.data["stages"][name] = {"status": f"skipped: {self.left():.0f} s left of the budget, needs ~{need_s:.0f}"}
-            self.save()
-            return None
-        t = time.perf_counter()
-        try:
-            result = fn()
-            self.data["stages"][name] = {"status": "ok", "seconds": round(time.perf_counter() - t, 1)}
-            return result
-        except Exception as exc:
-            self.data["stages"][name] = {"status": f"failed: {type(exc).__name__}: {str(exc)[:1500]}",
-                                         "traceback": traceback.format_exc()[-3000:],
-                                         "seconds": round(time.perf_counter() - t, 1)}
-            print(f"stage {name} failed: {exc}", file=sys.stderr)
-            return None
-        finally:
-            print(f"[{time.perf_counter() - self.t0:6.1f} s] {name}: {self.data['stages'][name]['status'][:200]}", flush=True)
-            self.save()
 
 
 def environment() -> dict:
@@ -389,7 +358,7 @@ def main() -> None:
         DEVICE, PRECISION, SIZES, NEW = "cpu", "fp32", SMOKE, 16
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
-    rec = Recorder(out, args.budget_s)
+    rec = Recorder(out / "llm_bench.json", args.budget_s)
     if (out / "llm_bench.json").is_file():  # a later call of a split run: keep the earlier stages' rows
         earlier = json.loads((out / "llm_bench.json").read_text())
         rec.data["stages"], rec.data["rows"] = earlier.get("stages", {}), earlier.get("rows", [])

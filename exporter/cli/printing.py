@@ -91,7 +91,10 @@ def _print_calibration(con: Any, cal: dict[str, Any], realised: dict[str, Any]) 
     con.print(f"kept in float ({len(excluded)})" + (f": {', '.join(excluded)} (the most sensitive layers, until the "
                                                     f"budget {', '.join(cal['budget'])} held)" if excluded else ""))
     speed = cal.get("speed")
-    if speed:
+    if speed and speed.get("device") == "cuda" and "int8_ms" in speed:
+        con.print(f"CUDA latency at the opt shape {speed['shapes']}: FP16 {speed['fp16_ms']:.3f} ms, INT8 "
+                  f"{speed['int8_ms']:.3f} ms (INT8 / FP16 {speed['int8_over_fp16']:.2f}×)")
+    elif speed and "fp32_ms" in speed:
         con.print(f"CPU latency on a held-out batch {speed['shapes']}: FP32 {speed['fp32_ms']:.2f} ms, INT8 "
                   f"{speed['int8_ms']:.2f} ms, speedup {speed['speedup']:.2f}×")
     for note in cal.get("notes", []):

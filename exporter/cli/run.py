@@ -62,16 +62,21 @@ def bench(
     con = _console()
     gpu = (result["environment"].get("gpu") or {}).get("name", "CPU")
     t = Table(title=f"bench on {gpu} (speedup vs torch eager fp32, same batch)", title_justify="left")
-    for col in ("batch", "variant", "p50 ms", "p90 ms", "p99 ms", "samples/s", "memory MiB", "compile s", "speedup"):
+    for col in ("batch", "variant", "p50 ms", "p90 ms", "p99 ms", "samples/s", "memory MiB", "compile s", "speedup",
+                "vs best compile"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for r in sorted(result["rows"], key=lambda r: (r["batch"], r["p50_ms"])):
+        ratio = r.get("vs_compile")
         t.add_row(str(r["batch"]), r["variant"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
                   f"{r['throughput']:.1f}", "–" if r["memory_mib"] is None else f"{r['memory_mib']:.0f}",
                   "–" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
-                  "–" if r["speedup"] is None else f"{r['speedup']:.2f}×")
+                  "–" if r["speedup"] is None else f"{r['speedup']:.2f}×",
+                  "–" if ratio is None else f"[red]{ratio:.2f}× slower[/]" if ratio < 1.0 else f"{ratio:.2f}×")
     for k in result.get("skipped", []):
-        t.add_row(str(k["batch"]), f"{k['variant']}: skipped, {k['reason']}", *["–"] * 7)
+        t.add_row(str(k["batch"]), f"{k['variant']}: skipped, {k['reason']}", *["–"] * 8)
     con.print(t)
+    for line in result.get("slower_than_compile", []):
+        con.print(f"[red]slower than torch.compile:[/] {line}")
     for note in result["notes"]:
         con.print(f"[yellow]note:[/] {note}")
     con.print(f"results: {output} · plot: {output.with_suffix('.png')}")

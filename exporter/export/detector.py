@@ -93,10 +93,16 @@ def engine_io(io: IOSpec, drop: list[str]) -> IOSpec:
     return replace(io, outputs=[o for o in io.outputs if o.name not in drop]) if drop else io
 
 
-def with_raw_outputs(infer: Infer, graph: Path, names: list[str], device: str) -> tuple[Infer, str | None]:
+def with_raw_outputs(infer: Infer, graph: Path, names: list[str], device: str,
+                     cuda_options: Mapping[str, Any] | None = None) -> tuple[Infer, str | None]:
     """`infer` plus `names` read from `graph` (the engine's ONNX, or a TensorRT plan's lowered ONNX)
     re-run by ONNX Runtime with those tensors as outputs. Returns (infer, None) unchanged with a
-    note when the graph no longer holds them (an optimizer renamed them)."""
+    note when the graph no longer holds them (an optimizer renamed them).
+
+    cuda_options: the engine's own CUDA provider options (its runner's). The raw outputs must come from
+    the same kernels as the engine's: on 2026-11-21 the YOLOX-S-sized detector's FP32 gate failed on
+    raw_scores (rel-L2 2.2e-4 > 1e-4) read from a second session with ORT's defaults, which let
+    convolutions use TF32, while the engine itself runs FP32 bundles with TF32 off."""
     import onnx
 
     from runtimes._deps import require
@@ -114,8 +120,7 @@ def with_raw_outputs(infer: Infer, graph: Path, names: list[str], device: str) -
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t is not None)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=raw_providers(device, cuda_options))
     feed_names = {i.name for i in session.get_inputs()}
 
     def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -125,3 +130,12 @@ def with_raw_outputs(infer: Infer, graph: Path, names: list[str], device: str) -
         return out
 
     return run, None
+
+
+def raw_providers(device: str, cuda_options: Mapping[str, Any] | None) -> list[Any]:
+    """ONNX Runtime providers for the raw-output session: exactly the engine runner's CUDA options (TF32,
+    algorithm search, layout), else (a TensorRT plan's lowered ONNX) TF32 off; or the CPU."""
+    if device != "cuda":
+        return ["CPUExecutionProvider"]
+    options = dict(cuda_options) if cuda_options is not None else {"use_tf32": 0}
+    return [("CUDAExecutionProvider", {k: str(v) for k, v in options.items()}), "CPUExecutionProvider"]

@@ -13,6 +13,15 @@ to the unmatched candidate of highest IoU ≥ `match_iou`); then:
   numerical noise of the score threshold, or of the lowest score kept on an image that hit the
   max-detections limit (which of two near-equal boxes survives is then a tie, not an error).
 
+At FP16/BF16 the mean-IoU floor is never above what the precision itself can represent: the
+reference's matched boxes are rounded to that format (`resolution_iou`, their IoU with the
+unrounded boxes) and the engine may lose up to RESOLUTION_FACTOR times that IoU. Small boxes far from
+the origin lose the most: a 22-pixel box at x ≈ 400 moves by up to 0.125 px when stored in FP16
+(spacing 0.25 px there), IoU ≈ 0.99. Found on the YOLOX-S-sized detector with random weights (boxes
+of about 22 px everywhere): its FP16 engine lost 0.0118 of mean IoU where rounding the reference
+boxes to FP16 loses 0.0122, every matched pair the same anchor: no tie, no wrong box, only storage
+resolution. A real regression error (a wrong box, a shifted grid) costs far more than that.
+
 The outputs follow the static-shape form of NMS in the graph: num_detections [B] (int), boxes
 [B, K, 4] (x1, y1, x2, y2), scores [B, K], classes [B, K] (int), rows beyond num_detections padding.
 """
@@ -38,6 +47,12 @@ class DetectionTolerance:
     mean_iou: float | None = 0.999
     score_delta: float | None = 1e-3
     match_iou: float = 0.5  # IoU at which two detections of the same class are the same object
+
+
+# How much more IoU than rounding the reference boxes to the precision's format costs an engine may lose:
+# storing boxes once costs 1×; the head's FP16 activations before the (FP32) decode add about as much again.
+RESOLUTION_FACTOR = 2.0
+STORAGE_FORMATS = ("fp16", "bf16")
 
 
 # FP32 engines differ from torch by kernel order only; reduced precision moves scores by about its
@@ -94,10 +109,29 @@ def _image(out: Mapping[str, np.ndarray], b: int) -> tuple[np.ndarray, np.ndarra
             np.asarray(out["classes"])[b, :n])
 
 
+def rounded(boxes: np.ndarray, storage: str) -> np.ndarray:
+    """`boxes` stored in `storage` (fp16, bf16) and read back as float64."""
+    if storage == "fp16":
+        return np.asarray(boxes, np.float32).astype(np.float16).astype(np.float64)
+    import ml_dtypes
+
+    return np.asarray(boxes, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def resolution_iou(boxes: np.ndarray, storage: str | None) -> float:
+    """Mean IoU of `boxes` [N, 4] with themselves stored in `storage` (1.0 for FP32 or no boxes)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if storage not in STORAGE_FORMATS or not len(boxes):
+        return 1.0
+    stored = rounded(boxes, storage)
+    return float(np.mean([box_iou(boxes[k:k + 1], stored[k:k + 1])[0, 0] for k in range(len(boxes))]))
+
+
 def compare_detections(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
                        tol: DetectionTolerance, *, score_threshold: float | None = None,
-                       max_detections: int | None = None) -> TaskCheck:
-    """The detection check of one case (all images of the batch)."""
+                       max_detections: int | None = None, storage: str | None = None) -> TaskCheck:
+    """The detection check of one case (all images of the batch). storage: the engine's reduced
+    precision (fp16, bf16), whose resolution bounds the mean-IoU floor (see the module's docstring)."""
     check = TaskCheck(CHECK_NAME)
     missing_outputs = [n for n in FINAL_OUTPUTS if n not in candidate]
     if missing_outputs:
@@ -111,6 +145,8 @@ def compare_detections(reference: Mapping[str, np.ndarray], candidate: Mapping[s
         images.append((r, g, match_image(*r, *g, match_iou=tol.match_iou)))
     deltas = np.array([abs(r[1][i] - g[1][j]) for r, g, pairs in images for i, j, _ in pairs])
     ious = np.array([iou for _, _, pairs in images for _, _, iou in pairs])
+    matched_boxes = [r[0][i] for r, _, pairs in images for i, _, _ in pairs]
+    resolution = resolution_iou(np.asarray(matched_boxes).reshape(-1, 4), storage)
     # Numerical noise of this case: what matched scores moved by (at least the gated resolution).
     noise = max(3 * float(np.percentile(deltas, 90)) if deltas.size else 0.0, tol.score_delta or 0.0, 1e-6)
     n_ref = n_got = n_pairs = missing = extra = borderline = 0
@@ -139,12 +175,19 @@ def compare_detections(reference: Mapping[str, np.ndarray], candidate: Mapping[s
         "reference_count": float(n_ref), "engine_count": float(n_got),
         "missing": float(missing), "extra": float(extra), "borderline": float(borderline),
     }
+    floor = tol.mean_iou
+    if storage in STORAGE_FORMATS and floor is not None:
+        check.metrics["resolution_iou"] = resolution
+        floor = min(floor, 1.0 - RESOLUTION_FACTOR * (1.0 - resolution))
+        check.metrics["mean_iou_floor"] = floor
     m = check.metrics
     if tol.matched is not None and m["matched"] < tol.matched:
         check.failures.append(f"matched {m['matched']:.4f} < {tol.matched} ({missing} reference detection(s) missing, "
                               f"{extra} extra, of {n_ref} / {n_got})")
-    if tol.mean_iou is not None and m["mean_iou"] < tol.mean_iou:
-        check.failures.append(f"mean IoU {m['mean_iou']:.4f} < {tol.mean_iou}")
+    if floor is not None and m["mean_iou"] < floor:
+        why = "" if floor == tol.mean_iou else \
+            f" (the {storage} resolution floor: the reference boxes stored in {storage} keep IoU {resolution:.4f})"
+        check.failures.append(f"mean IoU {m['mean_iou']:.4f} < {floor:.4f}{why}")
     if tol.score_delta is not None and m["score_delta"] > tol.score_delta:
         check.failures.append(f"score delta {m['score_delta']:.3g} > {tol.score_delta:g}")
     return check

@@ -86,7 +86,7 @@ def check_bundle(bundle: Path, *, reference: str | None = None, data: Path | Non
             note = "raw head outputs not checked: a TensorRT plan keeps no graph to expose them from"
             if manifest.target.backend == "ort":
                 engine, note = detect.with_raw_outputs(engine, bundle / manifest.target.engine_files[0], hidden,
-                                                       getattr(runner, "device", "cpu"))
+                                                       getattr(runner, "device", "cpu"), getattr(runner, "cuda_options", None))
             if note:
                 notes.append(note)
                 task = replace(task, ungated=task.ungated | set(hidden))

@@ -251,7 +251,8 @@ def _fallback_rounds(history: Any) -> str:
     items = []
     for h in history if isinstance(history, list) else []:
         kept = [f"{k.get('node')} ({k.get('op')})" for k in h.get("kept_fp32", [])] + [
-            f"op type {op}" for op in h.get("kept_fp32_ops", [])]
+            f"op type {op}" for op in h.get("kept_fp32_ops", [])] + [
+            f"the inputs of every {op} (cast to FP32 at the node)" for op in h.get("cast_inputs_ops", [])]
         failed = "; ".join(h.get("failures", [])[:3])
         text = (f"round {h.get('round')}: {'gate failed on ' + failed + '. ' if failed else ''}"
                 + (f"kept in FP32: {', '.join(kept)}." if kept else "")

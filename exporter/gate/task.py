@@ -180,7 +180,7 @@ def gate_policy(precision: str, overrides: Sequence[str], source: Mapping[str, A
 
         def detections(ref: Outputs, got: Outputs) -> TaskCheck:
             return compare_detections(ref, got, dtol, score_threshold=det.get("score_threshold"),
-                                      max_detections=det.get("max_detections"))
+                                      max_detections=det.get("max_detections"), storage=precision)
 
         return policy, TaskParity(DETECTIONS, detections, frozenset(FINAL_OUTPUTS))
     if task == "zero-shot-image-classification" and "logits_per_image" in output_names:

@@ -54,6 +54,9 @@ class MixedOptions:
     max_iterations: int = 6
     excluded: dict[str, str] = field(default_factory=dict)  # node name -> why (fallback decisions)
     op_reasons: dict[str, str] = field(default_factory=dict)  # fp32_ops entries the build added -> why
+    # op types that read their FP16/BF16 inputs through a Cast to FP32 (keep_unrunnable_op): a comparison
+    # is not lowered itself, so keeping it in FP32 does not help when the provider has no kernel for it
+    cast_inputs_ops: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         precision = Precision.parse(self.precision, "the mixed precision")
@@ -142,6 +145,8 @@ def lower_mixed(onnx_path: Path, out_path: Path, options: MixedOptions,
             ) from None
         finally:
             shutil.rmtree(calib_dir, ignore_errors=True)
+    if options.cast_inputs_ops:
+        model = cast_inputs_to_fp32(model, options.cast_inputs_ops)
     big = model.ByteSize() > (1 << 30)
     onnx.save(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data" if big else None)
     autocast_reasons = {n: INTEGER_DERIVED for n in from_ints}
@@ -172,6 +177,14 @@ def keep_unrunnable_op(exc: Exception, options: MixedOptions, history: list[dict
     if not m:
         return False
     op, node = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if op in options.fp32_ops and op not in options.cast_inputs_ops and len(history) < options.max_iterations:
+        # Refused again with the op itself in FP32: it reads lowered tensors (a Less fed by BF16 boxes in the
+        # YOLOX-style detector on the H200). Cast those inputs up to FP32 at the node.
+        options.cast_inputs_ops.append(op)
+        why = f"no {options.precision} kernel for {op} in the execution provider: its {options.precision} inputs are cast to FP32 at the node"
+        history.append({"round": len(history) + 1, "failures": [why], "kept_fp32": [], "cast_inputs_ops": [op], "stopped": None})
+        say(f"ONNX Runtime still refused {op} ({node}) in FP32: casting its {options.precision} inputs to FP32 and lowering again")
+        return True
     if op in options.fp32_ops or len(history) >= options.max_iterations:
         kept = [h["kept_fp32_ops"][0] for h in history if h.get("kept_fp32_ops")]
         raise BuildError(
@@ -187,6 +200,27 @@ def keep_unrunnable_op(exc: Exception, options: MixedOptions, history: list[dict
                     "kept_fp32_ops": [op], "stopped": None})
     say(f"ONNX Runtime has no {options.precision} kernel for {op} ({node}): keeping {op} in FP32 and lowering again")
     return True
+
+
+def cast_inputs_to_fp32(model: onnx.ModelProto, ops: Sequence[str]) -> onnx.ModelProto:
+    """`model` with a Cast to FP32 in front of every FP16/BF16 input of the nodes whose op type is in `ops`
+    (onnx_ir; the node then computes, or compares, in FP32)."""
+    import onnx_ir as ir
+
+    types = tensor_types(typed(model))
+    graph_model = ir.from_proto(model)
+    graph = graph_model.graph
+    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    for node in [n for n in graph if n.op_type in ops]:
+        for k, value in enumerate(node.inputs):
+            if value is None or types.get(value.name) not in low:
+                continue
+            cast = ir.node("Cast", [value], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name or node.op_type}_in{k}_fp32")
+            cast.outputs[0].name = f"{value.name}_fp32_for_{node.name or node.op_type}_{k}"
+            cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT, value.shape
+            graph.insert_before(node, cast)
+            node.replace_input_with(k, cast.outputs[0])
+    return ir.to_proto(graph_model)
 
 
 INTEGER_DERIVED = ("computes from integers only (lengths, positions, masks): kept exact in FP32 (wav2vec2's "
@@ -253,6 +287,7 @@ def census(model: onnx.ModelProto, options: MixedOptions, autocast_reasons: Mapp
         "io": "fp32" if options.keep_io_types else options.precision,
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
         "range_rules": options.range_rules,
+        **({"inputs_cast_to_fp32": list(options.cast_inputs_ops)} if options.cast_inputs_ops else {}),
     }
 
 

@@ -218,12 +218,38 @@ def _tune_and_hold_out(run: _Run, loaded: LoadedSource, manifest: Manifest, lowe
         run.say("Measuring CPU latency: FP32 vs INT8")
         lowered.calibration.speed = measure_speedup(onnx_path, run.bundle / manifest.target.engine_files[0],
                                                     lowered.calibration.split.evaluation[0])
+    elif options.target == "ort" and options.device.gpu and options.precision is Precision.INT8 and has_cuda_provider():
+        _int8_on_cuda(run, manifest, lowered, onnx_path)
     manifest.calibration = lowered.calibration.manifest_entry()
     held_out = None if options.data else lowered.calibration.split.evaluation
     if not held_out:
         return cases, False
     return gate_cases(manifest.io, data=options.data, tokenizer_dir=processor_dir(loaded), seed=options.seed,
                       feeds=held_out, image_options=options.image), True
+
+
+def _int8_on_cuda(run: _Run, manifest: Manifest, lowered: Lowered, onnx_path: Path) -> None:
+    """INT8 never ships slower than FP16 on ORT CUDA without saying so: measured at the opt shape, recorded
+    as calibration.speed, and a warning paragraph (calibration notes, printed by the build) when slower."""
+    from exporter.build.tune import int8_vs_fp16, slow_int8_paragraph
+    from runtimes.samples import generate_feeds
+
+    options = {"device_id": 0, **manifest.target.options.get("cuda_provider_options", {})}
+    if lowered.calibration is None:
+        return
+    with timed(run.timings, "int8_speed", run.say, "Measuring CUDA latency: FP16 vs INT8"):
+        try:
+            speed = int8_vs_fp16(onnx_path, run.bundle / manifest.target.engine_files[0],
+                                 generate_feeds(manifest.io, "opt", seed=7), options, run.work)
+        except Exception as exc:  # ORT's own exception types: the timing-only FP16 graph may not load
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            lowered.calibration.speed = {"device": "cuda", "error": text}
+            lowered.calibration.notes.append(f"INT8 was not timed against FP16 on ORT CUDA ({text}): ORT's CUDA "
+                                             "provider runs Q/DQ graphs without fused INT8 kernels, often slower than FP16")
+            return
+    lowered.calibration.speed = speed
+    if speed["int8_over_fp16"] > 1.0:
+        lowered.calibration.notes.append(slow_int8_paragraph(speed))
 
 
 def _finish(run: _Run, manifest: Manifest, report: ParityReport, mixed: MixedOptions | None) -> BuildResult:
@@ -371,7 +397,8 @@ def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases
             hidden = detect.hidden_outputs(manifest.source)
             if engine is not None and hidden:
                 graph = bundle / manifest.target.engine_files[0] if manifest.target.backend == "ort" else lowered
-                engine, note = detect.with_raw_outputs(engine, graph, hidden, options.device)
+                engine, note = detect.with_raw_outputs(engine, graph, hidden, options.device,
+                                                       getattr(runner, "cuda_options", None))
                 if note and task is not None:
                     notes.append(note)
                     task = replace(task, ungated=task.ungated | set(hidden))

@@ -57,3 +57,19 @@ def test_checkpoint_after_every_row(bert_bundle):
     final = run_bench([bert_bundle], opts, checkpoint=partials.append)
     assert [len(p["rows"]) for p in partials] == [1, 2, 3, 4] and all(p["partial"] for p in partials)
     assert "partial" not in final and len(final["rows"]) == 4
+
+
+def test_engines_are_compared_with_the_best_compile_mode():
+    from exporter.bench import Row, compile_ratios
+
+    def row(variant, kind, batch, p50):
+        return Row(variant, kind, batch, p50, p50, p50, batch * 1000 / p50, None)
+
+    rows = [row("torch.compile default fp16", "torch", 1, 2.0), row("torch.compile reduce-overhead fp16", "torch", 1, 1.5),
+            row("ort-cuda fp16", "engine", 1, 1.0), row("ort-cuda fp16 + cuda graph", "engine", 1, 1.2),
+            row("torch.compile default fp16", "torch", 32, 10.0), row("ort-cuda fp16", "engine", 32, 12.5),
+            row("ort-cuda fp32", "engine", 8, 3.0)]  # no compile row at batch 8: no ratio
+    best, slower = compile_ratios(rows, [1, 8, 32])
+    assert best == {1: "torch.compile reduce-overhead fp16", 32: "torch.compile default fp16"}
+    assert [r.vs_compile for r in rows] == [None, None, 1.5, 1.25, None, 0.8, None]
+    assert slower == ["ort-cuda fp16 at batch 32: 12.500 ms, slower than torch.compile default fp16 (10.000 ms): 0.80×"]

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from exporter.gate.detection import DetectionTolerance, box_iou, compare_detections, match_image
+from exporter.gate.detection import (
+    DetectionTolerance,
+    box_iou,
+    compare_detections,
+    match_image,
+    resolution_iou,
+)
 from exporter.gate.task import ZeroShotTolerance, compare_zero_shot, gate_policy, split_tolerances
 from runtimes.errors import UsageError
 
@@ -50,6 +56,24 @@ def test_score_and_box_drift_are_gated():
     ref = _dets([[(0, 0, 10, 10, 0.9, 0)]])
     check = compare_detections(ref, _dets([[(1, 1, 11, 11, 0.8, 0)]]), TOL)
     assert not check.passed and any("mean IoU" in f for f in check.failures) and any("score delta" in f for f in check.failures)
+
+
+def test_the_fp16_iou_floor_is_the_resolution_of_fp16_boxes():
+    # A 22-pixel box near x = 400, where FP16's spacing is 0.25 px: the YOLOX-S-sized detector's FP16 engine moved
+    # such boxes by about 0.1-0.27 px (IoU 0.97-0.99), exactly what storing the reference boxes in FP16 costs.
+    ref = _dets([[(400.1, 410.1, 422.1, 432.1, 0.9, 0), (350.05, 300.05, 372.05, 322.05, 0.8, 1)]])
+    near = _dets([[(400.2, 410.0, 422.0, 432.2, 0.9, 0), (350.0, 300.15, 372.15, 322.0, 0.8, 1)]])
+    fp32 = compare_detections(ref, near, TOL)
+    assert not fp32.passed and "mean IoU" in fp32.failures[0] and "resolution_iou" not in fp32.metrics
+    fp16 = compare_detections(ref, near, TOL, storage="fp16")
+    assert fp16.passed, fp16.failures
+    assert fp16.metrics["resolution_iou"] < 0.995 and fp16.metrics["mean_iou_floor"] < 0.99
+    shifted = _dets([[(401.1, 410.1, 423.1, 432.1, 0.9, 0), (351.05, 301.05, 373.05, 323.05, 0.8, 1)]])  # 1 px
+    wrong = compare_detections(ref, shifted, TOL, storage="fp16")
+    assert not wrong.passed and "fp16 resolution floor" in wrong.failures[0]
+    # BF16 stores 8 significant bits: 2-pixel spacing there, a floor far below FP16's; FP32 costs nothing
+    box = np.array([[401.3, 411.3, 423.3, 433.3]])
+    assert resolution_iou(box, "bf16") < resolution_iou(box, "fp16") < 1.0 == resolution_iou(box, "fp32")
 
 
 def test_zero_shot_ranking_is_tie_aware():

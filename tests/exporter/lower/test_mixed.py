@@ -176,8 +176,35 @@ def test_an_op_without_a_low_precision_kernel_stays_fp32(tmp_path):
     assert any("keeping Resize in FP32" in m for m in said)
     assert not keep_unrunnable_op(ValueError("something else"), mixed, history, said.append)
     again = BuildError("... Provider type for Relu node with name 'act' is not set.")
+    assert keep_unrunnable_op(again, mixed, history, said.append)  # refused in FP32 too: cast its inputs next
+    assert mixed.cast_inputs_ops == ["Relu"] and history[-1]["cast_inputs_ops"] == ["Relu"]
     with pytest.raises(BuildError, match=r"refused Relu node 'act' even with Relu kept in FP32 \(op types kept in FP32 so far: Resize, Relu\)"):
         keep_unrunnable_op(again, mixed, history, said.append)
+
+
+def test_a_comparison_fed_by_low_precision_tensors_reads_them_through_a_cast():
+    """A comparison is never lowered itself (bool output), so keeping it in FP32 does not help when its
+    inputs are BF16 and the provider has no BF16 kernel for it (ORT 1.31's CUDA provider and a Less in a
+    YOLOX-style detector, 2026-11-21). The CPU provider has no BF16 Less either: the same refusal here."""
+    import onnxruntime as ort
+
+    from exporter.lower.mixed import cast_inputs_to_fp32
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.BOOL, [4])
+    half = helper.make_tensor("half", TensorProto.BFLOAT16, [1], [0.5])
+    nodes = [helper.make_node("Cast", ["x"], ["x_bf16"], to=TensorProto.BFLOAT16, name="lowered"),
+             helper.make_node("Less", ["x_bf16", "half"], ["y"], name="cmp")]
+    graph = helper.make_graph(nodes, "g", [x], [y], [half])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)])
+    with pytest.raises(Exception, match="Less"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fixed = cast_inputs_to_fp32(model, ["Less"])
+    onnx.checker.check_model(fixed)
+    assert [n.op_type for n in fixed.graph.node] == ["Cast", "Cast", "Cast", "Less"]
+    values = np.array([0.25, 0.5, 0.75, -1.0], np.float32)
+    got = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": values})[0]
+    assert got.tolist() == [True, False, False, True]
 
 
 def test_nodes_that_compute_from_integers_only_stay_fp32():

@@ -104,3 +104,36 @@ def test_raw_outputs_option_exports_the_head_without_nms():
     assert loaded.info["detection"]["outputs"] == "raw"
     out = loaded.reference(generate_feeds(loaded.io, "opt"))
     assert set(out) == {"raw_boxes", "raw_scores"} and out["raw_scores"].shape[1:] == (84, 4)
+
+
+def test_raw_outputs_run_with_the_engines_cuda_options():
+    # The gate reads raw_boxes/raw_scores from a second ORT session: on CUDA it must run the engine's kernels
+    # (an FP32 engine has TF32 off; ORT's default session would let cuDNN use TF32 and fail the FP32 gate).
+    from exporter.export.detector import raw_providers
+
+    assert raw_providers("cpu", {"use_tf32": 0}) == ["CPUExecutionProvider"]
+    engine = {"device_id": 0, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": 1}
+    cuda, cpu = raw_providers("cuda", engine)
+    assert cuda == ("CUDAExecutionProvider", {k: str(v) for k, v in engine.items()}) and cpu == "CPUExecutionProvider"
+    assert raw_providers("cuda", None)[0] == ("CUDAExecutionProvider", {"use_tf32": "0"})  # a TensorRT plan's ONNX
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_gpu_detector_passes_its_default_gates(precision, tmp_path):
+    """On the CUDA provider, with default tolerances: FP32 (raw outputs read with the engine's own kernels),
+    FP16 (the IoU floor at FP16's resolution), BF16 (comparisons read BF16 tensors through casts)."""
+    res = build(TINY, BuildOptions(precision=precision, device="cuda", output=tmp_path / precision,
+                                   shapes=parse_shapes("batch=1:2:4")))
+    assert res.parity.status == "passed", res.parity.failures()
+    assert not any("emulated" in c.label for c in res.parity.cases)
+
+
+@pytest.mark.gpu
+def test_gpu_int8_records_its_speed_against_fp16(tmp_path):
+    res = build(TINY, BuildOptions(precision="int8", calib="random:12", device="cuda", output=tmp_path / "det8",
+                                   shapes=parse_shapes("batch=1:2:4"), tolerances=["detections:mean_iou=0.75"]))
+    speed = res.manifest.calibration["speed"]
+    assert speed["device"] == "cuda" and speed["int8_ms"] > 0 and speed["fp16_ms"] > 0
+    slower = speed["int8_over_fp16"] > 1.0
+    assert slower == any("slower" in n and "--target trt" in n for n in res.manifest.calibration["notes"])
