@@ -144,7 +144,10 @@ def _time(fn: Callable[[], Any], options: BenchOptions) -> dict[str, float]:
 
 
 def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None],
-                 on_row: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, Any]]:
+                 on_row: Callable[[Row], None] | None = None,
+                 skipped: list[dict[str, Any]] | None = None) -> tuple[list[Row], dict[str, Any]]:
+    """Time one bundle at every batch (and with CUDA graph replay where it can be captured; where it cannot,
+    one entry in `skipped` says why)."""
     manifest = Manifest.read(bundle)
     cuda = manifest.target.device == "cuda"
     label = f"{manifest.target.backend}-{manifest.target.device} {manifest.precision.get('requested', 'fp32')}"
@@ -159,7 +162,15 @@ def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None]
             say(f"Bench {variant}: batch {batch}")
             # A fresh runner per batch: its memory is measured alone (a CUDA graph is one session per shape).
             with memory.track() as grown:
-                runner = runtimes.load(bundle, threads=options.threads, cuda_graph=graph)
+                try:
+                    runner = runtimes.load(bundle, threads=options.threads, cuda_graph=graph)
+                except UsageError as exc:  # e.g. a graph with NMS: no CUDA graph capture
+                    if not graph:
+                        raise
+                    if skipped is not None:
+                        skipped.append({"bundle": str(bundle), "variant": variant, "batch": batch,
+                                        "reason": str(exc).split(": their")[0]})
+                    break
                 try:
                     slot = runner.prepare(feeds)
                     stats = _time(lambda slot=slot, runner=runner: runner.run_prepared(slot), options)
@@ -323,7 +334,7 @@ def run_bench(bundles: list[Path], options: BenchOptions, progress: Callable[[st
             _, n = bench_torch(m, options, say, on_row)
             notes += n
     for b in bundles:
-        _, p = bench_engine(b, options, say, on_row)
+        _, p = bench_engine(b, options, say, on_row, skipped)
         profiles.update(p)
     return result(partial=False)
 

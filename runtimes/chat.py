@@ -91,6 +91,34 @@ def message_text(content: Any, where: str = "content") -> str:
     )
 
 
+def message_parts(content: Any, where: str = "content") -> tuple[str | list[dict[str, str]], list[str]]:
+    """A VLM message's content for the chat template, and its image URLs in order: a string as is; a list
+    of OpenAI parts as the template's own parts, {"type": "text", "text": ...} and {"type": "image"} for each
+    {"type": "image_url", "image_url": {"url": ...}} (what transformers' processors pass to Qwen-VL templates,
+    which write each image's vision placeholders)."""
+    if isinstance(content, str):
+        return content, []
+    parts: list[dict[str, str]] = []
+    urls: list[str] = []
+    for k, part in enumerate(content if isinstance(content, list) else [None]):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            continue
+        url = part.get("image_url") if kind == "image_url" else None
+        url = url.get("url") if isinstance(url, Mapping) else url
+        if not isinstance(url, str):
+            found = type(content).__name__ if not isinstance(content, list) else f"part {k}: {str(part)[:80]}"
+            raise UsageError(
+                f"Expected {where} to be a string or a list of {{\"type\": \"text\", \"text\": ...}} and "
+                f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:image/png;base64,...\"}}}} parts, found "
+                f"{found}. Send text parts and images as data: URIs."
+            )
+        parts.append({"type": "image"})
+        urls.append(url)
+    return parts, urls
+
+
 def chat_template_of(generator: Any) -> ChatTemplate | None:
     """The generator's chat template (generation.json "chat_template"), or None when it has none.
 

@@ -134,6 +134,24 @@ def expand_prompt(prompt: str, n_images: int, spec: VisionSpec) -> str:
     return out
 
 
+def chat_content(prompt: str, n_images: int) -> str | list[dict[str, str]]:
+    """A user message's content for a VLM chat template: the prompt split at each IMAGE_MARKER into text
+    parts with an {"type": "image"} part where the marker was, or the images first when it has none (the
+    content transformers' processors hand to Qwen-VL templates, which write each image's placeholders)."""
+    if n_images == 0:
+        return prompt
+    pieces = prompt.split(IMAGE_MARKER)
+    if len(pieces) == 1:
+        return [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    parts: list[dict[str, str]] = []
+    for k, text in enumerate(pieces):
+        if k:
+            parts.append({"type": "image"})
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
 def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int,
                grids: Sequence[tuple[int, int, int]], merge_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Qwen2-VL's M-RoPE positions (transformers' Qwen2VLModel.get_rope_index in numpy): text tokens
@@ -271,7 +289,8 @@ class VisionLanguageGenerator(Generator):
                      images: Sequence[Sequence[Any]] | None = None, image_embeds: np.ndarray | None = None,
                      deepstack_embeds: np.ndarray | None = None,
                      on_token: Callable[[int, int], None] | None = None, record_logits: bool = False,
-                     forced: Sequence[Sequence[int]] | None = None) -> list[Generation]:
+                     forced: Sequence[Sequence[int]] | None = None,
+                     cancel: Callable[[int], bool] | None = None) -> list[Generation]:
         """Generator.generate_ids with images: per prompt, the images its <|image_pad|> runs stand for
         (raw arrays), or image_embeds [images, tokens, hidden] (and for Qwen3-VL deepstack_embeds [images,
         levels, tokens, hidden]) already encoded, in order over the rows."""
@@ -298,7 +317,8 @@ class VisionLanguageGenerator(Generator):
                 f"the {IMAGE_MARKER} marker (generate()), or pass as many images as placeholder runs."
             )
         feeds = prefill_feeds(ids, mask, self.embeddings, v, embeds_given, deepstack_embeds)
-        return self._loop(prompts, feeds, opts, on_token=on_token, record_logits=record_logits, forced=forced)
+        return self._loop(prompts, feeds, opts, on_token=on_token, record_logits=record_logits, forced=forced,
+                          cancel=cancel)
 
     def _token_inputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         return {"inputs_embeds": self.embed(tokens)}

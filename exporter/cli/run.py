@@ -169,7 +169,7 @@ def generate(
                            add_special_tokens=not chat)
     with load_generator(bundle, device=device, threads=threads) as gen:
         if chat:
-            prompt = _chat_prompts(gen, bundle, prompt)
+            prompt = _chat_prompts(gen, bundle, prompt, len(image))
         single = len(prompt) == 1 and stream and not as_json
         kwargs: dict[str, Any] = {}
         if image:
@@ -198,16 +198,19 @@ def generate(
     return None
 
 
-def _chat_prompts(gen: Any, bundle: Path, prompts: list[str]) -> list[str]:
-    """Each prompt as one user message rendered through the bundle's chat template (runtimes/chat.py)."""
+def _chat_prompts(gen: Any, bundle: Path, prompts: list[str], n_images: int = 0) -> list[str]:
+    """Each prompt as one user message rendered through the bundle's chat template (runtimes/chat.py); with
+    images (a VLM), the message's content holds an image part per image, where its <image> marker was or
+    before the text, so the template writes the placeholders inside the user's turn."""
     from runtimes.chat import chat_template_of
+    from runtimes.vlm import chat_content
 
     template = chat_template_of(gen)
     if template is None:
         raise UsageError(f"Expected a chat template in bundle '{bundle}' for --chat, found none (generation.json has "
                          "chat_template null: the model's tokenizer had none). Drop --chat to generate from the raw "
                          "prompt, or rebuild from a model folder whose tokenizer_config.json has a chat_template.")
-    return [template.render([{"role": "user", "content": p}]) for p in prompts]
+    return [template.render([{"role": "user", "content": chat_content(p, n_images)}]) for p in prompts]
 
 
 def _read_image(path: Path, size: tuple[int, int] | None) -> Any:

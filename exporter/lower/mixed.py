@@ -165,18 +165,35 @@ _NO_KERNEL = re.compile(r"Provider type for (\w+) node with name '([^']*)' is no
 
 
 def keep_unrunnable_op(exc: Exception, options: MixedOptions, history: list[dict[str, Any]],
-                       say: Callable[[str], None]) -> bool:
+                       say: Callable[[str], None], graph: Path | None = None) -> bool:
     """The provider refused a lowered node for lack of a kernel in its dtype: keep that op type in
     FP32 and ask for another lowering round. AutoCast does not know ONNX Runtime's kernel coverage
     (on the H200, ORT 1.31's CUDA provider has no BF16 Resize: a YOLOX-style detector's upsampling
     stopped the build), and ORT's kernel registry cannot be queried safely (get_all_opkernel_def
     crashes the process in onnxruntime-gpu builds whose TensorRT provider libraries are absent), so
     the session creation is the oracle. False when the error is anything else, or the op is
-    already FP32 (no progress possible)."""
+    already FP32 (no progress possible).
+
+    A refused node without a name is one ONNX Runtime made itself: it expands an op that has no kernel in
+    its dtype into the op's ONNX function body (Clip-13 → Less, Where), and the body's ops have none either
+    (a YOLOX-style detector's BF16 Clip on the H200, and on the CPU provider). `graph` (the refused ONNX)
+    names the op types whose function holds the refused op; those are kept in FP32 instead."""
     m = _NO_KERNEL.search(str(exc))
     if not m:
         return False
     op, node = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not node and graph is not None and len(history) < options.max_iterations:
+        expanded = [t for t in function_ops_holding(graph, op) if t not in options.fp32_ops]
+        if expanded:
+            options.fp32_ops = sorted({*options.fp32_ops, *expanded})
+            for t in expanded:
+                options.op_reasons[t] = (f"no {options.precision} kernel in the execution provider: ONNX Runtime expands "
+                                         f"{t} into its ONNX function, whose {op} it cannot run either")
+            history.append({"round": len(history) + 1, "failures": [options.op_reasons[expanded[0]]], "kept_fp32": [],
+                            "kept_fp32_ops": expanded, "stopped": None})
+            say(f"ONNX Runtime expanded {', '.join(expanded)} into a {op} it has no {options.precision} kernel for: "
+                f"keeping {', '.join(expanded)} in FP32 and lowering again")
+            return True
     if op in options.fp32_ops and op not in options.cast_inputs_ops and len(history) < options.max_iterations:
         # Refused again with the op itself in FP32: it reads lowered tensors (a Less fed by BF16 boxes in the
         # YOLOX-style detector on the H200). Cast those inputs up to FP32 at the node.
@@ -200,6 +217,36 @@ def keep_unrunnable_op(exc: Exception, options: MixedOptions, history: list[dict
                     "kept_fp32_ops": [op], "stopped": None})
     say(f"ONNX Runtime has no {options.precision} kernel for {op} ({node}): keeping {op} in FP32 and lowering again")
     return True
+
+
+def function_ops_holding(graph: Path, op: str) -> list[str]:
+    """Op types of `graph`'s low-precision nodes whose ONNX function body (static, or built for the node's own
+    inputs) contains `op`: what ONNX Runtime expands when it has no kernel for the op itself."""
+    from onnx import FunctionProto, helper
+
+    model = onnx.load(str(graph), load_external_data=False)
+    types = tensor_types(typed(model))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 22)
+    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    found = set()
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx") or n.op_type in found or not any(types.get(i) in low for i in n.input):
+            continue
+        try:
+            schema = onnx.defs.get_schema(n.op_type, opset)
+            if schema.has_context_dependent_function:
+                inputs = [helper.make_tensor_type_proto(types.get(i, onnx.TensorProto.FLOAT), None).SerializeToString()
+                          for i in n.input]
+                body = FunctionProto()
+                body.ParseFromString(schema.get_context_dependent_function(n.SerializeToString(), inputs))
+                ops = {b.op_type for b in body.node}
+            else:
+                ops = {b.op_type for b in schema.function_body.node} if schema.has_function else set()
+        except Exception:  # onnx's schema errors (an op unknown at this opset, a body it cannot build)
+            continue
+        if op in ops:
+            found.add(n.op_type)
+    return sorted(found)
 
 
 def cast_inputs_to_fp32(model: onnx.ModelProto, ops: Sequence[str]) -> onnx.ModelProto:

@@ -174,7 +174,7 @@ def _lower_and_build(run: _Run, loaded: LoadedSource, onnx_path: Path, mixed: Mi
                                   lambda detail: say(f"{stage}: {detail}"),
                                   low_precision=options.precision.reduced, work=run.work)
         except BuildError as exc:
-            if not (mixed and keep_unrunnable_op(exc, mixed, run.history, say)):
+            if not (mixed and keep_unrunnable_op(exc, mixed, run.history, say, graph=engine_onnx)):
                 raise
             return None
     return lowered, target

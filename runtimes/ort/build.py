@@ -99,15 +99,31 @@ def build_ort_engine(onnx_path: Path, bundle_dir: Path, options: OrtBuildOptions
                 "unsupported, re-export with another --opset or report the model."
             ) from None
     files = [ENGINE_FILE] + ([DATA_FILE] if (bundle_dir / DATA_FILE).exists() else [])
+    dynamic = data_dependent_ops(bundle_dir / ENGINE_FILE)
     return Target(
         backend="ort",
         device=options.device,
         engine_files=files,
         providers=[PROVIDERS[options.device]] + ([PROVIDERS["cpu"]] if options.device != "cpu" else []),
         options={"offline_optimization": level_name, "optimized_with": provider, "session_optimization": "all",
-                 "external_data": external},
+                 "external_data": external, **({"data_dependent_ops": dynamic} if dynamic else {})},
         versions={"onnxruntime": ort.__version__},
     )
+
+
+# Ops whose output sizes depend on the data: ORT copies those sizes to the host mid-run, which a CUDA graph
+# cannot capture (the YOLOX-style detector with NMS in the graph on the H200: "operation failed due to a
+# previous error during capture", 2026-12-02).
+UNCAPTURABLE_OPS = ("NonMaxSuppression", "NonZero", "Unique")
+
+
+def data_dependent_ops(engine: Path) -> list[str]:
+    """Op types of the engine whose output sizes depend on the data (NMS, NonZero): recorded in the manifest,
+    because the runner cannot replay such an engine as a CUDA graph (runtimes/ort/runner.py)."""
+    import onnx
+
+    graph = onnx.load(str(engine), load_external_data=False).graph
+    return sorted({n.op_type for n in graph.node if n.op_type in UNCAPTURABLE_OPS})
 
 
 def _copy_model(src: Path, dst: Path, external: bool) -> None:

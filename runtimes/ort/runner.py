@@ -105,6 +105,18 @@ def ort_log_level() -> int:
     return int(value) if value in ("0", "1", "2", "3", "4") else 4
 
 
+def _check_capturable(manifest: Manifest) -> None:
+    """Refuse cuda_graph=True for an engine the build found data-dependent ops in (runtimes/ort/build.py)."""
+    found = manifest.target.options.get("data_dependent_ops") or []
+    if found:
+        raise UsageError(
+            f"Expected an engine whose every output size is known before it runs for cuda_graph=True, found "
+            f"{', '.join(found)} in bundle '{manifest.name}': their output sizes depend on the data, which a CUDA graph "
+            "cannot capture. Run it without CUDA graphs (drop cuda_graph, or --no-cuda-graph), or export the raw "
+            "outputs (--detector-outputs raw) and run NMS outside the graph."
+        )
+
+
 class OrtRunner(Runner):
     """An `onnxruntime.InferenceSession` over the bundle's model.onnx.
 
@@ -158,6 +170,8 @@ class OrtRunner(Runner):
             self.cuda_options.update(manifest.target.options.get("cuda_provider_options", {}))
             self.cuda_options.update(provider_options or {})
         self.model_path = manifest.file(self.bundle, manifest.target.engine_files[0], "engine file")
+        if self.cuda_graph:
+            _check_capturable(manifest)
         self.session = self._session()
         graph_inputs = {i.name for i in self.session.get_inputs()}
         declared = {s.name for s in manifest.io.inputs}

@@ -48,6 +48,7 @@ class LlmRequest:
     future: Future[Generation] = field(default_factory=Future)
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    images: list[Any] | None = None  # a VLM bundle's request: the images its placeholder runs stand for
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -74,8 +75,9 @@ class LlmBatcher:
         self._worker.start()
 
     def submit(self, prompt_ids: Sequence[int], options: SamplingOptions,
-               on_token: Callable[[int], None]) -> LlmRequest:
-        request = LlmRequest([int(t) for t in prompt_ids], options, on_token)
+               on_token: Callable[[int], None], images: Sequence[Any] | None = None) -> LlmRequest:
+        """Queue one request; images (VLM generators only): decoded HxWx3 arrays, in placeholder order."""
+        request = LlmRequest([int(t) for t in prompt_ids], options, on_token, images=list(images) if images else None)
         with self._cond:
             if self._closed:
                 raise EnginekitError("Expected a running generator, but it is shutting down. Retry after the restart.")
@@ -146,8 +148,10 @@ class LlmBatcher:
             batch[row].on_token(token)
 
         try:
+            with_images = {"images": [r.images or [] for r in batch]} if any(r.images for r in batch) else {}
             results = self.generator.generate_ids([r.prompt_ids for r in batch], batch[0].options,
-                                                  on_token=on_token, cancel=lambda row: batch[row].cancelled)
+                                                  on_token=on_token, cancel=lambda row: batch[row].cancelled,
+                                                  **with_images)
         except Exception as exc:
             if len(batch) > 1 and not emitted:  # refused before any token (a prompt too long): each alone
                 for request in batch:

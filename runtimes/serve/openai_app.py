@@ -75,6 +75,7 @@ class LlmService:
         from ..generate import load_generator
 
         self.generator = load_generator(bundle, device=config.device, threads=config.threads)
+        self.vision = getattr(self.generator, "vision", None)  # a VLM bundle: chats may carry images
         self.name = Manifest.read(bundle).name
         self.template = chat_template_of(self.generator)
         self.max_tokens = int(getattr(self.generator, "max_length", 0) or 4096)  # the loop caps it to what fits
@@ -98,8 +99,32 @@ class LlmService:
                 "has chat_template null: the model's tokenizer had none). Send the text as a plain prompt to "
                 "/v1/completions, or rebuild from a model folder whose tokenizer_config.json has a chat_template.",
                 400, param="messages")
+        text = self.template.render(request.messages)
+        if self.vision is not None:  # each image's placeholder run, as the processor writes it
+            from ..vlm import expand_prompt
+
+            try:
+                text = expand_prompt(text, len(request.image_urls), self.vision)
+            except EnginekitError as exc:
+                raise ApiError(f"{exc} (the chat template wrote the image placeholders)", 400, param="messages") from None
         # add_special_tokens=False: the template already wrote the ones the model expects (BOS, turn markers)
-        return list(tokenizer.encode(self.template.render(request.messages), add_special_tokens=False))
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def images(self, request: ChatRequest) -> list[Any]:
+        """The request's images decoded at the bundle's image size (runtimes/serve/images.py)."""
+        if not request.image_urls:
+            return []
+        if self.vision is None:
+            raise ApiError(f"Expected text-only messages for '{self.name}', a causal LM, found "
+                           f"{len(request.image_urls)} image_url part(s). Send text, or serve a VLM bundle.", 400,
+                           param="messages")
+        if len(request.image_urls) > self.vision.max_images:
+            raise ApiError(f"Expected at most {self.vision.max_images} images per request (the bundle's images range), "
+                           f"found {len(request.image_urls)}. Send fewer, or rebuild with --shapes images=1:1:N.", 400,
+                           param="messages")
+        from .images import decode_image_url
+
+        return [decode_image_url(u, self.vision.image_size, f"messages (image {k})") for k, u in enumerate(request.image_urls)]
 
     def decode(self, ids: list[int]) -> str:
         return str(self.generator.tokenizer.decode(ids))
@@ -115,7 +140,7 @@ class _Run:
     engine's error), arrive on a queue fed from the engine's thread through call_soon_threadsafe."""
 
     def __init__(self, service: LlmService, ids: list[int], options: SamplingOptions, deadline: float,
-                 metrics: LlmMetrics):
+                 metrics: LlmMetrics, images: list[Any] | None = None):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[int | Future[Generation]] = asyncio.Queue()
         self.deadline, self.metrics, self.model = deadline, metrics, service.name
@@ -126,7 +151,7 @@ class _Run:
             if not loop.is_closed():  # a token that arrives after shutdown has nobody to go to
                 loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-        self.handle = service.submit(ids, options, put)
+        self.handle = service.submit(ids, options, put, images=images) if images else service.submit(ids, options, put)
         self.handle.future.add_done_callback(put)
 
     async def next(self, gone: Callable[[], Awaitable[bool]] | None = None) -> int | Generation:
@@ -301,13 +326,14 @@ class _Handlers:
         except ValueError as exc:
             raise ApiError(f"Expected a JSON request body, found one that does not parse ({str(exc)[:120]}). Send "
                            "the request as JSON with Content-Type: application/json.", 400) from None
-        parsed = parse_request(data, chat)
+        parsed = parse_request(data, chat, vision=self.service.vision is not None)
         self._check_model(parsed.model)
+        images = self.service.images(parsed)
         ids = self.service.prompt_ids(parsed)
         options = parsed.options(self.service.max_tokens, add_special_tokens=not chat)
         options.validate()
         reply = Reply(self.service.name, chat, len(ids))
-        run = _Run(self.service, ids, options, deadline, self.metrics)
+        run = _Run(self.service, ids, options, deadline, self.metrics, images)
         try:  # the first token (or the engine's refusal, say a prompt too long) before any answer is sent
             first = await run.next(request.is_disconnected)
         except BaseException as exc:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..chat import message_text
+from ..chat import message_parts, message_text
 from ..decoding import SamplingOptions
 from ..errors import EnginekitError
 
@@ -45,8 +45,9 @@ class ChatRequest:
     """A checked /v1/chat/completions (messages) or /v1/completions (prompt) body."""
 
     model: str
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
+    image_urls: list[str] = field(default_factory=list)  # VLM chats: the image_url parts' URLs, in order
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -102,7 +103,9 @@ def _stop(value: Any) -> list[str]:
     return [s for s in stops if s]
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any, vision: bool = False, urls: list[str] | None = None) -> list[dict[str, Any]]:
+    """The checked messages; vision (a VLM bundle): list contents keep their parts for the template, with
+    {"type": "image"} where an image_url part was, whose URL goes to `urls`."""
     if value is None:
         raise ApiError("Expected 'messages' (a list of {\"role\", \"content\"} objects) in a chat completion request, "
                        "found none. Send the conversation as messages, or a plain prompt to /v1/completions.",
@@ -116,15 +119,23 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise _bad(where, "an object with a string 'role' and a 'content'", m)
         content = m.get("content")
         try:
-            text = "" if content is None and m["role"] == "assistant" else message_text(content, f"{where}.content")
+            if content is None and m["role"] == "assistant":
+                text: Any = ""
+            elif vision:
+                text, found = message_parts(content, f"{where}.content")
+                if urls is not None:
+                    urls.extend(found)
+            else:
+                text = message_text(content, f"{where}.content")
         except EnginekitError as exc:
             raise ApiError(str(exc), 400, param=f"{where}.content") from None
         out.append({"role": m["role"], "content": text})
     return out
 
 
-def parse_request(body: Any, chat: bool) -> ChatRequest:
-    """The checked request (ApiError 400 with one paragraph for the first wrong field)."""
+def parse_request(body: Any, chat: bool, vision: bool = False) -> ChatRequest:
+    """The checked request (ApiError 400 with one paragraph for the first wrong field); vision: the served
+    bundle is a VLM, whose chat messages may hold image_url parts."""
     if not isinstance(body, Mapping):
         raise ApiError(f"Expected the request body to be a JSON object, found {type(body).__name__}. Send "
                        "{\"model\": ..., " + ("\"messages\"" if chat else "\"prompt\"") + ": ...}.", 400)
@@ -152,7 +163,7 @@ def parse_request(body: Any, chat: bool) -> ChatRequest:
     if request.seed is not None and request.seed < 0:  # numpy's generators take non-negative seeds only
         request.seed &= (1 << 64) - 1
     if chat:
-        request.messages = _messages(body.get("messages"))
+        request.messages = _messages(body.get("messages"), vision, request.image_urls)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

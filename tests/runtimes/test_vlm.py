@@ -168,3 +168,84 @@ def runs_without_torch(bundle, size: tuple[int, int]) -> None:
 
 def test_vlm_runtime_imports_no_torch(vlm_bundle):
     runs_without_torch(vlm_bundle, (84, 56))
+
+
+def test_chat_content_puts_the_images_in_the_users_turn():
+    from runtimes.chat import message_parts
+    from runtimes.vlm import chat_content
+
+    assert chat_content("Hi", 0) == "Hi"
+    assert chat_content("Describe.", 2) == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Describe."}]
+    assert chat_content("A <image> B", 1) == [{"type": "text", "text": "A "}, {"type": "image"}, {"type": "text", "text": " B"}]
+    url = "data:image/png;base64,AAAA"
+    parts, urls = message_parts([{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}])
+    assert parts == [{"type": "text", "text": "What is it?"}, {"type": "image"}] and urls == [url]
+    assert message_parts("plain") == ("plain", [])
+    with pytest.raises(UsageError, match=r"data:image/png;base64.*part 0"):
+        message_parts([{"type": "audio", "audio": "x"}])
+
+
+def _data_uri(array) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_urls_decode_resize_and_refuse():
+    from runtimes.serve.images import decode_image_url
+    from runtimes.serve.openai_protocol import ApiError
+
+    photo = np.random.default_rng(0).integers(0, 255, (84, 56, 3), dtype=np.uint8)
+    assert np.array_equal(decode_image_url(_data_uri(photo), (84, 56), "p"), photo)  # PNG is lossless
+    assert decode_image_url(_data_uri(photo), (42, 28), "p").shape == (42, 28, 3)  # resized to the bundle's size
+    for url, why in [("https://example.com/cat.png", "reads nothing outside"), ("data:image/png,abc", "without ';base64'"),
+                     ("data:image/png;base64,bm90IGFuIGltYWdl", "cannot decode")]:
+        with pytest.raises(ApiError, match=why) as exc:
+            decode_image_url(url, (84, 56), "messages (image 0)")
+        assert exc.value.status == 400 and exc.value.param == "messages (image 0)"
+
+
+def test_cli_chat_places_the_images_inside_the_users_turn(vlm_bundle, spec, photos, tmp_path):
+    import json
+
+    from PIL import Image
+
+    Image.fromarray(photos[0]).save(tmp_path / "a.png")
+    out = run_cli("generate", str(vlm_bundle), "-p", "Describe this image.", "--image", str(tmp_path / "a.png"), "-n", "6",
+                  "--chat", "--json")
+    assert out.returncode == 0, out.stderr
+    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n<|im_start|>assistant\n"
+    with load_generator(vlm_bundle) as g:  # the tiny Qwen2-VL's template (tests/models/vlm.py), written out
+        want = g.generate(prompt, SamplingOptions(max_new_tokens=6, add_special_tokens=False), images=photos[:1])
+    assert json.loads(out.stdout)[0]["tokens"] == want.tokens
+
+
+@pytest.mark.slow
+def test_serve_a_vlm_with_image_url_parts(vlm_bundle, spec, photos):
+    """`enginekit serve` of a VLM bundle: an OpenAI chat request with an image_url data: URI answers what the
+    runtime answers for the same image and chat template; bad image URLs get OpenAI's error JSON (400)."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from bench.loadtest import serve_process
+    from tests.runtimes.test_serve_http import ENGINEKIT
+
+    question = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(photos[1])}},
+                                             {"type": "text", "text": "Describe this image."}]}]
+    with load_generator(vlm_bundle) as g:
+        prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n<|im_start|>assistant\n"
+        want = g.generate(prompt, SamplingOptions(max_new_tokens=8, temperature=0.0, add_special_tokens=False),
+                          images=photos[1:2])
+    with serve_process([ENGINEKIT, "serve", str(vlm_bundle), "--port", "0"], ready_timeout=120) as server:
+        body = {"model": "qwen2-vl-gen", "messages": question, "max_tokens": 8, "temperature": 0}
+        got = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["message"]["content"] == want.text
+        assert got.json()["usage"]["completion_tokens"] == len(want.tokens)
+        far = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+        bad = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "messages": far}, timeout=60)
+        assert bad.status_code == 400 and "data: URI" in bad.json()["error"]["message"]

@@ -142,13 +142,28 @@ def test_gpu_fp16_bf16_engines_pass_on_the_cuda_provider(precision, tiny_bert_di
 
 
 
+def _lower_until_it_builds(src, mixed, feeds, tmp_path, rounds, refused):
+    """Lower `src` to BF16 and build a CPU engine, asking refused(exc, lowered) after each refusal; the last
+    lowering. The CPU provider has almost no BF16 kernels: it refuses the way the CUDA provider does."""
+    from exporter.lower.precision import lower_precision
+    from runtimes.ort.build import OrtBuildOptions, build_ort_engine
+
+    for k in range(rounds):
+        lowered = lower_precision(src, "bf16", tmp_path / f"w{k}", mixed=mixed, calibration=feeds)
+        (tmp_path / f"e{k}").mkdir()
+        try:
+            build_ort_engine(lowered.path, tmp_path / f"e{k}", OrtBuildOptions(device="cpu"))
+            return lowered
+        except Exception as exc:
+            assert refused(exc, lowered), exc
+    pytest.fail(f"still refused after {rounds} rounds")
+
+
 def test_an_op_without_a_low_precision_kernel_stays_fp32(tmp_path):
     """ORT's CPU provider has no BF16 kernel for Relu, Resize or Conv, and refuses the lowered graph; the
     build keeps each refused op type in FP32 (one lowering round each) instead of failing, and says so.
     The same path kept the CUDA provider's Resize in FP32 for a detector on the H200."""
     from exporter.lower.mixed import MixedOptions, keep_unrunnable_op
-    from exporter.lower.precision import lower_precision
-    from runtimes.ort.build import OrtBuildOptions, build_ort_engine
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])
@@ -160,16 +175,8 @@ def test_an_op_without_a_low_precision_kernel_stays_fp32(tmp_path):
                                 opset_imports=[helper.make_opsetid("", 22)]), str(src))
     mixed, history, said = MixedOptions(precision="bf16", range_rules=False), [], []
     feeds = [{"x": np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)}]
-    for _ in range(4):
-        lowered = lower_precision(src, "bf16", tmp_path / f"w{len(history)}", mixed=mixed, calibration=feeds)
-        (tmp_path / f"e{len(history)}").mkdir()
-        try:
-            build_ort_engine(lowered.path, tmp_path / f"e{len(history)}", OrtBuildOptions(device="cpu"))
-            break
-        except Exception as exc:
-            assert keep_unrunnable_op(exc, mixed, history, said.append), exc
-    else:
-        pytest.fail("still refused after 4 rounds")
+    lowered = _lower_until_it_builds(src, mixed, feeds, tmp_path, 4,
+                                     lambda exc, _low: keep_unrunnable_op(exc, mixed, history, said.append))
     assert set(mixed.fp32_ops) == {"Resize", "Relu"} and len(history) == 2
     reasons = {n["op"]: n["reason"] for n in lowered.realised["fp32_nodes"]}
     assert all("no bf16 kernel" in reasons[op] for op in ("Resize", "Relu"))
@@ -180,6 +187,32 @@ def test_an_op_without_a_low_precision_kernel_stays_fp32(tmp_path):
     assert mixed.cast_inputs_ops == ["Relu"] and history[-1]["cast_inputs_ops"] == ["Relu"]
     with pytest.raises(BuildError, match=r"refused Relu node 'act' even with Relu kept in FP32 \(op types kept in FP32 so far: Resize, Relu\)"):
         keep_unrunnable_op(again, mixed, history, said.append)
+
+
+def test_an_op_onnx_runtime_expands_into_its_function_stays_fp32(tmp_path):
+    """No BF16 Clip kernel: ONNX Runtime expands Clip-13 into its ONNX function (Less, Where) and then refuses a
+    Less with no name, a node that is not in the graph. The build finds the op whose function holds it and
+    keeps that in FP32 (the YOLOX-style detector's BF16 build on the H200 failed here, 2026-12-02)."""
+    from exporter.lower.mixed import MixedOptions, function_ops_holding, keep_unrunnable_op
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    inits = [helper.make_tensor("lo", TensorProto.FLOAT, [], [0.0]), helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0]),
+             helper.make_tensor("w", TensorProto.FLOAT, [8, 8], np.eye(8, dtype=np.float32).ravel())]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Clip", ["h", "lo", "hi"], ["y"], name="clip")]
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 22)]), str(src))
+    mixed, history, said = MixedOptions(precision="bf16", range_rules=False, fp32_ops=["MatMul"]), [], []
+    feeds = [{"x": np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)}]
+
+    def refused(exc, low):
+        assert "node with name ''" in str(exc) and function_ops_holding(low.path, "Less") == ["Clip"]
+        return keep_unrunnable_op(exc, mixed, history, said.append, graph=low.path)
+
+    _lower_until_it_builds(src, mixed, feeds, tmp_path, 3, refused)
+    assert "Clip" in mixed.fp32_ops and history[0]["kept_fp32_ops"] == ["Clip"]
+    assert any("expanded Clip into a Less" in m for m in said)
 
 
 def test_a_comparison_fed_by_low_precision_tensors_reads_them_through_a_cast():

@@ -137,3 +137,20 @@ def test_gpu_int8_records_its_speed_against_fp16(tmp_path):
     assert speed["device"] == "cuda" and speed["int8_ms"] > 0 and speed["fp16_ms"] > 0
     slower = speed["int8_over_fp16"] > 1.0
     assert slower == any("slower" in n and "--target trt" in n for n in res.manifest.calibration["notes"])
+
+
+def test_cuda_graphs_are_refused_for_a_graph_with_nms(tmp_path):
+    """NonMaxSuppression's output size depends on the data: ORT copies it to the host mid-run, which a CUDA
+    graph cannot capture (the detector's bench crashed in capture on the H200). The build records such ops
+    and the runner refuses cuda_graph=True for them with one paragraph."""
+    from runtimes.errors import UsageError
+    from runtimes.manifest import Manifest
+    from runtimes.ort.runner import _check_capturable
+
+    res = build(TINY, BuildOptions(output=tmp_path / "det", shapes=parse_shapes("batch=1:1:2")))
+    assert res.manifest.target.options["data_dependent_ops"] == ["NonMaxSuppression"]
+    with pytest.raises(UsageError, match="found NonMaxSuppression in bundle 'det'.*--no-cuda-graph"):
+        _check_capturable(Manifest.read(res.bundle))
+    raw = build(TINY, BuildOptions(output=tmp_path / "raw", detector_outputs="raw", shapes=parse_shapes("batch=1:1:2")))
+    assert "data_dependent_ops" not in raw.manifest.target.options
+    _check_capturable(raw.manifest)
