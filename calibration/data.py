@@ -6,6 +6,8 @@
   (with a warning naming how many texts were cut).
 - a folder of images (.jpg, .png, ...): preprocessed per the model's image processor config, or
   explicit --resize/--mean/--std (calibration/images.py).
+- a .wav file or a folder of them (speech models): resampled and normalized per the model's feature
+  extractor config, padded per batch with an attention mask (calibration/audio.py).
 - `random` or `random:N`: N generated samples (default 32). Only for smoke tests: ranges from random
   inputs are not the ranges real data produces, and a loud warning says so.
 
@@ -29,6 +31,7 @@ from runtimes.base import value_problems
 from runtimes.errors import DataError
 from runtimes.manifest import IOSpec
 
+from .audio import AUDIO_SUFFIXES, FeatureConfig, audio_files, batch_clips, is_audio_io, load_clips
 from .images import ImageOptions, image_files, load_images, pixel_input, preprocessing
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -48,7 +51,7 @@ class DataSplit:
     calibration: list[Feeds]
     evaluation: list[Feeds]
     source: str
-    kind: str  # "text" | "images" | "npz" | "random"
+    kind: str  # "text" | "images" | "audio" | "npz" | "random"
     samples: tuple[int, int]  # (calibration, evaluation) samples before batching
     notes: list[str] = field(default_factory=list)
     preprocessing: dict[str, Any] | None = None
@@ -132,7 +135,7 @@ def load_split(
     ev = _to_feeds(ekind, eval_items, io, esource, tokenizer_dir, batch_size, notes)
     if fixed:  # a static batch dim: a short last batch cannot run
         cal, ev = ([f for f in feeds if _rows(f) == batch_size] or feeds for feeds in (cal, ev))
-    described = "images" if pre is not None else "npz" if kind == "rows" else kind
+    described = pre.get("kind", "images") if pre is not None else "npz" if kind == "rows" else kind
     return DataSplit(cal, ev, str(source), described, (len(cal_items), len(eval_items)), notes, pre)
 
 
@@ -188,11 +191,15 @@ def _items(path: str | Path, io: IOSpec, max_samples: int | None) -> tuple[str, 
         images = image_files(path)
         if images:
             return "images", images[:max_samples], path
+        recordings = audio_files(path)
+        if recordings:
+            return "audio", recordings[:max_samples], path
         entries = sorted(p.name for p in path.iterdir())
         raise DataError(
-            f"Expected .npz feed files or images in folder '{path}', found none"
+            f"Expected .npz feed files, images or .wav recordings in folder '{path}', found none"
             + (f" (it holds {len(entries)} other entries: {', '.join(entries[:5])})" if entries else " (it is empty)")
-            + ". Save each feed dict with numpy.savez(file, input_name=array, ...), or put .jpg/.png images there."
+            + ". Save each feed dict with numpy.savez(file, input_name=array, ...), or put .jpg/.png images or .wav "
+            "files there."
         )
     if path.suffix == ".npz":
         feed = _load_npz(path, io)
@@ -203,6 +210,8 @@ def _items(path: str | Path, io: IOSpec, max_samples: int | None) -> tuple[str, 
         return "rows", rows[:max_samples], path
     if path.suffix in TEXT_SUFFIXES:
         return "text", read_texts(path)[:max_samples], path
+    if path.suffix.lower() in AUDIO_SUFFIXES:
+        return "audio", [path], path
     raise DataError(
         f"Expected data as a .npz file, a folder of .npz files or images, a .txt/.jsonl text file, or "
         f"'random[:N]', found '{path.name}'."
@@ -212,7 +221,18 @@ def _items(path: str | Path, io: IOSpec, max_samples: int | None) -> tuple[str, 
 def _decoded(kind: str, items: list[Any], io: IOSpec, source: Path, tokenizer_dir: str | Path | None,
              opts: ImageOptions, notes: list[str]) -> tuple[str, list[Any], dict[str, Any] | None]:
     """Image files → preprocessed {input: CHW array} samples, decoded all at once so that broken
-    files are counted over the whole folder; other kinds pass through."""
+    files are counted over the whole folder; .wav files → model-ready waveforms (calibration/audio.py);
+    other kinds pass through."""
+    if kind == "audio":
+        if not is_audio_io(io):
+            raise DataError(f"Expected data for the inputs {[s.name for s in io.inputs]}, found .wav recordings in "
+                            f"'{source}': only speech models (input_values) take audio. Pass data of this model's kind.")
+        folder = Path(tokenizer_dir) if tokenizer_dir else None
+        cfg = FeatureConfig.of(folder)
+        clips, said = load_clips(items, io, folder)
+        for message in said:
+            _warn(notes, message)
+        return "clips", clips, {"kind": "audio", "sampling_rate": cfg.sampling_rate, "do_normalize": cfg.do_normalize}
     if kind != "images":
         return kind, items, None
     spec = pixel_input(io, source)
@@ -228,6 +248,8 @@ def _to_feeds(kind: str, items: list[Any], io: IOSpec, source: Path, tokenizer_d
               batch_size: int, notes: list[str]) -> list[Feeds]:
     if kind == "text":
         return list(tokenize(items, io, tokenizer_dir, batch_size=batch_size, source=source, notes=notes))
+    if kind == "clips":  # waveforms of different lengths: padded per batch
+        return batch_clips(items, io, batch_size, Path(tokenizer_dir) if tokenizer_dir else None)
     if kind == "rows":  # single samples (images, rows of one .npz), batched after the split
         return [{k: np.ascontiguousarray(np.concatenate([r[k] for r in items[i:i + batch_size]])) for k in items[0]}
                 for i in range(0, len(items), batch_size)]

@@ -336,7 +336,7 @@ def inspect_cmd(
 
 
 # The run-time commands live in cli_run.py as plain functions; registered here, explicitly.
-for _command in (cli_run.bench, cli_run.demo, cli_run.generate, cli_run.serve, cli_run.triton):
+for _command in (cli_run.bench, cli_run.demo, cli_run.generate, cli_run.transcribe, cli_run.serve, cli_run.triton):
     app.command()(_command)
 
 

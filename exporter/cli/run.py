@@ -230,6 +230,26 @@ def _read_image(path: Path, size: tuple[int, int] | None) -> Any:
 
 
 @handle_errors
+def transcribe(
+    bundle: Path = typer.Argument(..., help="A CTC speech bundle (wav2vec2, HuBERT, WavLM built with their tokenizer)."),
+    audio: list[Path] = typer.Argument(..., help=".wav files (PCM; resampled to the model's rate)."),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU intra-op threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (file, text)."),
+) -> None:
+    """Speech to text with a CTC bundle (greedy CTC decoding, no torch); the files run as one batch."""
+    from runtimes.speech import Transcriber
+
+    with Transcriber(bundle, device=device, threads=threads) as t:
+        texts = t.transcribe_files(audio)
+    if as_json:
+        return _print_json([{"file": str(a), "text": x} for a, x in zip(audio, texts)])
+    for a, x in zip(audio, texts):
+        sys.stdout.write(f"{a}: {x}\n" if len(audio) > 1 else x + "\n")
+    return None
+
+
+@handle_errors
 def serve(
     bundles: list[Path] = typer.Argument(..., help="One or more engine bundle folders (model names must differ)."),
     port: int = typer.Option(8000, "--port", help="TCP port (0: any free port; the ready line says which)."),

@@ -69,6 +69,7 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # the FP32 fallback's rounds
     unfused_because: str | None = None  # why ORT's fusions were switched off after a failed gate
+    extra_files: list[str] = field(default_factory=list)  # bundle files beside the engine (ctc.json)
 
 
 def build_plain(spec: SourceSpec, source_text: str, options: BuildOptions, output: Path, staging: Path,
@@ -104,7 +105,28 @@ def build_plain(spec: SourceSpec, source_text: str, options: BuildOptions, outpu
             break
     if run.unfused_because:
         manifest.target.options["fusions"]["fallback"] = run.unfused_because
+    _ship_ctc(run, loaded, manifest)
     return _finish(run, manifest, report, mixed)
+
+
+def _ship_ctc(run: _Run, loaded: LoadedSource, manifest: Manifest) -> None:
+    """A CTC speech model's vocabulary and features for decoding in the runtime (exporter/export/ctc.py)."""
+    from exporter.export.ctc import CTC_TASK, ctc_vocabulary, write_ctc
+
+    if loaded.info.get("task") != CTC_TASK:
+        return
+    folder = processor_dir(loaded)
+    config = getattr(loaded.hf_model, "config", None)
+    if config is None and folder is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder))
+    spec = ctc_vocabulary(folder, config)
+    if spec is None:
+        run.say("No CTC tokenizer (vocab.json) in the model folder: the bundle returns logits, runtimes.speech cannot decode them")
+        return
+    manifest.source["ctc"] = write_ctc(run.bundle, spec)
+    run.extra_files.append(manifest.source["ctc"])
 
 
 def unfuse_after_failure(report: ParityReport, run: Any, target: Any) -> bool:
@@ -257,7 +279,7 @@ def _finish(run: _Run, manifest: Manifest, report: ParityReport, mixed: MixedOpt
     manifest.source["timings_s"] = run.timings
     if history:
         manifest.precision["fallback"] = history
-    manifest.files = {f: file_sha256(run.bundle / f) for f in target.engine_files}
+    manifest.files = {f: file_sha256(run.bundle / f) for f in [*target.engine_files, *run.extra_files]}
 
     def failure(failures: str, rejected: Path) -> str:
         tried = (f" The FP32 fallback kept {sum(len(h['kept_fp32']) for h in history)} node(s) in FP32 over "
