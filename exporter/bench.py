@@ -29,6 +29,7 @@ import runtimes
 from exporter.timing import measure
 from runtimes.errors import UsageError
 from runtimes.manifest import IOSpec, Manifest
+from runtimes.ort.runner import capture_blockers
 from runtimes.samples import generate_feeds
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -155,6 +156,12 @@ def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None]
     memory = _Memory(cuda)
     for graph in ([False, True] if cuda and options.cuda_graph else [False]):
         variant = label + (" +cuda-graph" if graph else "")
+        blockers = capture_blockers(manifest) if graph and manifest.target.backend == "ort" else []
+        if blockers:  # e.g. NMS in the graph: the runner refuses cuda_graph=True for it
+            if skipped is not None:
+                skipped.append({"bundle": str(bundle), "variant": variant, "batch": options.batches[0],
+                                "reason": f"no CUDA graph capture: {', '.join(blockers)} output sizes depend on the data"})
+            continue
         for batch in options.batches:
             feeds = batch_feeds(manifest.io, batch, options.seed)
             if feeds is None:
@@ -162,15 +169,7 @@ def bench_engine(bundle: Path, options: BenchOptions, say: Callable[[str], None]
             say(f"Bench {variant}: batch {batch}")
             # A fresh runner per batch: its memory is measured alone (a CUDA graph is one session per shape).
             with memory.track() as grown:
-                try:
-                    runner = runtimes.load(bundle, threads=options.threads, cuda_graph=graph)
-                except UsageError as exc:  # e.g. a graph with NMS: no CUDA graph capture
-                    if not graph:
-                        raise
-                    if skipped is not None:
-                        skipped.append({"bundle": str(bundle), "variant": variant, "batch": batch,
-                                        "reason": str(exc).split(": their")[0]})
-                    break
+                runner = runtimes.load(bundle, threads=options.threads, cuda_graph=graph)
                 try:
                     slot = runner.prepare(feeds)
                     stats = _time(lambda slot=slot, runner=runner: runner.run_prepared(slot), options)

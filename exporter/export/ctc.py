@@ -9,9 +9,11 @@ feature encoder's kernels and strides, from which the runtime computes each clip
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from calibration.audio import FeatureConfig
 from runtimes.speech import CTC_FILE
 
 CTC_TASK = "automatic-speech-recognition"
@@ -29,15 +31,11 @@ def ctc_vocabulary(folder: Path | None, config: Any) -> dict[str, Any] | None:
     for text, i in vocab.items():
         tokens[i] = text
     blank = tok.pad_token_id if tok.pad_token_id is not None else getattr(config, "pad_token_id", 0)
-    specials = [t for t in (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) if t]
-    pre = Path(folder) / "preprocessor_config.json"
-    feats = json.loads(pre.read_text()) if pre.is_file() else {}
     return {
         "tokens": tokens, "blank": int(blank or 0), "word_delimiter": getattr(tok, "word_delimiter_token", None),
-        "special_tokens": [t for t in specials if t != tok.pad_token],  # skipped as skip_special_tokens does
-        "features": {"sampling_rate": int(feats.get("sampling_rate", 16000)),
-                     "do_normalize": bool(feats.get("do_normalize", True)),
-                     "padding_value": float(feats.get("padding_value", 0.0))},
+        # left out of the text; the pad token is the blank, which the decoding itself drops
+        "special_tokens": [t for t in (tok.bos_token, tok.eos_token, tok.unk_token) if t],
+        "features": asdict(FeatureConfig.of(Path(folder))),  # what calibration/audio.py reads for --data
         "conv": {"kernels": list(getattr(config, "conv_kernel", []) or []),
                  "strides": list(getattr(config, "conv_stride", []) or [])} if getattr(config, "conv_kernel", None) else None,
     }

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from exporter.export.onnxutil import dtype_name
-from exporter.lower.emulate import tensor_types, typed
+from exporter.lower.emulate import LOW, tensor_types, typed
 from runtimes._deps import require
 from runtimes.choices import Precision
 from runtimes.errors import BuildError, UsageError
@@ -227,10 +227,9 @@ def function_ops_holding(graph: Path, op: str) -> list[str]:
     model = onnx.load(str(graph), load_external_data=False)
     types = tensor_types(typed(model))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 22)
-    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     found = set()
     for n in model.graph.node:
-        if n.domain not in ("", "ai.onnx") or n.op_type in found or not any(types.get(i) in low for i in n.input):
+        if n.domain not in ("", "ai.onnx") or n.op_type in found or not any(types.get(i) in LOW for i in n.input):
             continue
         try:
             schema = onnx.defs.get_schema(n.op_type, opset)
@@ -257,10 +256,9 @@ def cast_inputs_to_fp32(model: onnx.ModelProto, ops: Sequence[str]) -> onnx.Mode
     types = tensor_types(typed(model))
     graph_model = ir.from_proto(model)
     graph = graph_model.graph
-    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     for node in [n for n in graph if n.op_type in ops]:
         for k, value in enumerate(node.inputs):
-            if value is None or types.get(value.name) not in low:
+            if value is None or types.get(value.name) not in LOW:
                 continue
             cast = ir.node("Cast", [value], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name or node.op_type}_in{k}_fp32")
             cast.outputs[0].name = f"{value.name}_fp32_for_{node.name or node.op_type}_{k}"

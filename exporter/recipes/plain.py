@@ -256,9 +256,9 @@ def _int8_on_cuda(run: _Run, manifest: Manifest, lowered: Lowered, onnx_path: Pa
     from exporter.build.tune import int8_vs_fp16, slow_int8_paragraph
     from runtimes.samples import generate_feeds
 
-    options = {"device_id": 0, **manifest.target.options.get("cuda_provider_options", {})}
     if lowered.calibration is None:
         return
+    options = {"device_id": 0, **manifest.target.options.get("cuda_provider_options", {})}
     with timed(run.timings, "int8_speed", run.say, "Measuring CUDA latency: FP16 vs INT8"):
         try:
             speed = int8_vs_fp16(onnx_path, run.bundle / manifest.target.engine_files[0],

@@ -105,9 +105,15 @@ def ort_log_level() -> int:
     return int(value) if value in ("0", "1", "2", "3", "4") else 4
 
 
+def capture_blockers(manifest: Manifest) -> list[str]:
+    """The ops that keep an engine from CUDA graph replay: those the build found whose output sizes depend on the
+    data (runtimes/ort/build.py data_dependent_ops); [] when it can be captured."""
+    return list(manifest.target.options.get("data_dependent_ops") or [])
+
+
 def _check_capturable(manifest: Manifest) -> None:
-    """Refuse cuda_graph=True for an engine the build found data-dependent ops in (runtimes/ort/build.py)."""
-    found = manifest.target.options.get("data_dependent_ops") or []
+    """Refuse cuda_graph=True for an engine with capture_blockers."""
+    found = capture_blockers(manifest)
     if found:
         raise UsageError(
             f"Expected an engine whose every output size is known before it runs for cuda_graph=True, found "

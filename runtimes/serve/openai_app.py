@@ -112,12 +112,8 @@ class LlmService:
 
     def images(self, request: ChatRequest) -> list[Any]:
         """The request's images decoded at the bundle's image size (runtimes/serve/images.py)."""
-        if not request.image_urls:
+        if not request.image_urls or self.vision is None:  # a causal LM's messages are text-only (message_text)
             return []
-        if self.vision is None:
-            raise ApiError(f"Expected text-only messages for '{self.name}', a causal LM, found "
-                           f"{len(request.image_urls)} image_url part(s). Send text, or serve a VLM bundle.", 400,
-                           param="messages")
         if len(request.image_urls) > self.vision.max_images:
             raise ApiError(f"Expected at most {self.vision.max_images} images per request (the bundle's images range), "
                            f"found {len(request.image_urls)}. Send fewer, or rebuild with --shapes images=1:1:N.", 400,
