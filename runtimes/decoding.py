@@ -50,6 +50,10 @@ class SamplingOptions:
     seed: int | None = None
     stop_token_ids: Sequence[int] | None = None  # None: the bundle's end-of-sequence tokens
     add_special_tokens: bool = True
+    # Beam search (seq2seq bundles, runtimes/seq2seq.py): beams per source; None: the bundle's generation config.
+    num_beams: int = 1
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None
 
     def validate(self) -> None:
         problems = []
@@ -61,6 +65,10 @@ class SamplingOptions:
             problems.append(f"top_p {self.top_p} (expected in (0, 1])")
         if self.top_k < 0:
             problems.append(f"top_k {self.top_k} (expected >= 0; 0 keeps every token)")
+        if self.num_beams < 1:
+            problems.append(f"num_beams {self.num_beams} (expected >= 1; 1 is no beam search)")
+        if self.early_stopping not in (None, True, False, "never"):
+            problems.append(f"early_stopping {self.early_stopping!r} (expected True, False or 'never')")
         if problems:
             raise UsageError(f"Expected valid sampling options, found {'; '.join(problems)}.")
 
@@ -148,15 +156,20 @@ class _CudaStep:
         self.session = session
         self.cache_out = cache_out
 
-    def run(self, host: dict[str, np.ndarray], past: dict[str, Any], want_logits: bool) -> tuple[Any, list[Any]]:
+    def run(self, host: dict[str, np.ndarray], past: dict[str, Any], want_logits: bool,
+            cache_out: list[str] | None = None) -> tuple[Any, list[Any]]:
+        """cache_out: the device-resident outputs after logits and next_token (default: the present cache)."""
         binding = self.session.io_binding()
         for name, arr in host.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
         for name, value in past.items():
-            binding.bind_ortvalue_input(name, value)
+            if isinstance(value, np.ndarray):  # a cache reordered on the host (seq2seq beam search)
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cuda")
         binding.bind_output("next_token", "cpu")
-        for name in self.cache_out:
+        for name in self.cache_out if cache_out is None else cache_out:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
@@ -273,6 +286,9 @@ class Generator:
         cancel(row): asked before each step, True finishes that row as "cancelled"."""
         opts = options or SamplingOptions()
         opts.validate()
+        if opts.num_beams > 1:
+            raise UsageError(f"Expected num_beams 1 for a causal LM bundle, found {opts.num_beams}: beam search is built "
+                             "for encoder-decoder (seq2seq) bundles in this version. Sample, or decode greedily.")
         self._check_batch(prompts, opts)
         ids, mask = self._pad(prompts)
         if self.absolute_positions:
@@ -346,6 +362,10 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def room(self, prompts: Sequence[Sequence[int]]) -> int:
+        """How many new tokens the engines' total length leaves after these prompts."""
+        return self.max_length - max(len(p) for p in prompts)
 
     def stop_tokens(self, opts: SamplingOptions) -> set[int]:
         """The ids that end a row: the options' stop_token_ids, else the bundle's end-of-sequence ids."""

@@ -5,8 +5,9 @@
         print(g.generate("The capital of France is", SamplingOptions(max_new_tokens=32)).text)
 
 `load_generator` opens a causal LM's bundle on ONNX Runtime GenAI (runtimes/genai.py) when its builder
-wrote it, else as the decoding loop of runtimes/decoding.py, and a VLM's as runtimes/vlm.py's
-VisionLanguageGenerator (whose generate() also takes images=[...]).
+wrote it, else as the decoding loop of runtimes/decoding.py, a VLM's as runtimes/vlm.py's
+VisionLanguageGenerator (whose generate() also takes images=[...]), and an encoder-decoder's as
+runtimes/seq2seq.py's Seq2SeqGenerator (greedy, sampling and beam search).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from .decoding import (
 from .genai import RUNTIME as GENAI_RUNTIME
 from .genai import GenaiGenerator
 from .manifest import Manifest
+from .seq2seq import SEQ2SEQ, Seq2SeqGenerator
 from .vlm import VisionLanguageGenerator
 
-__all__ = ["GENERATION_FILE", "TOKENIZER_FILE", "Generation", "Generator", "SamplingOptions", "Tokenizer",
-           "VisionLanguageGenerator", "load_generator", "sample_next"]
+__all__ = ["GENERATION_FILE", "TOKENIZER_FILE", "Generation", "Generator", "SamplingOptions", "Seq2SeqGenerator",
+           "Tokenizer", "VisionLanguageGenerator", "generator_class", "load_generator", "sample_next"]
 
 
 def load_generator(bundle: str | Path, *, device: str | None = None, threads: int | None = None,
@@ -37,9 +39,16 @@ def load_generator(bundle: str | Path, *, device: str | None = None, threads: in
     """Open a generation bundle: one ONNX Runtime GenAI runs (the manifest's target.options.generator) as a
     runtimes.genai.GenaiGenerator, a VLM bundle (generation.json names a vision engine) as a
     VisionLanguageGenerator, others as enginekit's own loop (runtimes.decoding.Generator)."""
+    return generator_class(bundle)(bundle, device=device, threads=threads, verify=verify)
+
+
+def generator_class(bundle: str | Path) -> type[Generator]:
+    """The loop that runs a generation bundle, from its manifest alone (generation.json is read once checked)."""
     manifest = Manifest.read(bundle)
-    if manifest.kind is Kind.VISION_LANGUAGE:  # the manifest says it; generation.json is read once checked
-        return VisionLanguageGenerator(bundle, device=device, threads=threads, verify=verify)
+    if manifest.kind is Kind.VISION_LANGUAGE:
+        return VisionLanguageGenerator
     if manifest.target.options.get("generator") == GENAI_RUNTIME:
-        return GenaiGenerator(bundle, device=device, threads=threads, verify=verify)
-    return Generator(bundle, device=device, threads=threads, verify=verify)
+        return GenaiGenerator
+    if manifest.target.options.get("architecture") == SEQ2SEQ:
+        return Seq2SeqGenerator
+    return Generator

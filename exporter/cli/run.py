@@ -142,13 +142,15 @@ def demo(
 # -- issue 8: text generation from a generation bundle -----------------------------------------------
 @handle_errors
 def generate(
-    bundle: Path = typer.Argument(..., help="A generation bundle (built from a causal LM)."),
+    bundle: Path = typer.Argument(..., help="A generation bundle (built from a causal LM, a VLM or an encoder-decoder)."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="The prompt (repeatable: a batch, printed in order)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Sampling: keep the smallest set of tokens reaching this probability."),
     top_k: int = typer.Option(0, "--top-k", help="Sampling: keep the k most likely tokens (0: all)."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling: random seed (repeatable output)."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Encoder-decoder bundles: beam search with this many beams "
+                                  "(1: greedy or sampling)."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU intra-op threads."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt)."),
@@ -160,13 +162,14 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Send each prompt as one user message through the bundle's "
                               "chat template (as the server's /v1/chat/completions does)."),
 ) -> None:
-    """Generate a continuation of a prompt with a generation bundle (no torch); VLM bundles take --image."""
+    """Generate a continuation of a prompt with a generation bundle (no torch); VLM bundles take --image; an
+    encoder-decoder's prompt is its source text (translation, summary: its output is the decoder's)."""
     from runtimes.generate import SamplingOptions, load_generator
     from runtimes.vlm import VisionLanguageGenerator
 
     # --chat: the template writes the special tokens itself, so the tokenizer must not add them again
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                           add_special_tokens=not chat)
+                           add_special_tokens=not chat, num_beams=num_beams)
     with load_generator(bundle, device=device, threads=threads) as gen:
         if chat:
             prompt = _chat_prompts(gen, bundle, prompt, len(image))

@@ -24,7 +24,7 @@ import numpy as np
 from exporter.gate.cases import not_runnable_here
 from exporter.gate.parity import OutputMetrics, ParityReport, TolerancePolicy, compare_case
 from runtimes.errors import DataError, IncompatibleEngine, MissingDependency
-from runtimes.generate import Generator, SamplingOptions, load_generator
+from runtimes.generate import Generator, SamplingOptions, Seq2SeqGenerator, generator_class, load_generator
 from runtimes.manifest import DimRange
 
 PROMPTS = (
@@ -88,12 +88,14 @@ def past_from_present(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present.")}
 
 
-def reference_generate(model: Any, prompt: list[int], steps: int,
-                       extra: dict[str, Any] | None = None) -> tuple[list[int], np.ndarray]:
+def reference_generate(model: Any, prompt: list[int], steps: int, extra: dict[str, Any] | None = None,
+                       config: dict[str, Any] | None = None) -> tuple[list[int], np.ndarray]:
     """transformers' greedy generate() in FP32 for exactly `steps` tokens: the tokens and each
     step's raw logits [steps, vocab]. No stop token: generate() fills every setting left unset from
     the model's own generation_config (its eos included), so that one is swapped for the call.
-    extra: more generate() inputs (a VLM's pixel_values, image_grid_thw, mm_token_type_ids)."""
+    extra: more generate() inputs (a VLM's pixel_values, image_grid_thw, mm_token_type_ids); config: more
+    GenerationConfig fields (an encoder-decoder's decoder start, forced first and suppressed tokens: what its
+    bundle's loop applies too)."""
     import torch
     from transformers import GenerationConfig
 
@@ -102,7 +104,7 @@ def reference_generate(model: Any, prompt: list[int], steps: int,
     saved = model.generation_config
     model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None,
                                                pad_token_id=0 if pad is None else pad, output_logits=True,
-                                               return_dict_in_generate=True)
+                                               return_dict_in_generate=True, **(config or {}))
     ids = torch.tensor([prompt], device=device)
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # strict FP32 on a GPU
@@ -113,7 +115,9 @@ def reference_generate(model: Any, prompt: list[int], steps: int,
     finally:
         model.generation_config = saved
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-    tokens = out.sequences[0, len(prompt):].tolist()
+    # The last `steps` ids: a causal LM's sequences start with the prompt, an encoder-decoder's with its
+    # decoder start token.
+    tokens = out.sequences[0, -len(out.logits):].tolist()
     logits = torch.stack([s[0] for s in out.logits]).float().cpu().numpy()
     return tokens, logits
 
@@ -203,16 +207,19 @@ def _gate_runners(bundle: Path, options: Any, lowered: dict[str, Path], report: 
                             "machine with the GPU")
     if options.precision.mixed and lowered and (not runners or not options.device.gpu):
         emulators = {name: emulated_runner(_float_io(lowered[name])) for name in COMPONENTS}
-        runners.append((f"{options.precision}-emulated ", Generator(bundle, verify=False,
-                                                                     session_factory=lambda n: emulators[n])))
+        # enginekit's own loop on the emulated graphs (a GenAI bundle's too: its graphs have the same io)
+        loop = Seq2SeqGenerator if generator_class(bundle) is Seq2SeqGenerator else Generator
+        runners.append((f"{options.precision}-emulated ", loop(bundle, verify=False,
+                                                               session_factory=lambda n: emulators[n])))
         report.notes.append(f"'{options.precision}-emulated' cases run the lowered graphs with FP32 compute and "
                             f"{options.precision} storage on the CPU (what a GPU computes)")
     return runners
 
 
 def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]], options: Any,
-               lowered: dict[str, Path], say: Any, twin: Path | None = None) -> ParityReport:
-    """twin: a GenAI model folder whose teacher-forced logits stand in for the bundle's (a PagedAttention
+               lowered: dict[str, Path], say: Any, twin: Path | None = None,
+               reference_config: dict[str, Any] | None = None) -> ParityReport:
+    """reference_config: GenerationConfig fields for the reference (reference_generate's config); twin: a GenAI model folder whose teacher-forced logits stand in for the bundle's (a PagedAttention
     decoder, which only GenAI's Engine runs and which returns no logits): the same builder, weights and
     precision with GroupQueryAttention; the bundle's own decoder still produces every free-running token."""
     policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
@@ -231,7 +238,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
         report.notes.append("teacher-forced logits: from a GroupQueryAttention twin of the PagedAttention decoder (same "
                             "builder, weights and precision; GenAI's Engine, the only runner of a paged decoder, gives "
                             "no logits); every free-running token comes from the paged decoder itself")
-    steps = gate_tokens(prompts, runners[0][1].max_length, options)
+    steps = gate_tokens(prompts, runners[0][1].room(prompts) + max(len(p) for p in prompts), options)
     greedy = SamplingOptions(max_new_tokens=steps, stop_token_ids=[])
     tol = policy.for_output("tokens")
     refs = []
@@ -241,7 +248,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
     try:
         for i, prompt in enumerate(prompts):
             say(f"Token parity: reference generate() for prompt {i}" + (" (GPU, FP32)" if on_gpu else ""))
-            refs.append(reference_generate(model, prompt, steps))
+            refs.append(reference_generate(model, prompt, steps, config=reference_config))
     finally:
         if on_gpu:
             model.to("cpu")

@@ -19,7 +19,7 @@ from typing import Any
 from exporter.bundle.assemble import BuildResult, check_output, keep_named_files, staging_for
 from exporter.export.vlm import UNSUPPORTED_VLM, VLM_MODEL_TYPES
 from exporter.options import BuildOptions, default_output, shown_path
-from exporter.recipes import generation, plain, zeroshot
+from exporter.recipes import generation, plain, seq2seq, zeroshot
 from exporter.source.causal import CAUSAL_SUFFIXES, gguf_file
 from exporter.source.spec import SourceSpec, parse_source
 from exporter.source.towers import DUAL_ENCODERS
@@ -75,6 +75,25 @@ def _is_zero_shot(spec: SourceSpec, config: Config) -> bool:
         config.get("model_type") in DUAL_ENCODERS
 
 
+# Encoder-decoders that take audio or images (their encoder inputs are not token ids): no recipe yet.
+_NOT_TEXT_SEQ2SEQ = ("whisper", "speech_to_text", "speech-encoder-decoder", "vision-encoder-decoder", "speecht5",
+                     "seamless_m4t", "seamless_m4t_v2", "pop2piano", "moonshine", "musicgen", "musicgen_melody",
+                     "pix2struct", "kosmos-2", "florence2")
+_NOT_TEXT_KEYS = ("num_mel_bins", "vision_config", "audio_config", "input_feat_per_channel", "encoder")
+
+
+def _is_seq2seq(spec: SourceSpec, config: Config) -> bool:
+    """A text encoder-decoder LM (T5, BART, Marian, mBART, Pegasus, …): is_encoder_decoder in its config, token ids
+    into its encoder."""
+    return spec.kind == "hf" and spec.task in (None, "text2text-generation", "translation", "summarization") and \
+        bool(config.get("is_encoder_decoder")) and config.get("model_type") not in _NOT_TEXT_SEQ2SEQ and \
+        not any(k in config for k in _NOT_TEXT_KEYS)
+
+
+def _validate_seq2seq(options: BuildOptions, _spec: SourceSpec, _config: Config) -> None:
+    seq2seq.validate(options)
+
+
 def _validate_generation(options: BuildOptions, spec: SourceSpec, config: Config) -> None:
     generation.validate(options, config.get("model_type") if _is_vlm(spec, config) else None)
 
@@ -99,6 +118,11 @@ RECIPES: tuple[Recipe, ...] = (
            "prefill and decode graphs with the KV cache as inputs/outputs (transformers' decomposition, else a "
            "generic wrapper)", "greedy tokens and teacher-forced logits vs transformers generate()",
            "runtimes.generate.load_generator", _is_generation, _validate_generation, generation.build_generation),
+    Recipe("seq2seq", ("prefill", "decode"),
+           "prefill (encoder, cross-attention keys/values, first decoder step) and decode graphs with the self- and "
+           "cross-attention caches as inputs/outputs (an EncoderDecoderCache wrapper)",
+           "greedy tokens and teacher-forced logits vs transformers generate()",
+           "runtimes.generate.load_generator (runtimes.seq2seq)", _is_seq2seq, _validate_seq2seq, seq2seq.build_seq2seq),
     Recipe("zero-shot", ("image", "text"), "each CLIP tower with its projection head, as a plain recipe",
            "each tower's own gate, then logits, embeddings and zero-shot ranking vs CLIPModel",
            "runtimes.zeroshot (runtimes.load)", _is_zero_shot, _validate, zeroshot.build_dual_encoder),
@@ -108,10 +132,10 @@ RECIPES: tuple[Recipe, ...] = (
 )
 
 
-# Families with no recipe yet: encoder-decoder generation (an encoder graph, a decoder with self- and
-# cross-attention caches, and a seq2seq loop), and captioning models. Refused before anything is loaded.
-SEQ2SEQ_HINT = ("optimum-cli export onnx (encoder + decoder-with-past graphs) builds such models today; for a "
-                "text encoder's embeddings alone, export its encoder as its own model (save_pretrained of "
+# Families with no recipe yet: speech- and image-to-text encoder-decoders (Whisper, VisionEncoderDecoder) and
+# captioning models. Refused before anything is loaded.
+SEQ2SEQ_HINT = ("optimum-cli export onnx (encoder + decoder-with-past graphs) builds such models today; for an "
+                "encoder's embeddings alone, export its encoder as its own model (save_pretrained of "
                 "model.get_encoder())")
 
 
@@ -124,15 +148,17 @@ def refuse_unbuilt_family(spec: SourceSpec, config: Config) -> None:
         return
     model_type = config.get("model_type")
     archs = [str(a) for a in config.get("architectures") or []]
+    if _is_seq2seq(spec, config):
+        return
     if config.get("is_encoder_decoder") or model_type in ("vision-encoder-decoder", "speech-encoder-decoder"):
-        kind = "an encoder-decoder (seq2seq) model"
+        kind = "a speech- or image-to-text encoder-decoder model"
     elif model_type in ("blip", "blip-2", "git", "pix2struct", "kosmos-2", "instructblip"):
         kind = "an image-to-text (captioning) model"
     else:
         return
     raise UsageError(
         f"Expected a model of a family enginekit builds (text and audio encoders, decoder LMs, vision models, "
-        f"CLIP-like dual encoders, Qwen2-VL), found {kind} ('{model_type}', {', '.join(archs) or 'no architectures'}): "
+        f"CLIP-like dual encoders, Qwen2-VL, text encoder-decoders), found {kind} ('{model_type}', {', '.join(archs) or 'no architectures'}): "
         f"this version has no recipe for it, so nothing was built. {SEQ2SEQ_HINT}."
     )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,16 @@ def build_generation(spec: SourceSpec, source_text: str, options: Any, output: P
     """Build, gate and publish a generation bundle (the generation and vision-language recipes)."""
     timings: dict[str, float] = {}
     manifest, report = _build_into(spec, source_text, options, output, staging, say, timings)
+    return publish_generation(spec, options, output, staging, manifest, report, timings, "generation")
+
+
+def publish_generation(spec: SourceSpec, options: Any, output: Path, staging: Path, manifest: Manifest, report: Any,
+                       timings: dict[str, float], what: str) -> BuildResult:
+    """The gate's evidence into the staged bundle, then the bundle published at `output` (or kept as
+    `<output>.rejected` when the gate failed); `what` names the engines in the failure paragraph."""
 
     def failure(failures: str, rejected: Path) -> str:
-        return (f"Expected the {options.precision} generation engines to produce transformers' tokens, but the gate "
+        return (f"Expected the {options.precision} {what} engines to produce transformers' tokens, but the gate "
                 f"failed: {failures}. Nothing was written to '{output}'; the rejected bundle and its report are in "
                 f"'{rejected}'. Build another precision, or loosen a tolerance with --tolerance [OUTPUT:]METRIC=VALUE "
                 "(outputs: logits, tokens) only if the difference is acceptable.")
@@ -151,33 +159,50 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     prompts = [] if vlm else parity_prompts(tokenizer, options.data, model.config, dims)
     feeds = _autocast_feeds(exported, options, vision, tokenizer, model, prompts)
     kept = mixed_options(options) if options.lowering != "native" else None  # op types the provider refused
+    built, manifest = lower_and_build(
+        lambda lowered, realised: _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims,
+                                         vision), exported, options, work, feeds, kept, model, tokenizer, timings, say)
+    return gate_or_unfuse(built, options, model, tokenizer, manifest, timings, say,
+                          lambda opts: _gate_generation(built, opts, model, tokenizer, processor, prompts, timings, say))
+
+
+def lower_and_build(make: Callable[[dict[str, Path], dict[str, Any]], _Built], exported: GenerationExport, options: Any,
+                    work: Path, feeds: dict[str, Any] | None, kept: Any, model: Any, tokenizer: Any,
+                    timings: dict[str, float], say: Any) -> tuple[_Built, Manifest]:
+    """Lower every graph, build the engines and the manifest; an op type the provider refuses in the low precision
+    is kept in FP32 in every graph and the graphs lowered again. make(lowered, realised): the _Built."""
     history: list[dict[str, Any]] = []
     while True:
         with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
             lowered, realised = _lower_all(exported, options, work, feeds, kept)
         if history:
             realised["provider_refusals"] = list(history)
-        built = _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims, vision)
+        built = make(lowered, realised)
         try:
-            manifest = _engines_and_manifest(built, options, model, tokenizer, timings, say)
-            break
+            return built, _engines_and_manifest(built, options, model, tokenizer, timings, say)
         except BuildError as exc:
             # e.g. ORT 1.31's CUDA provider has no BF16 Reciprocal (Qwen3-VL's RMSNorm, measured on the H200):
             # keep that op type in FP32 in every graph and lower again (the plain recipe does the same)
             if not (kept and keep_unrunnable_op(exc, kept, history, say)):
                 raise
-            shutil.rmtree(bundle)
-            bundle.mkdir()
-    report = _gate_generation(built, options, model, tokenizer, processor, prompts, timings, say)
+            shutil.rmtree(built.bundle)
+            built.bundle.mkdir()
+
+
+def gate_or_unfuse(built: _Built, options: Any, model: Any, tokenizer: Any, manifest: Manifest,
+                   timings: dict[str, float], say: Any, gate: Callable[[Any], Any]) -> tuple[Manifest, Any]:
+    """gate(options): the token gate's report; a failure on fused engines builds them again unfused and gates again
+    (a fusion must never make a graph worse)."""
+    report = gate(options)
     why = unfuse_reason(report, [c.get("fusions") or {} for c in manifest.target.options["generation"].values()],
                         options.ort_fusions)
     if why is not None:
         say("The token gate failed with ORT's fusions: building the engines again without them")
         options = replace(options, ort_fusions=False)
-        shutil.rmtree(bundle)
-        bundle.mkdir()
+        shutil.rmtree(built.bundle)
+        built.bundle.mkdir()
         manifest = _engines_and_manifest(built, options, model, tokenizer, timings, say, unfused_because=why)
-        report = _gate_generation(built, options, model, tokenizer, processor, prompts, timings, say)
+        report = gate(options)
     return manifest, report
 
 
@@ -196,6 +221,7 @@ class _Built:
     info: dict[str, Any]
     dims: dict[str, DimRange]
     vision: Any
+    extra_spec: dict[str, Any] | None = None  # more generation.json fields (an encoder-decoder's, recipes/seq2seq.py)
 
 
 def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, timings: dict[str, float], say: Any,
@@ -212,7 +238,7 @@ def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, t
             components[name] = {"file": files[0], "io": io.to_dict(), "fusions": fusions}
             engine_files += files
     assert target is not None
-    more: dict[str, Any] = {}
+    more: dict[str, Any] = dict(b.extra_spec or {})
     if b.vision is not None:
         from exporter.export.vlm import write_embeddings
 
@@ -220,7 +246,8 @@ def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, t
                 "embeddings": {"file": write_embeddings(model, b.bundle), "dtype": "float32"}}
     extra = _write_side_files(b.bundle, model, tokenizer, b.exported, components, more)
     target = replace(target, engine_files=engine_files, options={**target.options, "generation": {
-        n: {"file": c["file"], "fusions": c["fusions"]} for n, c in components.items()}})
+        n: {"file": c["file"], "fusions": c["fusions"]} for n, c in components.items()},
+        **({"architecture": more["architecture"]} if "architecture" in more else {})})
     manifest = Manifest(
         name=b.output.name,
         source={"spec": str(b.spec), "kind": b.spec.kind, "exporter": b.exported.exporter, "opset": b.exported.opset,

@@ -1,0 +1,179 @@
+"""`enginekit build` for encoder-decoder text models (T5, BART, Marian, mBART, Pegasus, …ForConditionalGeneration):
+a seq2seq generation bundle gated on tokens against transformers' own generate().
+
+    source ─▶ prefill.onnx (encoder + cross-attention keys/values + first decoder step), decode.onnx
+           ─▶ lowered (fp16/bf16: AutoCast; int8: weight-only) ─▶ ORT fusions ─▶ engines ─▶ token parity ─▶ bundle
+
+The graphs are exporter/export/seq2seq.py's; lowering, engines, side files and the token gate are the causal
+LM's (exporter/recipes/generation.py, exporter/gate/tokens.py), run on the seq2seq loop
+(runtimes/seq2seq.py). Speech-to-text (Whisper) and image-to-text models are not built by this recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.bundle.assemble import BuildResult
+from exporter.export.memory import check_memory
+from exporter.export.seq2seq import component_io, export_seq2seq, seq2seq_layout
+from exporter.gate.task import check_tolerance_outputs
+from exporter.lower.mixed import mixed_options
+from exporter.recipes.generation import _Built, gate_or_unfuse, lower_and_build, publish_generation
+from exporter.recipes.generation import validate as validate_generation
+from exporter.source.spec import SourceSpec
+from exporter.timing import Progress, timed
+from runtimes.choices import Precision
+from runtimes.errors import SourceError, UsageError
+from runtimes.manifest import DimRange
+from runtimes.seq2seq import SEQ2SEQ
+
+
+def validate(options: Any) -> None:
+    if options.target != "ort":
+        raise UsageError(f"Expected --target ort for an encoder-decoder model, found --target {options.target}: seq2seq "
+                         "bundles (prefill + decode engines with self- and cross-attention caches) are built for ONNX "
+                         "Runtime only in this version.")
+    if options.precision in (Precision.FP8, Precision.INT4):
+        raise UsageError(f"Expected --precision fp32, fp16, bf16 or int8 (weight-only) for an encoder-decoder model, "
+                         f"found {options.precision}.")
+    if options.precision is Precision.INT8 and options.calib is not None:
+        raise UsageError("Expected no --calib with --precision int8 for an encoder-decoder model: it is weight-only "
+                         "(MatMulNBits, scales from the weights), which needs no calibration data. Drop --calib.")
+    if options.lowering != "autocast":
+        raise UsageError(f"Expected --lowering autocast for an encoder-decoder model, found '{options.lowering}': native "
+                         "FP16/BF16 export is built for causal LMs only in this version.")
+    validate_generation(options)
+
+
+def default_dims(config: Any, shapes: dict[str, DimRange]) -> dict[str, DimRange]:
+    """batch 1:1:16 (beams count as rows); source (sequence) 1:64:512 and decoder length (total_sequence)
+    2:64:256, each capped by the model's learned positions where it has them (T5's are relative)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    cap = int(positions) if positions else 1 << 16
+    unknown = sorted(set(shapes) - {"batch", "sequence", "total_sequence"})
+    if unknown:
+        raise UsageError(f"Expected --shapes for an encoder-decoder model to name batch, sequence (the source) and "
+                         f"total_sequence (the decoder's tokens), found {sorted(shapes)}. Example: --shapes "
+                         "batch=1:1:8,sequence=1:64:512,total_sequence=2:64:256.")
+    source = shapes.get("sequence") or DimRange(1, min(64, cap), min(512, cap))
+    total = shapes.get("total_sequence") or DimRange(2, min(64, cap), min(256, cap))
+    if total.max < 2 or source.max > cap or total.max > cap:
+        raise UsageError(f"Expected sequence and total_sequence of at most {cap} (the model's positions) and "
+                         f"total_sequence of at least 2, found sequence={source}, total_sequence={total}.")
+    return {"batch": shapes.get("batch") or DimRange(1, 1, 16), "sequence": source, "prefix": DimRange(1, 1, 4),
+            "past_sequence": DimRange(1, max(1, total.opt - 1), total.max - 1), "total_sequence": total}
+
+
+def load_seq2seq(spec: SourceSpec) -> tuple[Any, Any, dict[str, Any]]:
+    """(model in FP32, tokenizer or None, info for the manifest) of an hf: encoder-decoder folder."""
+    import torch
+    import transformers
+
+    folder = Path(spec.location)
+    try:
+        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise SourceError(f"Expected transformers' AutoModelForSeq2SeqLM to load '{folder}', but it failed: "
+                          f"{str(exc).strip().splitlines()[0][:300]}. Check the folder's config and weights.") from None
+    tokenizer = None
+    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model")):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError, KeyError, ImportError):
+            tokenizer = None
+    info = {"task": "text2text-generation", "family": "seq2seq", "model_type": model.config.model_type,
+            "class": type(model).__name__}
+    return model, tokenizer, info
+
+
+def seq2seq_metadata(model: Any) -> dict[str, Any]:
+    """generation.json's seq2seq fields: the decoder's start token, a forced first token (mBART-50's target
+    language), tokens generate() never picks (Marian's pad), and the beam defaults of the generation config."""
+    g = model.generation_config
+    start = g.decoder_start_token_id if g.decoder_start_token_id is not None else model.config.decoder_start_token_id
+    if start is None:
+        raise SourceError("Expected the encoder-decoder model's config to name decoder_start_token_id, found none: "
+                          "the decoder has no first token. Set it in config.json or generation_config.json.")
+    bad = [w[0] for w in (g.bad_words_ids or []) if len(w) == 1]
+    suppress = sorted({int(t) for t in [*bad, *(g.suppress_tokens or [])]})
+    return {"architecture": SEQ2SEQ, "decoder_start_ids": [int(start)],
+            "forced_bos_token_id": g.forced_bos_token_id, "forced_eos_token_id": _forced_eos(g), "suppress_token_ids": suppress,
+            # transformers 5 leaves unset fields None; its generate() then uses 1.0 and False
+            "beam": {"num_beams": int(g.num_beams or 1),
+                     "length_penalty": float(1.0 if g.length_penalty is None else g.length_penalty),
+                     "early_stopping": False if g.early_stopping is None else g.early_stopping}}
+
+
+def _forced_eos(g: Any) -> int | None:
+    forced = g.forced_eos_token_id
+    if isinstance(forced, (list, tuple)):
+        return int(forced[0]) if len(forced) == 1 else None  # several: transformers allows any of them; not built
+    return None if forced is None else int(forced)
+
+
+def build_seq2seq(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path,
+                  say: Progress) -> BuildResult:
+    timings: dict[str, float] = {}
+    manifest, report = _build_into(spec, source_text, options, output, staging, say, timings)
+    return publish_generation(spec, options, output, staging, manifest, report, timings, "seq2seq")
+
+
+def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path, say: Any,
+                timings: dict[str, float]) -> tuple[Any, Any]:
+    from exporter.gate.tokens import parity_prompts, token_gate
+
+    work, bundle = staging / "work", staging / "bundle"
+    work.mkdir()
+    bundle.mkdir()
+    check_tolerance_outputs(options.tolerances, ["logits", "tokens"])
+    with timed(timings, "load", say, f"Loading {spec}"):
+        model, tokenizer, info = load_seq2seq(spec)
+        dims = default_dims(model.config, options.shapes)
+        extra = seq2seq_metadata(model)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    check_memory(component_io("decode", seq2seq_layout(model), vocab, dims), options.memory_limit, gate_cases=False)
+    with timed(timings, "export", say, "Exporting prefill (encoder + cross-attention) and decode graphs"):
+        exported = export_seq2seq(model, work, dims, opset=options.opset)
+    for part in exported.components.values():
+        check_memory(part.io, options.memory_limit, graph=part.path)
+    prompts = parity_prompts(tokenizer, options.data, model.config, dims)
+    feeds = calibration_feeds({n: c.path for n, c in exported.components.items()}, prompts, extra["decoder_start_ids"]) \
+        if options.precision in (Precision.FP16, Precision.BF16) else None
+    kept = mixed_options(options)
+    built, manifest = lower_and_build(
+        lambda lowered, realised: _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims,
+                                         None, extra_spec=extra), exported, options, work, feeds, kept, model,
+        tokenizer, timings, say)
+    reference = {"decoder_start_token_id": extra["decoder_start_ids"][0], "forced_bos_token_id": extra["forced_bos_token_id"],
+                 "forced_eos_token_id": extra["forced_eos_token_id"], "suppress_tokens": extra["suppress_token_ids"] or None}
+
+    def gate(opts: Any) -> Any:
+        with timed(timings, "gate", say, "Token parity: engines vs transformers generate() (FP32)"):
+            return token_gate(model, tokenizer, bundle, prompts, opts, built.lowered, say, reference_config=reference)
+
+    return gate_or_unfuse(built, options, model, tokenizer, manifest, timings, say, gate)
+
+
+def calibration_feeds(paths: dict[str, Path], prompts: list[list[int]], start: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Range data for AutoCast, per graph: the sources for the prefill; for the decode, the prefill's next token
+    with its caches (the FP32 prefill run by ONNX Runtime)."""
+    from runtimes._deps import require
+
+    ort = require("onnxruntime", extra="cpu", purpose="Calibration feeds for the decode graph")
+    session = ort.InferenceSession(str(paths["prefill"]), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {"prefill": [], "decode": []}
+    for p in prompts[:2]:
+        ids = np.array([p], np.int64)
+        pre = {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": np.array([start], np.int64)}
+        outs = dict(zip(names, session.run(names, pre)))
+        feeds["prefill"].append(pre)
+        feeds["decode"].append({
+            "decoder_input_ids": outs["next_token"].astype(np.int64), "attention_mask": pre["attention_mask"],
+            **{n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present.")},
+            **{n: v for n, v in outs.items() if n.startswith("cross.")},
+        })
+    return feeds
