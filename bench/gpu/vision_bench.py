@@ -4,6 +4,7 @@ default gates, INT8 against FP16 on ORT CUDA, and the numerical noise of FP32 co
     export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
     python3 bench/gpu/vision_bench.py build --out $OUT     # builds + gates + INT8 timing + cuDNN noise (~7 min)
     python3 bench/gpu/vision_bench.py bench --out $OUT     # the same warm machine: enginekit bench of each (~8 min)
+    python3 bench/gpu/vision_bench.py verify --out $OUT    # one call: BF16 detector, ResNet-50 retuned, profiles
     python bench/gpu/vision_bench.py build --out /tmp/v --device cpu --small   # a CPU rehearsal: tiny detector only
 
 Models (random weights at real sizes; nothing can be downloaded there): CLIP ViT-L/14's image tower
@@ -192,9 +193,67 @@ def stage_bench(rec: Recorder, out: Path) -> None:
             env=dict(os.environ, OUT=str(out)), timeout=max(30, rec.left()), capture_output=True).returncode}, 80)
 
 
+def stage_verify(rec: Recorder, out: Path) -> None:
+    """One call on a fresh machine (12-02): what the first two calls left open. The BF16 detector's gate after the
+    Clip fix, ResNet-50 rebuilt with the fuse_conv_bias tuning candidate and benched at batch 1 and 32 against
+    torch.compile, the BF16 detector's row of the DAMO-YOLO table, and CUPTI kernel profiles of ResNet-50 and CLIP-L
+    at batch 32 (where they trail or barely lead torch.compile)."""
+    from make_models import make_clip_vision
+
+    wanted = ["detector-bf16", "resnet50-fp16", "clip-l-vision-fp16"]  # in this order: the cheap, open ones first
+    for name, source, precision, shapes, extra, need in sorted((b for b in BUILDS if b[0] in wanted),
+                                                               key=lambda b: wanted.index(b[0])):
+        if source == "clip":
+            clip = rec.stage("make clip", lambda: make_clip_vision(MODELS), 30)
+            if clip is None:
+                continue
+            source = f"hf:{clip}"
+        rec.data["rows"].append({"build": name})
+        rec.data["rows"][-1].update(rec.stage(f"build {name}", lambda s=source, p=precision, sh=shapes, e=extra, n=name:
+                                              build_one(n, s, p, sh, e), need) or {})
+        rec.save()
+        if name == "resnet50-fp16" and (ENGINES / name).is_dir():
+            profile(rec, out, name)
+            bench_one(rec, out, "resnet50", [ENGINES / name], [1, 32], ["fp16"], "fp16", ["default", "reduce-overhead"], 110)
+        if name == "detector-bf16" and (ENGINES / name).is_dir():
+            bench_one(rec, out, "detector-bf16", [ENGINES / name], [1, 16], ["fp32"], "bf16", [], 60)
+    if (ENGINES / "clip-l-vision-fp16").is_dir():
+        profile(rec, out, "clip-l-vision-fp16")
+
+
+def profile(rec: Recorder, out: Path, name: str) -> None:
+    import subprocess
+
+    rec.stage(f"profile {name} b32", lambda: {"rc": subprocess.run(
+        [sys.executable, str(ROOT / "bench/gpu/kernel_profile.py"), str(ENGINES / name), "32"],
+        env=dict(os.environ, OUT=str(out)), timeout=max(30, rec.left()), capture_output=True).returncode}, 70)
+
+
+def bench_one(rec: Recorder, out: Path, name: str, bundles: list[Path], batches: list[int], eager: list[str],
+              compile_dtype: str, modes: list[str], need: float) -> None:
+    from exporter.bench import BenchOptions, run_bench, save
+
+    opts = BenchOptions(batches=batches, baselines=["eager", "compile"] if modes else ["eager"], eager_dtypes=eager,
+                        compile_modes=modes or ["default"], compile_dtype=compile_dtype, runs=50, warmup=10,
+                        min_seconds=0.5, cuda_graph=True)
+    path = out / f"bench-{name}.json"
+    command = f"vision_bench.py verify: run_bench({[b.name for b in bundles]}, {opts})"
+
+    def one() -> dict:
+        result = run_bench(bundles, opts, checkpoint=lambda partial: save(partial, path, None, command))
+        save(result, path, None, command)
+        return {"rows": [{k: r[k] for k in ("variant", "batch", "p50_ms", "memory_mib", "vs_compile")}
+                         for r in result["rows"]], "slower_than_compile": result["slower_than_compile"]}
+
+    got = rec.stage(f"bench {name}", one, need)
+    if got:
+        rec.data[f"bench {name}"] = got
+        rec.save()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["build", "bench"])
+    ap.add_argument("stage", choices=["build", "bench", "verify"])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
     ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--device", default="cuda")
@@ -211,6 +270,8 @@ def main() -> None:
     rec = Recorder(args.out / f"vision_{args.stage}.json", args.budget_s)
     if args.stage == "build":
         stage_build(rec)
+    elif args.stage == "verify":
+        stage_verify(rec, args.out)
     else:
         stage_bench(rec, args.out)
     print(json.dumps({k: v["status"][:120] for k, v in rec.data["stages"].items()}, indent=1))

@@ -39,15 +39,16 @@ def _build_ort(onnx_path: Path, bundle: Path, options: BuildOptions, io: IOSpec,
     ort_options = OrtBuildOptions(device=options.device, low_precision=low_precision)
     fusion: dict[str, Any] = {"enabled": options.ort_fusions}
     target = None
+    unfused = _without_shapes(onnx_path) if low_precision and work is not None else onnx_path
     if options.ort_fusions and work is not None:
         from exporter.build.ortfuse import fuse_for_ort, fusion_breaks
 
         fused_path = work / f"{onnx_path.stem}.ort-{options.device}.onnx"
         reason = None
         try:
-            fusion.update(fuse_for_ort(onnx_path, fused_path, options.device))
-            target = build_ort_engine(fused_path, bundle, ort_options)
-            reason = fusion_breaks(onnx_path, bundle / ENGINE_FILE, io, options.device, str(options.precision))
+            fusion.update(fuse_for_ort(onnx_path, fused_path, options.device))  # the fusions read the shapes
+            target = build_ort_engine(_without_shapes(fused_path) if low_precision else fused_path, bundle, ort_options)
+            reason = fusion_breaks(unfused, bundle / ENGINE_FILE, io, options.device, str(options.precision))
         except BuildError as exc:
             reason = f"the fused graph does not build: {str(exc)[:300]}"
         except Exception as exc:  # the fusion pass is best effort: an unfused engine is still correct
@@ -60,9 +61,26 @@ def _build_ort(onnx_path: Path, bundle: Path, options: BuildOptions, io: IOSpec,
             for stale in bundle.iterdir():
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if target is None:
-        target = build_ort_engine(onnx_path, bundle, ort_options)
+        target = build_ort_engine(unfused, bundle, ort_options)
     target.options["fusions"] = fusion
     return target
+
+
+def _without_shapes(path: Path) -> Path:
+    """A copy of the graph beside it (its external data shared) without intermediate shapes (value_info). AutoCast's
+    shape inference names different sizes by one symbol, and ONNX Runtime, planning buffers by those names, fails at
+    run time: "Shape mismatch attempting to re-use buffer. {1,32,4,4} != {1,16,8,8}" at the tiny detector's Resize,
+    kept in FP32 between casts in its BF16 graph (H200, 12-02); the generation recipe met it in decoders. ORT infers
+    the shapes itself; the fusion pass, which reads them, runs on the graph with them first."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not model.graph.value_info:
+        return path
+    del model.graph.value_info[:]
+    out = path.with_name(path.stem + ".noshapes.onnx")
+    onnx.save(model, str(out))
+    return out
 
 
 def unfuse_reason(report: Any, fusions: list[dict[str, Any]], ort_fusions: bool) -> str | None:

@@ -2,8 +2,10 @@
 
 Candidates: cuDNN's convolution algorithm search (EXHAUSTIVE tries every algorithm once per
 shape, HEURISTIC trusts cuDNN's pick) and, for conv nets, NHWC layout (`prefer_nhwc`: tensor
-cores prefer channels-last). Each candidate opens a session and is timed at the opt shape with
-the same device-resident runner code the bench and the service use; the fastest wins.
+cores prefer channels-last), with and without cuDNN's fused convolution + bias epilogue
+(`fuse_conv_bias`, cuDNN frontend graphs; ORT's CUDA EP leaves it off by default). Each candidate
+opens a session and is timed at the opt shape with the same device-resident runner code the bench
+and the service use; the fastest wins. A candidate the provider refuses is recorded, not chosen.
 """
 
 from __future__ import annotations
@@ -22,25 +24,33 @@ def candidates(onnx_path: Path) -> list[dict[str, Any]]:
     convs = sum(1 for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.op_type == "Conv")
     options: list[dict[str, Any]] = [{"cudnn_conv_algo_search": "EXHAUSTIVE"}]
     if convs >= 4:  # NHWC and the algorithm search only matter where convolutions carry the work
-        options += [{"cudnn_conv_algo_search": "HEURISTIC"}, {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": 1}]
+        options += [{"cudnn_conv_algo_search": "HEURISTIC"}, {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": 1},
+                    {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": 1, "fuse_conv_bias": 1}]
     return options
 
 
 def tune_cuda(bundle: Path, manifest: Manifest, *, runs: int = 30) -> dict[str, Any]:
     """Time each candidate on `bundle`; returns {"chosen": options, "trials": [...]} (ms at opt)."""
+    from runtimes.errors import EnginekitError
     from runtimes.ort.runner import OrtRunner
 
     feeds = generate_feeds(manifest.io, "opt", seed=7)
-    trials = []
+    trials: list[dict[str, Any]] = []
     for options in candidates(bundle / manifest.target.engine_files[0]):
-        runner = OrtRunner(bundle, manifest.hashed(bundle), device="cuda", provider_options=options)
+        try:
+            runner = OrtRunner(bundle, manifest.hashed(bundle), device="cuda", provider_options=options)
+        except EnginekitError as exc:
+            if not trials:
+                raise  # the first candidate is ORT's own defaults: a refusal there is the engine's problem
+            trials.append({"options": options, "refused": str(exc)[:300]})
+            continue
         try:
             slot = runner.prepare(feeds)
             stats = measure(lambda slot=slot, runner=runner: runner.run_prepared(slot), warmup=5, runs=runs)
         finally:
             runner.close()
         trials.append({"options": options, "p50_ms": round(stats["p50_ms"], 4)})
-    best = min(trials, key=lambda t: t["p50_ms"])
+    best = min((t for t in trials if "p50_ms" in t), key=lambda t: t["p50_ms"])
     return {"chosen": best["options"], "trials": trials, "shape": "opt"}
 
 
