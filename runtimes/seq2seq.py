@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,8 +43,13 @@ class Seq2SeqGenerator(Generator):
         self.forced_bos = self.spec.get("forced_bos_token_id")
         self.forced_eos = self.spec.get("forced_eos_token_id")
         self.suppress = [int(t) for t in self.spec.get("suppress_token_ids") or []]
-        self.max_source = self.io["prefill"].dims["sequence"].max
+        self.begin_suppress = [int(t) for t in self.spec.get("begin_suppress_token_ids") or []]
+        self.features = self.spec.get("features")  # a speech model's log-mel settings (Whisper), else None
+        self.audio = self.features is not None
+        dims = self.io["prefill"].dims
+        self.max_source = dims["sequence"].max if "sequence" in dims else 0
         self.defaults = dict(self.spec.get("beam") or {})
+        self._mel_filters: np.ndarray | None = None
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], options: SamplingOptions | None = None, *,
                      on_token: Callable[[int, int], None] | None = None, record_logits: bool = False,
@@ -53,10 +59,13 @@ class Seq2SeqGenerator(Generator):
         arguments are Generator.generate_ids's, and options.num_beams > 1 runs beam search."""
         opts = options or SamplingOptions()
         opts.validate()
-        self._check_sources(prompts)
-        ids, mask = self._right_pad(prompts)
         start = np.tile(np.array([self.start], np.int64), (len(prompts), 1))
-        feeds = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": start}
+        if self.audio:
+            feeds = {"input_features": self._check_features(prompts), "decoder_input_ids": start}
+        else:
+            self._check_sources(prompts)
+            ids, mask = self._right_pad(prompts)
+            feeds = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": start}
         if opts.num_beams > 1:
             if forced is not None or record_logits or not opts.greedy:
                 raise UsageError("Expected greedy options for beam search (temperature 0, no forced tokens or recorded "
@@ -65,6 +74,44 @@ class Seq2SeqGenerator(Generator):
         return self._greedy(prompts, feeds, opts, on_token=on_token, record_logits=record_logits, forced=forced,
                             cancel=cancel)
 
+    def transcribe(self, audio: Sequence[np.ndarray] | Sequence[str], options: SamplingOptions | None = None, *,
+                   rate: int | None = None) -> list[Generation]:
+        """A speech bundle's text for each clip: .wav paths, or sample arrays at `rate` Hz (default: the model's);
+        up to 30 s each (longer clips are cut, as Whisper's feature extractor does)."""
+        from .speech import log_mel, read_wav, resample
+
+        if not self.audio:
+            raise UsageError(f"Expected a speech bundle (Whisper) to transcribe audio, found a text encoder-decoder at "
+                             f"'{self.bundle}'. Pass text: generate(text).")
+        f = self.features
+        assert f is not None
+        clips = []
+        for clip in audio:
+            if isinstance(clip, (str, Path)):
+                samples, got = read_wav(clip)
+            else:
+                samples, got = np.asarray(clip, np.float32), int(rate or f["sampling_rate"])
+            clips.append(resample(samples, got, int(f["sampling_rate"])))
+        feats = [log_mel(c, self.mel_filters(), n_fft=f["n_fft"], hop_length=f["hop_length"], n_samples=f["n_samples"])
+                 for c in clips]
+        results = self.generate_ids(feats, options)
+        for r in results:
+            r.text = self.tokenizer.decode(r.tokens)
+        return results
+
+    def mel_filters(self) -> np.ndarray:
+        if self._mel_filters is None:
+            assert self.features is not None
+            self._mel_filters = np.load(self.manifest.file(self.bundle, self.features["file"], "mel filter bank"))
+        return self._mel_filters
+
+    def generate(self, prompt: str, options: SamplingOptions | None = None,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        if self.audio:
+            raise UsageError(f"Expected audio for the speech bundle '{self.bundle}' (Whisper), found a text prompt. "
+                             "Transcribe a .wav file: enginekit generate BUNDLE --audio FILE.wav, or transcribe().")
+        return super().generate(prompt, options, on_text)
+
     # -- greedy / sampling ----------------------------------------------------------------------------------
     def _greedy(self, prompts: Sequence[Sequence[int]], feeds: dict[str, np.ndarray], opts: SamplingOptions, *,
                 on_token: Callable[[int, int], None] | None, record_logits: bool,
@@ -72,12 +119,12 @@ class Seq2SeqGenerator(Generator):
         stop = self.stop_tokens(opts)
         rng = np.random.default_rng(opts.seed)
         b = len(prompts)
-        results = [Generation(list(map(int, p)), []) for p in prompts]
+        results = [Generation(self._prompt_tokens(p), []) for p in prompts]
         done = np.zeros(b, bool)
         steps = min(opts.max_new_tokens, self.max_length - len(self.start))
         # Suppressed tokens and a forced first token change the logits: the argmax must be taken here.
-        need_logits = record_logits or not opts.greedy or bool(self.suppress) or self.forced_bos is not None \
-            or self.forced_eos is not None
+        need_logits = record_logits or not opts.greedy or bool(self.suppress or self.begin_suppress) \
+            or self.forced_bos is not None or self.forced_eos is not None
         t0 = time.perf_counter()
         (logits, greedy), past, cross = self._prefill(feeds, need_logits)
         t_first = 0.0
@@ -95,8 +142,7 @@ class Seq2SeqGenerator(Generator):
             if done.all() or step == steps - 1:
                 break
             chosen = np.where(done, self.pad, chosen).astype(np.int64)
-            (logits, greedy), past = self._step("decode", {"decoder_input_ids": chosen[:, None],
-                                                           "attention_mask": feeds["attention_mask"]},
+            (logits, greedy), past = self._step("decode", {"decoder_input_ids": chosen[:, None], **self._mask(feeds)},
                                                 {**past, **cross}, need_logits)
         t_end = time.perf_counter()
         for r in results:
@@ -120,7 +166,7 @@ class Seq2SeqGenerator(Generator):
         rows = np.repeat(np.arange(b), k)  # every source's prefill row, once per beam
         past = {n: np.asarray(_host(v))[rows] for n, v in past.items()}
         cross = {n: np.asarray(_host(v))[rows] for n, v in cross.items()}
-        mask = feeds["attention_mask"][rows]
+        mask = {k: v[rows] for k, v in self._mask(feeds).items()}
         logits = np.asarray(logits)[rows]
         t_first = 0.0
         for step in range(steps):
@@ -133,15 +179,14 @@ class Seq2SeqGenerator(Generator):
             if finished:
                 break
             past = {n: v[order] for n, v in past.items()}
-            (logits, _), past = self._step("decode", {"decoder_input_ids": beams.last(), "attention_mask": mask},
-                                           {**past, **cross}, True)
+            (logits, _), past = self._step("decode", {"decoder_input_ids": beams.last(), **mask}, {**past, **cross}, True)
             past = {n: np.asarray(_host(v)) for n, v in past.items()}
             logits = np.asarray(logits)
         t_end = time.perf_counter()
         results = []
         for row, prompt in enumerate(prompts):
             tokens = beams.best(row)
-            r = Generation(list(map(int, prompt)), tokens, finish_reason=beams.reason(row, tokens))
+            r = Generation(self._prompt_tokens(prompt), tokens, finish_reason=beams.reason(row, tokens))
             r.ttft_ms, r.decode_ms = (t_first - t0) * 1e3, (t_end - t_first) * 1e3
             for t in tokens if on_token else ():
                 on_token(row, t)  # type: ignore[misc]
@@ -159,6 +204,8 @@ class Seq2SeqGenerator(Generator):
         x = np.array(logits, np.float32)
         if self.suppress:
             x[:, self.suppress] = -np.inf
+        if step == 0 and self.begin_suppress:  # Whisper: no blank or end of text first
+            x[:, self.begin_suppress] = -np.inf
         forced = self.forced_bos if step == 0 else self.forced_eos if last else None
         if forced is not None:
             x[:] = -np.inf
@@ -180,6 +227,28 @@ class Seq2SeqGenerator(Generator):
             out = (got["logits"], got["next_token"])
         past = {i: got[o] for i, o in zip(self.cache_in, self.cache_out)}
         return out, past, {n: got[n] for n in self.cross}
+
+    def _prompt_tokens(self, prompt: Any) -> list[int]:
+        return [] if self.audio else [int(t) for t in prompt]  # a clip's features are no tokens
+
+    @staticmethod
+    def _mask(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The decode step's encoder mask (a speech encoder has none: its 30 s input is never padded in the batch)."""
+        return {"attention_mask": feeds["attention_mask"]} if "attention_mask" in feeds else {}
+
+    def _check_features(self, prompts: Sequence[Any]) -> np.ndarray:
+        from .errors import InvalidInput
+
+        assert self.features is not None
+        want = (int(self.features["mels"]), int(self.features["frames"]))
+        bad = [tuple(np.shape(p)) for p in prompts if tuple(np.shape(p)) != want]
+        if not prompts or bad:
+            raise InvalidInput(f"Expected log-mel features of shape {want} per clip (transcribe() computes them from "
+                               f"audio), found {bad[:4] or 'no clips'}.")
+        if len(prompts) > self.max_batch:
+            raise InvalidInput(f"Expected at most {self.max_batch} clips at once (the engine's batch range), found "
+                               f"{len(prompts)}. Split them, or rebuild with --shapes batch=1:1:{len(prompts)}.")
+        return np.stack([np.asarray(p, np.float32) for p in prompts])
 
     def _right_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         width = max(len(p) for p in prompts)

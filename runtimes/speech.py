@@ -155,3 +155,27 @@ class Transcriber:
         waves = [read_wav(p) for p in paths]
         rate = int(self.ctc["features"]["sampling_rate"])
         return self.transcribe([resample(w, r, rate) for w, r in waves], rate)
+
+
+# -- Whisper-style log-mel features (speech encoder-decoders, runtimes/seq2seq.py) ---------------------------
+def log_mel(samples: np.ndarray, mel_filters: np.ndarray, *, n_fft: int = 400, hop_length: int = 160,
+            n_samples: int = 480000) -> np.ndarray:
+    """Whisper's input features [mels, n_samples // hop_length] of one clip at the model's rate, in numpy: the
+    clip zero-padded (or cut) to n_samples (30 s), a centred STFT (reflect padding, periodic Hann window of
+    n_fft), power spectrum, the bundle's mel filter bank [n_fft // 2 + 1, mels] (written at build time by
+    transformers' WhisperFeatureExtractor), log10 floored at 1e-10, the last frame dropped, clamped to 8
+    below the clip's maximum and scaled as (x + 4) / 4. The same steps as the feature extractor's numpy path
+    (tests/runtimes/test_speech.py compares them)."""
+    x = np.zeros(n_samples, np.float64)
+    clip = np.asarray(samples, np.float64)[:n_samples]
+    x[:len(clip)] = clip
+    pad = n_fft // 2
+    x = np.pad(x, (pad, pad), mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    count = 1 + (len(x) - n_fft) // hop_length
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop_length][:count]
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # [frames, n_fft // 2 + 1]
+    mel = np.maximum(power @ np.asarray(mel_filters, np.float64), 1e-10).T  # [mels, frames]
+    spec = np.log10(mel)[:, :-1]
+    spec = np.maximum(spec, spec.max() - 8.0)
+    return ((spec + 4.0) / 4.0).astype(np.float32)

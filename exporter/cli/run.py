@@ -143,7 +143,7 @@ def demo(
 @handle_errors
 def generate(
     bundle: Path = typer.Argument(..., help="A generation bundle (built from a causal LM, a VLM or an encoder-decoder)."),
-    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="The prompt (repeatable: a batch, printed in order)."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="The prompt (repeatable: a batch, printed in order)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Sampling: keep the smallest set of tokens reaching this probability."),
@@ -161,6 +161,8 @@ def generate(
                                 "(PIL bicubic, as transformers' processor resizes) instead of refusing other sizes."),
     chat: bool = typer.Option(False, "--chat", help="Send each prompt as one user message through the bundle's "
                               "chat template (as the server's /v1/chat/completions does)."),
+    audio: list[Path] = typer.Option([], "--audio", "-a", help="Speech encoder-decoder bundles (Whisper): a .wav file "
+                                     "to transcribe (repeatable: a batch; up to 30 s each, English, no timestamps)."),
 ) -> None:
     """Generate a continuation of a prompt with a generation bundle (no torch); VLM bundles take --image; an
     encoder-decoder's prompt is its source text (translation, summary: its output is the decoder's)."""
@@ -170,6 +172,11 @@ def generate(
     # --chat: the template writes the special tokens itself, so the tokenizer must not add them again
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                            add_special_tokens=not chat, num_beams=num_beams)
+    if bool(audio) == bool(prompt):
+        raise UsageError("Expected either --prompt TEXT (repeatable) or, for a speech bundle, --audio FILE.wav, found "
+                         f"{'both' if audio else 'neither'}. Pass one of them.")
+    if audio:
+        return _transcribe(bundle, audio, opts, device, threads, as_json)
     with load_generator(bundle, device=device, threads=threads) as gen:
         if chat:
             prompt = _chat_prompts(gen, bundle, prompt, len(image))
@@ -198,6 +205,24 @@ def generate(
     r = results[0]
     _console(stderr=True).print(f"[dim]{sum(len(x.tokens) for x in results)} tokens ({r.finish_reason}); first token "
                                 f"{r.ttft_ms:.1f} ms, then {r.tokens_per_s:.1f} tokens/s[/]")
+    return None
+
+
+def _transcribe(bundle: Path, audio: list[Path], opts: Any, device: str | None, threads: int | None,
+                as_json: bool) -> None:
+    from runtimes.generate import Seq2SeqGenerator, load_generator
+
+    with load_generator(bundle, device=device, threads=threads) as gen:
+        if not isinstance(gen, Seq2SeqGenerator) or not gen.audio:
+            raise UsageError(f"Expected --audio only with a speech encoder-decoder bundle (Whisper), found another "
+                             f"generation bundle at '{bundle}'. Pass --prompt TEXT instead.")
+        results = gen.transcribe([str(a) for a in audio], opts)
+    if as_json:
+        return _print_json([{"audio": str(a), "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
+                             "ttft_ms": round(r.ttft_ms, 2), "decode_tokens_per_s": round(r.tokens_per_s, 1)}
+                            for a, r in zip(audio, results)])
+    for r in results:
+        sys.stdout.write(r.text + "\n")
     return None
 
 

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.export.generation import CacheLayout, GenerationExport, GraphExport, _fold, save_checked
+from exporter.export.generation import (
+    CacheLayout,
+    GenerationExport,
+    GraphExport,
+    _cache_kwarg,
+    _fold,
+    save_checked,
+)
 from exporter.export.graph import _condense, quiet
 from runtimes.errors import ExportError
 from runtimes.manifest import DimRange, IOSpec, TensorSpec
@@ -40,10 +47,28 @@ _TRACE_BATCH, _TRACE_SOURCE, _TRACE_PREFIX, _TRACE_PAST = 2, 7, 3, 5
 
 @dataclass
 class Seq2SeqLayout(CacheLayout):
-    """The decoder's caches: per layer a self-attention key/value and a cross-attention key/value."""
+    """The decoder's caches: per layer a self-attention key/value and a cross-attention key/value. audio: the
+    encoder takes log-mel features [batch, mels, frames] of a fixed length (Whisper: 30 s, 3000 frames) and its
+    output has `encoder_length` positions; text encoders take token ids of any length."""
+
+    mels: int = 0
+    frames: int = 0
+    encoder_length: int = 0
+
+    @property
+    def audio(self) -> bool:
+        return self.frames > 0
 
     def cross_names(self) -> list[str]:
         return self.names("cross")
+
+
+def audio_input(model: Any) -> tuple[int, int] | None:
+    """(mel bins, frames) of a speech encoder-decoder's input features (Whisper: 2 × max_source_positions
+    frames), None for a text one."""
+    if getattr(model, "main_input_name", "input_ids") != "input_features":
+        return None
+    return int(model.config.num_mel_bins), 2 * int(model.config.max_source_positions)
 
 
 def seq2seq_layout(model: Any) -> Seq2SeqLayout:
@@ -51,36 +76,49 @@ def seq2seq_layout(model: Any) -> Seq2SeqLayout:
     d_model / heads and Marian's differ in where the config keeps them)."""
     import torch
 
-    step = _Prefill(model)
-    ids = torch.randint(3, 16, (1, _TRACE_SOURCE))
     with torch.inference_mode():
-        out = step(ids, torch.ones_like(ids), _start_ids(model, 1, 1))
-    first = out[1]
+        out = _Prefill(model)(*_sample_source(model, 1), _start_ids(model, 1, 1))
+    first, cross = out[1], out[-1]
+    mels, frames = audio_input(model) or (0, 0)
     return Seq2SeqLayout(layers=(len(out) - 1) // 4, kv_heads=int(first.shape[1]), head_dim=int(first.shape[3]),
-                         dtype=str(first.dtype).removeprefix("torch."))
+                         dtype=str(first.dtype).removeprefix("torch."), mels=mels, frames=frames,
+                         encoder_length=int(cross.shape[2]) if frames else 0)
+
+
+def _sample_source(model: Any, batch: int) -> tuple[Any, ...]:
+    """The encoder's sample inputs: (input_ids, attention_mask), or (input_features,) for a speech model."""
+    import torch
+
+    audio = audio_input(model)
+    if audio:
+        return (torch.randn(batch, *audio, dtype=next(model.parameters()).dtype),)
+    ids = torch.randint(3, 16, (batch, _TRACE_SOURCE))
+    return ids, torch.ones_like(ids)
 
 
 def component_io(name: str, cache: Seq2SeqLayout, vocab: int, dims: dict[str, DimRange]) -> IOSpec:
     """The canonical IOSpec of one component (see the module docstring)."""
     prefill = name == "prefill"
     kv = (cache.dtype, ("batch", cache.kv_heads))
+    source: Any = cache.encoder_length if cache.audio else "sequence"
+    mask = [] if cache.audio else [TensorSpec("attention_mask", "int64", ("batch", "sequence"))]
     if prefill:
-        inputs = [TensorSpec("input_ids", "int64", ("batch", "sequence")),
-                  TensorSpec("attention_mask", "int64", ("batch", "sequence")),
-                  TensorSpec("decoder_input_ids", "int64", ("batch", "prefix"))]
+        inputs = [TensorSpec("input_features", "float32", ("batch", cache.mels, cache.frames)) if cache.audio
+                  else TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                  *mask, TensorSpec("decoder_input_ids", "int64", ("batch", "prefix"))]
     else:
-        inputs = [TensorSpec("decoder_input_ids", "int64", ("batch", 1)),
-                  TensorSpec("attention_mask", "int64", ("batch", "sequence"))]
+        inputs = [TensorSpec("decoder_input_ids", "int64", ("batch", 1)), *mask]
         inputs += [TensorSpec(n, kv[0], (*kv[1], "past_sequence", cache.head_dim)) for n in cache.names("past_key_values")]
-        inputs += [TensorSpec(n, kv[0], (*kv[1], "sequence", cache.head_dim)) for n in cache.cross_names()]
+        inputs += [TensorSpec(n, kv[0], (*kv[1], source, cache.head_dim)) for n in cache.cross_names()]
     outputs = [TensorSpec("logits", "float32", ("batch", 1, vocab)), TensorSpec("next_token", "int64", ("batch", 1))]
     length = "prefix" if prefill else "total_sequence"
     outputs += [TensorSpec(n, kv[0], (*kv[1], length, cache.head_dim)) for n in cache.names("present")]
     if prefill:
-        outputs += [TensorSpec(n, kv[0], (*kv[1], "sequence", cache.head_dim)) for n in cache.cross_names()]
+        outputs += [TensorSpec(n, kv[0], (*kv[1], source, cache.head_dim)) for n in cache.cross_names()]
     used = {d for s in inputs + outputs for d in s.shape if isinstance(d, str)}
     values = {"input_ids": {"kind": "randint", "low": 0, "high": vocab}, "attention_mask": {"kind": "ones"},
-              "decoder_input_ids": {"kind": "randint", "low": 0, "high": vocab}}
+              "decoder_input_ids": {"kind": "randint", "low": 0, "high": vocab},
+              "input_features": {"kind": "uniform", "low": -1.0, "high": 1.0}}  # Whisper's log-mel range
     return IOSpec(inputs=inputs, outputs=outputs, dims={k: v for k, v in dims.items() if k in used},
                   values={k: v for k, v in values.items() if k in {s.name for s in inputs}})
 
@@ -127,11 +165,18 @@ class _Prefill:
                 super().__init__()
                 self.lm = lm
 
-            def forward(self, input_ids: Any, attention_mask: Any, decoder_input_ids: Any) -> tuple[Any, ...]:
-                encoded = self.lm.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            def forward(self, source: Any, *rest: Any) -> tuple[Any, ...]:
+                # text: (input_ids, attention_mask, decoder_input_ids); speech: (input_features, decoder_input_ids)
+                mask, decoder_input_ids = (None, rest[0]) if len(rest) == 1 else rest
+                if mask is None:
+                    encoded = self.lm.get_encoder()(input_features=source, return_dict=True)
+                    more = {}
+                else:
+                    encoded = self.lm.get_encoder()(input_ids=source, attention_mask=mask, return_dict=True)
+                    more = {"attention_mask": mask}
                 kv = EncoderDecoderCache(DynamicCache(), DynamicCache())
-                out = self.lm(encoder_outputs=encoded, attention_mask=attention_mask,
-                              decoder_input_ids=decoder_input_ids, past_key_values=kv, use_cache=True, return_dict=True)
+                out = self.lm(encoder_outputs=encoded, decoder_input_ids=decoder_input_ids, use_cache=True,
+                              return_dict=True, **{_cache_kwarg(self.lm): kv}, **more)
                 return (out.logits[:, -1:], *_flat(kv.self_attention_cache), *_flat(kv.cross_attention_cache))
 
         return Prefill(model)
@@ -145,12 +190,15 @@ class _Decode:
         from transformers import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
 
+        audio = audio_input(model) is not None
+
         class Decode(torch.nn.Module):
             def __init__(self, lm: Any):
                 super().__init__()
                 self.lm = lm
 
-            def forward(self, decoder_input_ids: Any, attention_mask: Any, *caches: Any) -> tuple[Any, ...]:
+            def forward(self, decoder_input_ids: Any, *rest: Any) -> tuple[Any, ...]:
+                attention_mask, caches = (None, rest) if audio else (rest[0], rest[1:])
                 half = len(caches) // 2
                 own, cross = DynamicCache(), DynamicCache()
                 for i in range(half // 2):
@@ -159,9 +207,10 @@ class _Decode:
                 kv = EncoderDecoderCache(own, cross)  # cross layers filled: their projections are not run again
                 # The encoder's output is not read once the cross cache is filled; the model still wants an
                 # encoder_outputs object (and its batch/length) to skip the encoder: a zero-width stand-in.
-                hidden = attention_mask[:, :, None].to(caches[0].dtype)
-                out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
-                              decoder_input_ids=decoder_input_ids, past_key_values=kv, use_cache=True, return_dict=True)
+                hidden = caches[half][:, 0, :, :1] if audio else attention_mask[:, :, None].to(caches[0].dtype)
+                more = {} if audio else {"attention_mask": attention_mask}
+                out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), decoder_input_ids=decoder_input_ids,
+                              use_cache=True, return_dict=True, **{_cache_kwarg(self.lm): kv}, **more)
                 return (out.logits, *_flat(kv.self_attention_cache))
 
         return Decode(model)
@@ -176,19 +225,28 @@ def _export_graphs(model: Any, cache: Seq2SeqLayout, opset: int | None) -> dict[
     seq = torch.export.Dim("sequence", min=1, max=1 << 16)
     prefix = torch.export.Dim("prefix", min=1, max=1 << 12)
     past_dim = torch.export.Dim("past_sequence", min=1, max=1 << 12)
-    ids = torch.randint(3, 16, (b, s))
-    mask = torch.ones(b, s, dtype=torch.int64)
+    source = _sample_source(model, b)
+    if cache.audio:  # fixed-length features: the cross keys/values have the encoder's fixed length
+        s = cache.encoder_length
+        source_shapes: tuple[Any, ...] = ({0: batch},)
+        mask_in: list[Any] = []
+        mask_shape: list[Any] = []
+        cross_dim: dict[int, Any] = {0: batch}
+        names = ["input_features"]
+    else:
+        source_shapes, mask_in, mask_shape = ({0: batch, 1: seq}, {0: batch, 1: seq}), [source[1]], [{0: batch, 1: seq}]
+        cross_dim, names = {0: batch, 2: seq}, ["input_ids", "attention_mask"]
+    kv = 2 * cache.layers
     plans = {
-        "prefill": (_Prefill(model), (ids, mask, _start_ids(model, b, q)),
-                    ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: prefix}),
-                    ["input_ids", "attention_mask", "decoder_input_ids"],
-                    ["logits", *cache.names("present"), *cache.cross_names()]),
-        "decode": (_Decode(model), (_start_ids(model, b, 1), mask,
-                                    *[torch.randn(b, cache.kv_heads, p, cache.head_dim, dtype=dtype) for _ in range(2 * cache.layers)],
-                                    *[torch.randn(b, cache.kv_heads, s, cache.head_dim, dtype=dtype) for _ in range(2 * cache.layers)]),
-                   ({0: batch}, {0: batch, 1: seq},
-                    tuple([{0: batch, 2: past_dim}] * (2 * cache.layers) + [{0: batch, 2: seq}] * (2 * cache.layers))),
-                   ["decoder_input_ids", "attention_mask", *cache.names("past_key_values"), *cache.cross_names()],
+        # forward(source, *rest): the varargs' shapes are one nested tuple
+        "prefill": (_Prefill(model), (*source, _start_ids(model, b, q)),
+                    (source_shapes[0], (*source_shapes[1:], {0: batch, 1: prefix})),
+                    [*names, "decoder_input_ids"], ["logits", *cache.names("present"), *cache.cross_names()]),
+        "decode": (_Decode(model), (_start_ids(model, b, 1), *mask_in,
+                                    *[torch.randn(b, cache.kv_heads, p, cache.head_dim, dtype=dtype) for _ in range(kv)],
+                                    *[torch.randn(b, cache.kv_heads, s, cache.head_dim, dtype=dtype) for _ in range(kv)]),
+                   ({0: batch}, (*mask_shape, *([{0: batch, 2: past_dim}] * kv + [cross_dim] * kv))),
+                   ["decoder_input_ids", *names[1:], *cache.names("past_key_values"), *cache.cross_names()],
                    ["logits", *cache.names("present")]),
     }
     patches, fixes, table = _transformers_patches()

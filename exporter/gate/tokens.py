@@ -15,6 +15,7 @@ through the storage emulation (exporter/lower/emulate.py), as the single-graph g
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,10 @@ def past_from_present(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present.")}
 
 
-def reference_generate(model: Any, prompt: list[int], steps: int, extra: dict[str, Any] | None = None,
+def reference_generate(model: Any, prompt: Any, steps: int, extra: dict[str, Any] | None = None,
                        config: dict[str, Any] | None = None) -> tuple[list[int], np.ndarray]:
-    """transformers' greedy generate() in FP32 for exactly `steps` tokens: the tokens and each
+    """transformers' greedy generate() in FP32 for exactly `steps` tokens (prompt: token ids, or a speech
+    encoder-decoder's features [mels, frames]): the tokens and each
     step's raw logits [steps, vocab]. No stop token: generate() fills every setting left unset from
     the model's own generation_config (its eos included), so that one is swapped for the call.
     extra: more generate() inputs (a VLM's pixel_values, image_grid_thw, mm_token_type_ids); config: more
@@ -105,13 +107,22 @@ def reference_generate(model: Any, prompt: list[int], steps: int, extra: dict[st
     model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None,
                                                pad_token_id=0 if pad is None else pad, output_logits=True,
                                                return_dict_in_generate=True, **(config or {}))
-    ids = torch.tensor([prompt], device=device)
+    if isinstance(prompt, np.ndarray) and prompt.dtype.kind == "f":
+        # A speech encoder-decoder's features: transformers' generic generate() (GenerationMixin's; Whisper's own
+        # adds language detection, timestamps and long-form decoding, which the bundle does not do), its decoder
+        # prompt in `extra` (decoder_input_ids)
+        from transformers.generation.utils import GenerationMixin
+
+        inputs: dict[str, Any] = {"input_features": torch.from_numpy(prompt[None]).to(device)}
+        run = functools.partial(GenerationMixin.generate, model)
+    else:
+        ids = torch.tensor([prompt], device=device)
+        inputs, run = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, model.generate
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # strict FP32 on a GPU
     try:
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 **{k: v.to(device) for k, v in (extra or {}).items()})
+            out = run(**inputs, **{k: v.to(device) for k, v in (extra or {}).items()})
     finally:
         model.generation_config = saved
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
@@ -146,6 +157,12 @@ def token_metrics(ref: list[int], got: list[int], ref_logits: np.ndarray, forced
     if required is not None and m.equal < required and not tie:
         m.failures.append(f"tokens agree for {first} of {n} steps ({text})")
     return m, text
+
+
+def _prefix(prefix: list[int] | None) -> dict[str, Any] | None:
+    import torch
+
+    return None if prefix is None else {"decoder_input_ids": torch.tensor([prefix])}
 
 
 def _torch_cuda() -> bool:
@@ -218,8 +235,9 @@ def _gate_runners(bundle: Path, options: Any, lowered: dict[str, Path], report: 
 
 def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]], options: Any,
                lowered: dict[str, Path], say: Any, twin: Path | None = None,
-               reference_config: dict[str, Any] | None = None) -> ParityReport:
-    """reference_config: GenerationConfig fields for the reference (reference_generate's config); twin: a GenAI model folder whose teacher-forced logits stand in for the bundle's (a PagedAttention
+               reference_config: dict[str, Any] | None = None, reference_prefix: list[int] | None = None) -> ParityReport:
+    """reference_config: GenerationConfig fields for the reference (reference_generate's config); reference_prefix:
+    an encoder-decoder's decoder prompt (Whisper's start and task tokens) given to its generate(); twin: a GenAI model folder whose teacher-forced logits stand in for the bundle's (a PagedAttention
     decoder, which only GenAI's Engine runs and which returns no logits): the same builder, weights and
     precision with GroupQueryAttention; the bundle's own decoder still produces every free-running token."""
     policy = TolerancePolicy.for_precision(options.precision, options.tolerances)
@@ -248,7 +266,7 @@ def token_gate(model: Any, tokenizer: Any, bundle: Path, prompts: list[list[int]
     try:
         for i, prompt in enumerate(prompts):
             say(f"Token parity: reference generate() for prompt {i}" + (" (GPU, FP32)" if on_gpu else ""))
-            refs.append(reference_generate(model, prompt, steps, config=reference_config))
+            refs.append(reference_generate(model, prompt, steps, config=reference_config, extra=_prefix(reference_prefix)))
     finally:
         if on_gpu:
             model.to("cpu")

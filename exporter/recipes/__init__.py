@@ -75,17 +75,21 @@ def _is_zero_shot(spec: SourceSpec, config: Config) -> bool:
         config.get("model_type") in DUAL_ENCODERS
 
 
-# Encoder-decoders that take audio or images (their encoder inputs are not token ids): no recipe yet.
-_NOT_TEXT_SEQ2SEQ = ("whisper", "speech_to_text", "speech-encoder-decoder", "vision-encoder-decoder", "speecht5",
+# Encoder-decoders that take audio or images (their encoder inputs are not token ids): no recipe yet, but Whisper.
+_NOT_TEXT_SEQ2SEQ = ("speech_to_text", "speech-encoder-decoder", "vision-encoder-decoder", "speecht5",
                      "seamless_m4t", "seamless_m4t_v2", "pop2piano", "moonshine", "musicgen", "musicgen_melody",
                      "pix2struct", "kosmos-2", "florence2")
 _NOT_TEXT_KEYS = ("num_mel_bins", "vision_config", "audio_config", "input_feat_per_channel", "encoder")
 
 
 def _is_seq2seq(spec: SourceSpec, config: Config) -> bool:
-    """A text encoder-decoder LM (T5, BART, Marian, mBART, Pegasus, …): is_encoder_decoder in its config, token ids
-    into its encoder."""
-    return spec.kind == "hf" and spec.task in (None, "text2text-generation", "translation", "summarization") and \
+    """A text encoder-decoder LM (T5, BART, Marian, mBART, Pegasus, …: is_encoder_decoder in its config, token ids
+    into its encoder), or Whisper (log-mel features into its encoder)."""
+    if spec.kind != "hf":
+        return False
+    if config.get("model_type") == "whisper":
+        return spec.task in (None, "automatic-speech-recognition")
+    return spec.task in (None, "text2text-generation", "translation", "summarization") and \
         bool(config.get("is_encoder_decoder")) and config.get("model_type") not in _NOT_TEXT_SEQ2SEQ and \
         not any(k in config for k in _NOT_TEXT_KEYS)
 
@@ -132,7 +136,7 @@ RECIPES: tuple[Recipe, ...] = (
 )
 
 
-# Families with no recipe yet: speech- and image-to-text encoder-decoders (Whisper, VisionEncoderDecoder) and
+# Families with no recipe yet: speech- and image-to-text encoder-decoders (Speech2Text, VisionEncoderDecoder; Whisper has one) and
 # captioning models. Refused before anything is loaded.
 SEQ2SEQ_HINT = ("optimum-cli export onnx (encoder + decoder-with-past graphs) builds such models today; for an "
                 "encoder's embeddings alone, export its encoder as its own model (save_pretrained of "

@@ -222,6 +222,7 @@ class _Built:
     dims: dict[str, DimRange]
     vision: Any
     extra_spec: dict[str, Any] | None = None  # more generation.json fields (an encoder-decoder's, recipes/seq2seq.py)
+    extra_files: dict[str, bytes] | None = None  # more bundle files, listed in the manifest (Whisper's mel filters)
 
 
 def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, timings: dict[str, float], say: Any,
@@ -245,6 +246,9 @@ def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, t
         more = {"model_type": b.info["model_type"], "vision": {**b.vision.to_dict(), "file": components["vision"]["file"]},
                 "embeddings": {"file": write_embeddings(model, b.bundle), "dtype": "float32"}}
     extra = _write_side_files(b.bundle, model, tokenizer, b.exported, components, more)
+    for name, data in (b.extra_files or {}).items():
+        (b.bundle / name).write_bytes(data)
+        extra.append(name)
     target = replace(target, engine_files=engine_files, options={**target.options, "generation": {
         n: {"file": c["file"], "fusions": c["fusions"]} for n, c in components.items()},
         **({"architecture": more["architecture"]} if "architecture" in more else {})})

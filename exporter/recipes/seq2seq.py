@@ -18,7 +18,7 @@ import numpy as np
 
 from exporter.bundle.assemble import BuildResult
 from exporter.export.memory import check_memory
-from exporter.export.seq2seq import component_io, export_seq2seq, seq2seq_layout
+from exporter.export.seq2seq import audio_input, component_io, export_seq2seq, seq2seq_layout
 from exporter.gate.task import check_tolerance_outputs
 from exporter.lower.mixed import mixed_options
 from exporter.recipes.generation import _Built, gate_or_unfuse, lower_and_build, publish_generation
@@ -50,8 +50,9 @@ def validate(options: Any) -> None:
 
 def default_dims(config: Any, shapes: dict[str, DimRange]) -> dict[str, DimRange]:
     """batch 1:1:16 (beams count as rows); source (sequence) 1:64:512 and decoder length (total_sequence)
-    2:64:256, each capped by the model's learned positions where it has them (T5's are relative)."""
-    positions = getattr(config, "max_position_embeddings", None)
+    2:64:256, each capped by the model's learned positions where it has them (T5's are relative; Whisper's
+    decoder has max_target_positions, its encoder a fixed 30 s)."""
+    positions = getattr(config, "max_target_positions", None) or getattr(config, "max_position_embeddings", None)
     cap = int(positions) if positions else 1 << 16
     unknown = sorted(set(shapes) - {"batch", "sequence", "total_sequence"})
     if unknown:
@@ -68,15 +69,17 @@ def default_dims(config: Any, shapes: dict[str, DimRange]) -> dict[str, DimRange
 
 
 def load_seq2seq(spec: SourceSpec) -> tuple[Any, Any, dict[str, Any]]:
-    """(model in FP32, tokenizer or None, info for the manifest) of an hf: encoder-decoder folder."""
+    """(model in FP32, tokenizer or None, info for the manifest) of an hf: encoder-decoder folder (a speech one,
+    Whisper, through AutoModelForSpeechSeq2Seq)."""
     import torch
     import transformers
 
     folder = Path(spec.location)
+    auto = "AutoModelForSpeechSeq2Seq" if _config_type(folder) == "whisper" else "AutoModelForSeq2SeqLM"
     try:
-        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        model = getattr(transformers, auto).from_pretrained(str(folder), dtype=torch.float32).eval()
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise SourceError(f"Expected transformers' AutoModelForSeq2SeqLM to load '{folder}', but it failed: "
+        raise SourceError(f"Expected transformers' {auto} to load '{folder}', but it failed: "
                           f"{str(exc).strip().splitlines()[0][:300]}. Check the folder's config and weights.") from None
     tokenizer = None
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model")):
@@ -84,9 +87,19 @@ def load_seq2seq(spec: SourceSpec) -> tuple[Any, Any, dict[str, Any]]:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError, KeyError, ImportError):
             tokenizer = None
-    info = {"task": "text2text-generation", "family": "seq2seq", "model_type": model.config.model_type,
-            "class": type(model).__name__}
+    speech = audio_input(model) is not None
+    info = {"task": "automatic-speech-recognition" if speech else "text2text-generation", "family": "seq2seq",
+            "model_type": model.config.model_type, "class": type(model).__name__}
     return model, tokenizer, info
+
+
+def _config_type(folder: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def seq2seq_metadata(model: Any) -> dict[str, Any]:
@@ -97,14 +110,35 @@ def seq2seq_metadata(model: Any) -> dict[str, Any]:
     if start is None:
         raise SourceError("Expected the encoder-decoder model's config to name decoder_start_token_id, found none: "
                           "the decoder has no first token. Set it in config.json or generation_config.json.")
+    vocab = int(model.get_output_embeddings().weight.shape[0])
     bad = [w[0] for w in (g.bad_words_ids or []) if len(w) == 1]
-    suppress = sorted({int(t) for t in [*bad, *(g.suppress_tokens or [])]})
-    return {"architecture": SEQ2SEQ, "decoder_start_ids": [int(start)],
+    # ids past the vocabulary (WhisperConfig's default begin_suppress_tokens on a smaller vocabulary) name no token
+    suppress = sorted({int(t) for t in [*bad, *(g.suppress_tokens or [])] if int(t) < vocab})
+    begin = [int(t) for t in getattr(g, "begin_suppress_tokens", None) or [] if int(t) < vocab]
+    return {"architecture": SEQ2SEQ, "decoder_start_ids": _decoder_prefix(g, int(start)),
             "forced_bos_token_id": g.forced_bos_token_id, "forced_eos_token_id": _forced_eos(g), "suppress_token_ids": suppress,
+            "begin_suppress_token_ids": begin,
             # transformers 5 leaves unset fields None; its generate() then uses 1.0 and False
             "beam": {"num_beams": int(g.num_beams or 1),
                      "length_penalty": float(1.0 if g.length_penalty is None else g.length_penalty),
                      "early_stopping": False if g.early_stopping is None else g.early_stopping}}
+
+
+def _decoder_prefix(g: Any, start: int) -> list[int]:
+    """The decoder's first tokens: the start token, then Whisper's forced ones (its generation config's
+    forced_decoder_ids, or English + transcribe from lang_to_id / task_to_id) and <|notimestamps|>. This version
+    transcribes English without timestamps; Whisper's language detection, translation task, timestamps and
+    long-form (> 30 s) decoding are not built."""
+    prefix = [start]
+    forced = getattr(g, "forced_decoder_ids", None)
+    if forced:
+        prefix += [int(t) for _pos, t in sorted(forced) if t is not None]
+    elif getattr(g, "lang_to_id", None) and getattr(g, "is_multilingual", False):
+        prefix += [int(g.lang_to_id["<|en|>"]), int(g.task_to_id["transcribe"])]
+    no_timestamps = getattr(g, "no_timestamps_token_id", None)
+    if no_timestamps is not None and int(no_timestamps) not in prefix:
+        prefix.append(int(no_timestamps))
+    return prefix
 
 
 def _forced_eos(g: Any) -> int | None:
@@ -139,27 +173,37 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
         exported = export_seq2seq(model, work, dims, opset=options.opset)
     for part in exported.components.values():
         check_memory(part.io, options.memory_limit, graph=part.path)
-    prompts = parity_prompts(tokenizer, options.data, model.config, dims)
+    files: dict[str, bytes] = {}
+    if exported.cache.audio:
+        from exporter.recipes.speech_seq2seq import feature_spec, speech_prompts
+
+        extractor, extra["features"], files = feature_spec(Path(spec.location), exported.cache)
+        prompts: list[Any] = speech_prompts(extractor, options.data, exported.cache)
+    else:
+        prompts = parity_prompts(tokenizer, options.data, model.config, dims)
     feeds = calibration_feeds({n: c.path for n, c in exported.components.items()}, prompts, extra["decoder_start_ids"]) \
         if options.precision in (Precision.FP16, Precision.BF16) else None
     kept = mixed_options(options)
     built, manifest = lower_and_build(
         lambda lowered, realised: _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims,
-                                         None, extra_spec=extra), exported, options, work, feeds, kept, model,
-        tokenizer, timings, say)
-    reference = {"decoder_start_token_id": extra["decoder_start_ids"][0], "forced_bos_token_id": extra["forced_bos_token_id"],
-                 "forced_eos_token_id": extra["forced_eos_token_id"], "suppress_tokens": extra["suppress_token_ids"] or None}
+                                         None, extra_spec=extra, extra_files=files), exported, options, work, feeds,
+        kept, model, tokenizer, timings, say)
+    prefix = extra["decoder_start_ids"]
+    reference = {"decoder_start_token_id": prefix[0], "forced_bos_token_id": extra["forced_bos_token_id"],
+                 "forced_eos_token_id": extra["forced_eos_token_id"], "suppress_tokens": extra["suppress_token_ids"] or None,
+                 "begin_suppress_tokens": extra["begin_suppress_token_ids"] or None}
 
     def gate(opts: Any) -> Any:
         with timed(timings, "gate", say, "Token parity: engines vs transformers generate() (FP32)"):
-            return token_gate(model, tokenizer, bundle, prompts, opts, built.lowered, say, reference_config=reference)
+            return token_gate(model, tokenizer, bundle, prompts, opts, built.lowered, say, reference_config=reference,
+                              reference_prefix=prefix if len(prefix) > 1 or exported.cache.audio else None)
 
     return gate_or_unfuse(built, options, model, tokenizer, manifest, timings, say, gate)
 
 
-def calibration_feeds(paths: dict[str, Path], prompts: list[list[int]], start: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Range data for AutoCast, per graph: the sources for the prefill; for the decode, the prefill's next token
-    with its caches (the FP32 prefill run by ONNX Runtime)."""
+def calibration_feeds(paths: dict[str, Path], prompts: list[Any], start: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Range data for AutoCast, per graph: the sources (token ids, or a speech model's features) for the prefill;
+    for the decode, the prefill's next token with its caches (the FP32 prefill run by ONNX Runtime)."""
     from runtimes._deps import require
 
     ort = require("onnxruntime", extra="cpu", purpose="Calibration feeds for the decode graph")
@@ -167,12 +211,17 @@ def calibration_feeds(paths: dict[str, Path], prompts: list[list[int]], start: l
     names = [o.name for o in session.get_outputs()]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"prefill": [], "decode": []}
     for p in prompts[:2]:
-        ids = np.array([p], np.int64)
-        pre = {"input_ids": ids, "attention_mask": np.ones_like(ids), "decoder_input_ids": np.array([start], np.int64)}
+        if isinstance(p, np.ndarray) and p.dtype.kind == "f":
+            source: dict[str, np.ndarray] = {"input_features": p[None].astype(np.float32)}
+        else:
+            ids = np.array([p], np.int64)
+            source = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        pre = {**source, "decoder_input_ids": np.array([start], np.int64)}
         outs = dict(zip(names, session.run(names, pre)))
         feeds["prefill"].append(pre)
         feeds["decode"].append({
-            "decoder_input_ids": outs["next_token"].astype(np.int64), "attention_mask": pre["attention_mask"],
+            "decoder_input_ids": outs["next_token"].astype(np.int64),
+            **({"attention_mask": source["attention_mask"]} if "attention_mask" in source else {}),
             **{n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present.")},
             **{n: v for n, v in outs.items() if n.startswith("cross.")},
         })

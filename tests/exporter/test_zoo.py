@@ -1,6 +1,6 @@
 """The architecture zoo (bench/zoo.py) in CI: tiny random models of every family enginekit builds, each
 through `enginekit build hf:DIR --target ort` at fp32 and fp16 with default options, must pass its gate;
-the families without a recipe yet (speech-to-text, captioning) must be refused with exit 2 and one
+the families without a recipe yet (captioning) must be refused with exit 2 and one
 paragraph, never an internal error; bench/zoo.py KNOWN_FAILURES lists the builds that still fail their gate. About 4 minutes on 2 cores (two worker processes)."""
 
 import pytest

@@ -9,7 +9,7 @@ from tests.models.causal import tiny_tokenizer
 
 
 def tiny_seq2seq(folder: Path, family: str = "bart") -> Path:
-    """A 2+2-layer `family` (bart | t5 | marian | mbart) model with its tokenizer. Initialised wider than
+    """A 2+2-layer `family` (bart | t5 | marian | mbart | whisper: 80 mel bins, 30 s) model with its tokenizer. Initialised wider than
     transformers' default (init_std / initializer_factor) so that its greedy and beam outputs vary with the
     source instead of repeating one token: a beam search that picked wrong beams would show."""
     import torch
@@ -18,7 +18,14 @@ def tiny_seq2seq(folder: Path, family: str = "bart") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = tiny_tokenizer(folder)
     special = dict(pad_token_id=0, eos_token_id=0, bos_token_id=0, decoder_start_token_id=0)
-    if family == "t5":
+    if family == "whisper":
+        config = transformers.WhisperConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
+                                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+                                            decoder_ffn_dim=37, num_mel_bins=80, max_source_positions=1500,
+                                            max_target_positions=64, init_std=0.2,
+                                            **{**special, "decoder_start_token_id": 1})
+        cls = transformers.WhisperForConditionalGeneration
+    elif family == "t5":
         config = transformers.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                        initializer_factor=4.0, **special)
         cls = transformers.T5ForConditionalGeneration

@@ -136,3 +136,22 @@ def test_speech_runtime_imports_no_torch(ctc_bundle):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY: [] 1" in proc.stdout
+
+
+def test_numpy_log_mel_equals_whisper_feature_extractor():
+    """runtimes/speech.py log_mel (no torch, no transformers) against WhisperFeatureExtractor on real speech: its
+    numpy path to float32 rounding, its default (torch STFT) path to 1e-4."""
+    import numpy as np
+    import transformers
+
+    from runtimes.speech import log_mel, read_wav, resample
+
+    for mels in (80, 128):
+        fe = transformers.WhisperFeatureExtractor(feature_size=mels)
+        for path in sorted((Path(__file__).parents[1] / "data" / "speech").glob("*.wav")):
+            samples, rate = read_wav(path)
+            clip = resample(samples, rate, 16000)
+            got = log_mel(clip, fe.mel_filters, n_fft=fe.n_fft, hop_length=fe.hop_length, n_samples=fe.n_samples)
+            padded = np.pad(clip, (0, fe.n_samples - len(clip)))[None]
+            assert np.abs(got - fe._np_extract_fbank_features(padded, "cpu")[0]).max() < 1e-5
+            assert np.abs(got - fe(clip, sampling_rate=16000, return_tensors="np").input_features[0]).max() < 1e-4

@@ -141,3 +141,65 @@ def test_cli_generate_runs_a_seq2seq_bundle_with_beams(built):
         want = [r.tokens for r in gen.generate_batch(SOURCES[:2], SamplingOptions(max_new_tokens=8, num_beams=3))]
     assert [r["tokens"] for r in rows] == want
     assert np.all([len(r["tokens"]) <= 8 for r in rows])
+
+
+# -- speech: Whisper -----------------------------------------------------------------------------------------
+SPEECH = sorted((__import__("pathlib").Path(__file__).parents[2] / "data" / "speech").glob("*.wav"))
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whisper")
+    folder = tiny_seq2seq(root / "src", "whisper")
+    res = build(f"hf:{folder}", BuildOptions(output=root / "fp32", data=SPEECH[0].parent))
+    return folder, res
+
+
+def test_whisper_bundle_passes_its_gate_on_real_speech(whisper):
+    _folder, res = whisper
+    assert res.parity.status == "passed"
+    assert sum("identical for 32 steps" in n for n in res.parity.notes) == 4  # 3 clips and their batch
+    spec = json.loads((res.bundle / "generation.json").read_text())
+    assert spec["features"]["kind"] == "whisper-log-mel" and spec["features"]["frames"] == 3000
+    assert "mel_filters.npy" in res.manifest.files and res.manifest.source["task"] == "automatic-speech-recognition"
+    prefill = {s["name"] for s in spec["components"]["prefill"]["io"]["inputs"]}
+    assert prefill == {"input_features", "decoder_input_ids"}
+
+
+def test_whisper_transcribes_wav_files_as_transformers_generate_does(whisper):
+    import torch
+    import transformers
+    from transformers.generation.utils import GenerationMixin
+
+    from runtimes.speech import log_mel, read_wav, resample
+
+    folder, res = whisper
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    extractor = transformers.WhisperFeatureExtractor(feature_size=80)
+    with load_generator(res.bundle) as gen:
+        got = gen.transcribe([str(p) for p in SPEECH], SamplingOptions(max_new_tokens=12))
+        for path, r in zip(SPEECH, got):
+            samples, rate = read_wav(path)
+            feats = log_mel(resample(samples, rate, 16000), extractor.mel_filters)
+            want = GenerationMixin.generate(model, input_features=torch.from_numpy(feats[None]), max_new_tokens=12,
+                                            do_sample=False, decoder_input_ids=torch.tensor([[1]]))[0, 1:].tolist()
+            if 0 in want:
+                want = want[:want.index(0) + 1]
+            assert r.tokens == want and r.text == gen.tokenizer.decode(r.tokens)
+        with pytest.raises(UsageError, match="Expected audio"):
+            gen.generate("hello")
+        with pytest.raises(InvalidInput, match="log-mel features of shape"):
+            gen.generate_ids([np.zeros((80, 100), np.float32)])
+
+
+def test_cli_transcribes_with_audio_and_refuses_a_text_prompt(whisper):
+    from typer.testing import CliRunner
+
+    from exporter.cli import app
+
+    _folder, res = whisper
+    out = CliRunner().invoke(app, ["generate", str(res.bundle), "--audio", str(SPEECH[0]), "-n", "6", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)[0]["audio"] == str(SPEECH[0])
+    assert CliRunner().invoke(app, ["generate", str(res.bundle), "--prompt", "hi"]).exit_code == 2
+    assert CliRunner().invoke(app, ["generate", str(res.bundle)]).exit_code == 2
