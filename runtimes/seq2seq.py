@@ -45,7 +45,10 @@ class Seq2SeqGenerator(Generator):
         self.suppress = [int(t) for t in self.spec.get("suppress_token_ids") or []]
         self.begin_suppress = [int(t) for t in self.spec.get("begin_suppress_token_ids") or []]
         self.features = self.spec.get("features")  # a speech model's log-mel settings (Whisper), else None
+        self.image = self.spec.get("image")  # a captioning model's preprocessing (BLIP), else None
         self.audio = self.features is not None
+        self.source = self.io["prefill"].inputs[0]  # input_ids, input_features or pixel_values
+        self.fixed = self.source.name != "input_ids"  # features or pixels of one fixed shape
         dims = self.io["prefill"].dims
         self.max_source = dims["sequence"].max if "sequence" in dims else 0
         self.defaults = dict(self.spec.get("beam") or {})
@@ -60,8 +63,8 @@ class Seq2SeqGenerator(Generator):
         opts = options or SamplingOptions()
         opts.validate()
         start = np.tile(np.array([self.start], np.int64), (len(prompts), 1))
-        if self.audio:
-            feeds = {"input_features": self._check_features(prompts), "decoder_input_ids": start}
+        if self.fixed:
+            feeds = {self.source.name: self._check_features(prompts), "decoder_input_ids": start}
         else:
             self._check_sources(prompts)
             ids, mask = self._right_pad(prompts)
@@ -99,6 +102,30 @@ class Seq2SeqGenerator(Generator):
             r.text = self.tokenizer.decode(r.tokens)
         return results
 
+    def caption(self, images: Sequence[np.ndarray], options: SamplingOptions | None = None) -> list[Generation]:
+        """A captioning bundle's text for each image: HxWx3 uint8 RGB at the bundle's size (self.image["size"]; the
+        CLI resizes with PIL's bicubic filter, as the model's image processor does), rescaled and normalized here."""
+        from .errors import InvalidInput
+
+        if self.image is None:
+            raise UsageError(f"Expected a captioning bundle (BLIP) to caption images, found another encoder-decoder at "
+                             f"'{self.bundle}'.")
+        size = tuple(int(v) for v in self.image["size"])
+        mean = np.asarray(self.image["mean"], np.float32)[:, None, None]
+        std = np.asarray(self.image["std"], np.float32)[:, None, None]
+        pixels = []
+        for im in images:
+            arr = np.asarray(im)
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != size:
+                raise InvalidInput(f"Expected RGB images of {size[0]}×{size[1]} (HxWx3, the bundle's size), found shape "
+                                   f"{arr.shape}. Resize them first (enginekit generate --image does, with --resize).")
+            chw = arr.astype(np.float32).transpose(2, 0, 1) * np.float32(self.image["rescale"])
+            pixels.append((chw - mean) / std)
+        results = self.generate_ids(pixels, options)
+        for r in results:
+            r.text = self.tokenizer.decode(r.tokens)
+        return results
+
     def mel_filters(self) -> np.ndarray:
         if self._mel_filters is None:
             assert self.features is not None
@@ -110,6 +137,9 @@ class Seq2SeqGenerator(Generator):
         if self.audio:
             raise UsageError(f"Expected audio for the speech bundle '{self.bundle}' (Whisper), found a text prompt. "
                              "Transcribe a .wav file: enginekit generate BUNDLE --audio FILE.wav, or transcribe().")
+        if self.image is not None:
+            raise UsageError(f"Expected an image for the captioning bundle '{self.bundle}' (BLIP), found a text prompt. "
+                             "Caption a photo: enginekit generate BUNDLE --image PHOTO.jpg, or caption().")
         return super().generate(prompt, options, on_text)
 
     # -- greedy / sampling ----------------------------------------------------------------------------------
@@ -229,7 +259,7 @@ class Seq2SeqGenerator(Generator):
         return out, past, {n: got[n] for n in self.cross}
 
     def _prompt_tokens(self, prompt: Any) -> list[int]:
-        return [] if self.audio else [int(t) for t in prompt]  # a clip's features are no tokens
+        return [] if self.fixed else [int(t) for t in prompt]  # a clip's features or an image's pixels are no tokens
 
     @staticmethod
     def _mask(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -239,12 +269,12 @@ class Seq2SeqGenerator(Generator):
     def _check_features(self, prompts: Sequence[Any]) -> np.ndarray:
         from .errors import InvalidInput
 
-        assert self.features is not None
-        want = (int(self.features["mels"]), int(self.features["frames"]))
+        want = tuple(int(d) for d in self.source.shape[1:])
         bad = [tuple(np.shape(p)) for p in prompts if tuple(np.shape(p)) != want]
         if not prompts or bad:
-            raise InvalidInput(f"Expected log-mel features of shape {want} per clip (transcribe() computes them from "
-                               f"audio), found {bad[:4] or 'no clips'}.")
+            what = "log-mel features" if self.audio else "pixel_values"
+            how = "transcribe() computes them from audio" if self.audio else "caption() makes them from images"
+            raise InvalidInput(f"Expected {what} of shape {want} per input ({how}), found {bad[:4] or 'no inputs'}.")
         if len(prompts) > self.max_batch:
             raise InvalidInput(f"Expected at most {self.max_batch} clips at once (the engine's batch range), found "
                                f"{len(prompts)}. Split them, or rebuild with --shapes batch=1:1:{len(prompts)}.")

@@ -166,18 +166,26 @@ def generate(
 ) -> None:
     """Generate a continuation of a prompt with a generation bundle (no torch); VLM bundles take --image; an
     encoder-decoder's prompt is its source text (translation, summary: its output is the decoder's)."""
-    from runtimes.generate import SamplingOptions, load_generator
+    from runtimes.generate import SamplingOptions, Seq2SeqGenerator, load_generator
     from runtimes.vlm import VisionLanguageGenerator
 
     # --chat: the template writes the special tokens itself, so the tokenizer must not add them again
     opts = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                            add_special_tokens=not chat, num_beams=num_beams)
-    if bool(audio) == bool(prompt):
-        raise UsageError("Expected either --prompt TEXT (repeatable) or, for a speech bundle, --audio FILE.wav, found "
-                         f"{'both' if audio else 'neither'}. Pass one of them.")
+    if audio and (prompt or image):
+        raise UsageError("Expected either --prompt/--image or, for a speech bundle, --audio FILE.wav, found both. "
+                         "Pass one of them.")
+    if not (audio or prompt or image):
+        raise UsageError("Expected --prompt TEXT (repeatable), --image PHOTO (a captioning or VLM bundle) or --audio "
+                         "FILE.wav (a speech bundle), found none of them.")
     if audio:
         return _transcribe(bundle, audio, opts, device, threads, as_json)
     with load_generator(bundle, device=device, threads=threads) as gen:
+        if isinstance(gen, Seq2SeqGenerator) and gen.image is not None:
+            return _caption(gen, bundle, image, resize, opts, as_json)
+        if not prompt:
+            raise UsageError(f"Expected --prompt TEXT for the generation bundle '{bundle}' (--image goes with a prompt "
+                             "for a VLM; alone only for a captioning bundle), found none.")
         if chat:
             prompt = _chat_prompts(gen, bundle, prompt, len(image))
         single = len(prompt) == 1 and stream and not as_json
@@ -205,6 +213,21 @@ def generate(
     r = results[0]
     _console(stderr=True).print(f"[dim]{sum(len(x.tokens) for x in results)} tokens ({r.finish_reason}); first token "
                                 f"{r.ttft_ms:.1f} ms, then {r.tokens_per_s:.1f} tokens/s[/]")
+    return None
+
+
+def _caption(gen: Any, bundle: Path, image: list[Path], resize: bool, opts: Any, as_json: bool) -> None:
+    """A captioning bundle (BLIP): each --image's caption (a --prompt is not taken: its decoder starts alone)."""
+    if not image:
+        raise UsageError(f"Expected --image PHOTO for the captioning bundle '{bundle}' (BLIP), found only --prompt. "
+                         "Pass --image (repeatable).")
+    size = tuple(gen.image["size"])
+    results = gen.caption([_read_image(p, size if resize else None) for p in image], opts)
+    if as_json:
+        return _print_json([{"image": str(p), "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
+                             "ttft_ms": round(r.ttft_ms, 2)} for p, r in zip(image, results)])
+    for r in results:
+        sys.stdout.write(r.text + "\n")
     return None
 
 

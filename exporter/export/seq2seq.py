@@ -54,13 +54,41 @@ class Seq2SeqLayout(CacheLayout):
     mels: int = 0
     frames: int = 0
     encoder_length: int = 0
+    image: tuple[int, int, int] | None = None  # a captioning model's pixel_values [3, height, width] (BLIP)
 
     @property
     def audio(self) -> bool:
         return self.frames > 0
 
+    @property
+    def fixed_source(self) -> bool:
+        """The encoder takes a fixed-size input (features or pixels): no mask, cross keys/values of fixed length."""
+        return self.audio or self.image is not None
+
+    @property
+    def source(self) -> TensorSpec:
+        if self.audio:
+            return TensorSpec("input_features", "float32", ("batch", self.mels, self.frames))
+        if self.image is not None:
+            return TensorSpec("pixel_values", "float32", ("batch", *self.image))
+        return TensorSpec("input_ids", "int64", ("batch", "sequence"))
+
     def cross_names(self) -> list[str]:
         return self.names("cross")
+
+
+def captioning(model: Any) -> bool:
+    """An image-to-text model whose text decoder cross-attends to a vision tower (BLIP's captioning head)."""
+    return hasattr(model, "vision_model") and hasattr(model, "text_decoder")
+
+
+def image_input(model: Any) -> tuple[int, int, int] | None:
+    """(channels, height, width) of a captioning model's pixel_values (its vision config's fixed image size)."""
+    if not captioning(model):
+        return None
+    vision = model.config.vision_config
+    size = int(vision.image_size)
+    return int(getattr(vision, "num_channels", 3)), size, size
 
 
 def audio_input(model: Any) -> tuple[int, int] | None:
@@ -80,18 +108,19 @@ def seq2seq_layout(model: Any) -> Seq2SeqLayout:
         out = _Prefill(model)(*_sample_source(model, 1), _start_ids(model, 1, 1))
     first, cross = out[1], out[-1]
     mels, frames = audio_input(model) or (0, 0)
+    image = image_input(model)
     return Seq2SeqLayout(layers=(len(out) - 1) // 4, kv_heads=int(first.shape[1]), head_dim=int(first.shape[3]),
                          dtype=str(first.dtype).removeprefix("torch."), mels=mels, frames=frames,
-                         encoder_length=int(cross.shape[2]) if frames else 0)
+                         encoder_length=int(cross.shape[2]) if frames or image else 0, image=image)
 
 
 def _sample_source(model: Any, batch: int) -> tuple[Any, ...]:
     """The encoder's sample inputs: (input_ids, attention_mask), or (input_features,) for a speech model."""
     import torch
 
-    audio = audio_input(model)
-    if audio:
-        return (torch.randn(batch, *audio, dtype=next(model.parameters()).dtype),)
+    fixed = audio_input(model) or image_input(model)
+    if fixed:
+        return (torch.randn(batch, *fixed, dtype=next(model.parameters()).dtype),)
     ids = torch.randint(3, 16, (batch, _TRACE_SOURCE))
     return ids, torch.ones_like(ids)
 
@@ -100,12 +129,10 @@ def component_io(name: str, cache: Seq2SeqLayout, vocab: int, dims: dict[str, Di
     """The canonical IOSpec of one component (see the module docstring)."""
     prefill = name == "prefill"
     kv = (cache.dtype, ("batch", cache.kv_heads))
-    source: Any = cache.encoder_length if cache.audio else "sequence"
-    mask = [] if cache.audio else [TensorSpec("attention_mask", "int64", ("batch", "sequence"))]
+    source: Any = cache.encoder_length if cache.fixed_source else "sequence"
+    mask = [] if cache.fixed_source else [TensorSpec("attention_mask", "int64", ("batch", "sequence"))]
     if prefill:
-        inputs = [TensorSpec("input_features", "float32", ("batch", cache.mels, cache.frames)) if cache.audio
-                  else TensorSpec("input_ids", "int64", ("batch", "sequence")),
-                  *mask, TensorSpec("decoder_input_ids", "int64", ("batch", "prefix"))]
+        inputs = [cache.source, *mask, TensorSpec("decoder_input_ids", "int64", ("batch", "prefix"))]
     else:
         inputs = [TensorSpec("decoder_input_ids", "int64", ("batch", 1)), *mask]
         inputs += [TensorSpec(n, kv[0], (*kv[1], "past_sequence", cache.head_dim)) for n in cache.names("past_key_values")]
@@ -118,7 +145,8 @@ def component_io(name: str, cache: Seq2SeqLayout, vocab: int, dims: dict[str, Di
     used = {d for s in inputs + outputs for d in s.shape if isinstance(d, str)}
     values = {"input_ids": {"kind": "randint", "low": 0, "high": vocab}, "attention_mask": {"kind": "ones"},
               "decoder_input_ids": {"kind": "randint", "low": 0, "high": vocab},
-              "input_features": {"kind": "uniform", "low": -1.0, "high": 1.0}}  # Whisper's log-mel range
+              "input_features": {"kind": "uniform", "low": -1.0, "high": 1.0},  # Whisper's log-mel range
+              "pixel_values": {"kind": "normal"}}
     return IOSpec(inputs=inputs, outputs=outputs, dims={k: v for k, v in dims.items() if k in used},
                   values={k: v for k, v in values.items() if k in {s.name for s in inputs}})
 
@@ -127,7 +155,7 @@ def export_seq2seq(model: Any, work: Path, dims: dict[str, DimRange], *, opset: 
     """Export `model` (a transformers encoder-decoder LM, FP32 or the dtype of a native export) to
     work/prefill.onnx and work/decode.onnx."""
     cache = seq2seq_layout(model)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    vocab = vocab_of(model)
     graphs = _export_graphs(model, cache, opset)
     out: dict[str, GraphExport] = {}
     opset_used = 0
@@ -140,12 +168,34 @@ def export_seq2seq(model: Any, work: Path, dims: dict[str, DimRange], *, opset: 
                             ["seq2seq: the prefill runs the encoder and every layer's cross-attention projections once"])
 
 
+def vocab_of(model: Any) -> int:
+    """The LM head's vocabulary (BLIP keeps its head in the text decoder)."""
+    head = model.get_output_embeddings()
+    if head is None and captioning(model):
+        head = model.text_decoder.get_output_embeddings()
+    return int(head.weight.shape[0])
+
+
+def decoder_positions(model: Any) -> int | None:
+    """How many positions the decoder has learned embeddings for (None: relative positions, T5)."""
+    config = model.config.text_config if captioning(model) else model.config
+    found = getattr(config, "max_target_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(found) if found else None
+
+
+def decoder_start(model: Any) -> int | None:
+    """The decoder's first token: the generation config's decoder_start_token_id, else the config's; BLIP's
+    captioning decoder starts at its text config's bos (its generate() writes that over the prompt's first id)."""
+    if captioning(model):
+        return getattr(model.config.text_config, "bos_token_id", None)
+    start = getattr(model.generation_config, "decoder_start_token_id", None)
+    return getattr(model.config, "decoder_start_token_id", None) if start is None else start
+
+
 def _start_ids(model: Any, batch: int, length: int) -> Any:
     import torch
 
-    start = model.generation_config.decoder_start_token_id
-    start = model.config.decoder_start_token_id if start is None else start
-    return torch.full((batch, length), int(start or 0), dtype=torch.int64)
+    return torch.full((batch, length), int(decoder_start(model) or 0), dtype=torch.int64)
 
 
 def _flat(cache: Any) -> list[Any]:
@@ -166,15 +216,21 @@ class _Prefill:
                 self.lm = lm
 
             def forward(self, source: Any, *rest: Any) -> tuple[Any, ...]:
-                # text: (input_ids, attention_mask, decoder_input_ids); speech: (input_features, decoder_input_ids)
+                # text: (input_ids, attention_mask, decoder_input_ids); speech: (input_features, decoder_input_ids);
+                # captioning: (pixel_values, decoder_input_ids)
                 mask, decoder_input_ids = (None, rest[0]) if len(rest) == 1 else rest
+                kv = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                if captioning(self.lm):
+                    images = self.lm.vision_model(pixel_values=source, return_dict=True).last_hidden_state
+                    out = self.lm.text_decoder(input_ids=decoder_input_ids, encoder_hidden_states=images, use_cache=True,
+                                               return_dict=True, **{_cache_kwarg(self.lm.text_decoder): kv})
+                    return (out.logits[:, -1:], *_flat(kv.self_attention_cache), *_flat(kv.cross_attention_cache))
                 if mask is None:
                     encoded = self.lm.get_encoder()(input_features=source, return_dict=True)
                     more = {}
                 else:
                     encoded = self.lm.get_encoder()(input_ids=source, attention_mask=mask, return_dict=True)
                     more = {"attention_mask": mask}
-                kv = EncoderDecoderCache(DynamicCache(), DynamicCache())
                 out = self.lm(encoder_outputs=encoded, decoder_input_ids=decoder_input_ids, use_cache=True,
                               return_dict=True, **{_cache_kwarg(self.lm): kv}, **more)
                 return (out.logits[:, -1:], *_flat(kv.self_attention_cache), *_flat(kv.cross_attention_cache))
@@ -190,7 +246,7 @@ class _Decode:
         from transformers import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
 
-        audio = audio_input(model) is not None
+        audio = audio_input(model) is not None or captioning(model)  # no encoder mask: a fixed-size source
 
         class Decode(torch.nn.Module):
             def __init__(self, lm: Any):
@@ -208,6 +264,10 @@ class _Decode:
                 # The encoder's output is not read once the cross cache is filled; the model still wants an
                 # encoder_outputs object (and its batch/length) to skip the encoder: a zero-width stand-in.
                 hidden = caches[half][:, 0, :, :1] if audio else attention_mask[:, :, None].to(caches[0].dtype)
+                if captioning(self.lm):
+                    out = self.lm.text_decoder(input_ids=decoder_input_ids, encoder_hidden_states=hidden, use_cache=True,
+                                               return_dict=True, **{_cache_kwarg(self.lm.text_decoder): kv})
+                    return (out.logits, *_flat(kv.self_attention_cache))
                 more = {} if audio else {"attention_mask": attention_mask}
                 out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), decoder_input_ids=decoder_input_ids,
                               use_cache=True, return_dict=True, **{_cache_kwarg(self.lm): kv}, **more)
@@ -223,16 +283,17 @@ def _export_graphs(model: Any, cache: Seq2SeqLayout, opset: int | None) -> dict[
     b, s, q, p = _TRACE_BATCH, _TRACE_SOURCE, _TRACE_PREFIX, _TRACE_PAST
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("sequence", min=1, max=1 << 16)
-    prefix = torch.export.Dim("prefix", min=1, max=1 << 12)
-    past_dim = torch.export.Dim("past_sequence", min=1, max=1 << 12)
+    positions = decoder_positions(model) or (1 << 12)  # the decoder's learned positions bound its lengths
+    prefix = torch.export.Dim("prefix", min=1, max=min(1 << 12, positions))
+    past_dim = torch.export.Dim("past_sequence", min=1, max=min(1 << 12, positions - 1))
     source = _sample_source(model, b)
-    if cache.audio:  # fixed-length features: the cross keys/values have the encoder's fixed length
+    if cache.fixed_source:  # fixed-size features or pixels: the cross keys/values have the encoder's fixed length
         s = cache.encoder_length
         source_shapes: tuple[Any, ...] = ({0: batch},)
         mask_in: list[Any] = []
         mask_shape: list[Any] = []
         cross_dim: dict[int, Any] = {0: batch}
-        names = ["input_features"]
+        names = [cache.source.name]
     else:
         source_shapes, mask_in, mask_shape = ({0: batch, 1: seq}, {0: batch, 1: seq}), [source[1]], [{0: batch, 1: seq}]
         cross_dim, names = {0: batch, 2: seq}, ["input_ids", "attention_mask"]

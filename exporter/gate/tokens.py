@@ -91,8 +91,8 @@ def past_from_present(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def reference_generate(model: Any, prompt: Any, steps: int, extra: dict[str, Any] | None = None,
                        config: dict[str, Any] | None = None) -> tuple[list[int], np.ndarray]:
-    """transformers' greedy generate() in FP32 for exactly `steps` tokens (prompt: token ids, or a speech
-    encoder-decoder's features [mels, frames]): the tokens and each
+    """transformers' greedy generate() in FP32 for exactly `steps` tokens (prompt: token ids, a speech
+    encoder-decoder's features [mels, frames] or a captioning model's pixel_values [3, h, w]): the tokens and each
     step's raw logits [steps, vocab]. No stop token: generate() fills every setting left unset from
     the model's own generation_config (its eos included), so that one is swapped for the call.
     extra: more generate() inputs (a VLM's pixel_values, image_grid_thw, mm_token_type_ids); config: more
@@ -101,19 +101,30 @@ def reference_generate(model: Any, prompt: Any, steps: int, extra: dict[str, Any
     import torch
     from transformers import GenerationConfig
 
-    pad = model.generation_config.pad_token_id
+    captions = isinstance(prompt, np.ndarray) and prompt.ndim == 3  # BLIP: its text decoder generates
+    target = model.text_decoder if captions else model
+    pad = target.generation_config.pad_token_id
     device = next(model.parameters()).device
-    saved = model.generation_config
-    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None,
-                                               pad_token_id=0 if pad is None else pad, output_logits=True,
-                                               return_dict_in_generate=True, **(config or {}))
-    if isinstance(prompt, np.ndarray) and prompt.dtype.kind == "f":
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None,
+                                                pad_token_id=0 if pad is None else pad, output_logits=True,
+                                                return_dict_in_generate=True, **(config or {}))
+    if captions:
+        # BLIP's generate() runs its vision tower, then its text decoder on the image embeddings (what this does)
+        # and passes its [SEP] as eos, which would stop the reference before `steps` tokens
+        with torch.inference_mode():
+            images = model.vision_model(pixel_values=torch.from_numpy(prompt[None]).to(device)).last_hidden_state
+        inputs: dict[str, Any] = {"encoder_hidden_states": images,
+                                  "encoder_attention_mask": torch.ones(images.shape[:2], dtype=torch.long, device=device)}
+        extra = {("input_ids" if k == "decoder_input_ids" else k): v for k, v in (extra or {}).items()}
+        run = target.generate
+    elif isinstance(prompt, np.ndarray) and prompt.dtype.kind == "f":
         # A speech encoder-decoder's features: transformers' generic generate() (GenerationMixin's; Whisper's own
         # adds language detection, timestamps and long-form decoding, which the bundle does not do), its decoder
         # prompt in `extra` (decoder_input_ids)
         from transformers.generation.utils import GenerationMixin
 
-        inputs: dict[str, Any] = {"input_features": torch.from_numpy(prompt[None]).to(device)}
+        inputs = {"input_features": torch.from_numpy(prompt[None]).to(device)}
         run = functools.partial(GenerationMixin.generate, model)
     else:
         ids = torch.tensor([prompt], device=device)
@@ -124,7 +135,7 @@ def reference_generate(model: Any, prompt: Any, steps: int, extra: dict[str, Any
         with torch.inference_mode():
             out = run(**inputs, **{k: v.to(device) for k, v in (extra or {}).items()})
     finally:
-        model.generation_config = saved
+        target.generation_config = saved
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     # The last `steps` ids: a causal LM's sequences start with the prompt, an encoder-decoder's with its
     # decoder start token.

@@ -84,11 +84,15 @@ _NOT_TEXT_KEYS = ("num_mel_bins", "vision_config", "audio_config", "input_feat_p
 
 def _is_seq2seq(spec: SourceSpec, config: Config) -> bool:
     """A text encoder-decoder LM (T5, BART, Marian, mBART, Pegasus, …: is_encoder_decoder in its config, token ids
-    into its encoder), or Whisper (log-mel features into its encoder)."""
+    into its encoder), Whisper (log-mel features into its encoder) or BLIP's captioning model (pixels into its vision
+    tower, a text decoder cross-attending to it)."""
     if spec.kind != "hf":
         return False
     if config.get("model_type") == "whisper":
         return spec.task in (None, "automatic-speech-recognition")
+    if config.get("model_type") == "blip":  # its captioning head; BLIP's retrieval and VQA heads are other tasks
+        return spec.task in (None, "image-to-text") and \
+            "BlipForConditionalGeneration" in (config.get("architectures") or [])
     return spec.task in (None, "text2text-generation", "translation", "summarization") and \
         bool(config.get("is_encoder_decoder")) and config.get("model_type") not in _NOT_TEXT_SEQ2SEQ and \
         not any(k in config for k in _NOT_TEXT_KEYS)
@@ -136,8 +140,8 @@ RECIPES: tuple[Recipe, ...] = (
 )
 
 
-# Families with no recipe yet: speech- and image-to-text encoder-decoders (Speech2Text, VisionEncoderDecoder; Whisper has one) and
-# captioning models. Refused before anything is loaded.
+# Families with no recipe yet: speech- and image-to-text encoder-decoders (Speech2Text, VisionEncoderDecoder; Whisper
+# and BLIP's captioning model have one) and other captioning models. Refused before anything is loaded.
 SEQ2SEQ_HINT = ("optimum-cli export onnx (encoder + decoder-with-past graphs) builds such models today; for an "
                 "encoder's embeddings alone, export its encoder as its own model (save_pretrained of "
                 "model.get_encoder())")

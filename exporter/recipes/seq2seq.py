@@ -18,7 +18,15 @@ import numpy as np
 
 from exporter.bundle.assemble import BuildResult
 from exporter.export.memory import check_memory
-from exporter.export.seq2seq import audio_input, component_io, export_seq2seq, seq2seq_layout
+from exporter.export.seq2seq import (
+    audio_input,
+    captioning,
+    component_io,
+    decoder_start,
+    export_seq2seq,
+    seq2seq_layout,
+    vocab_of,
+)
 from exporter.gate.task import check_tolerance_outputs
 from exporter.lower.mixed import mixed_options
 from exporter.recipes.generation import _Built, gate_or_unfuse, lower_and_build, publish_generation
@@ -52,6 +60,8 @@ def default_dims(config: Any, shapes: dict[str, DimRange]) -> dict[str, DimRange
     """batch 1:1:16 (beams count as rows); source (sequence) 1:64:512 and decoder length (total_sequence)
     2:64:256, each capped by the model's learned positions where it has them (T5's are relative; Whisper's
     decoder has max_target_positions, its encoder a fixed 30 s)."""
+    text = getattr(config, "text_config", None) if getattr(config, "model_type", None) == "blip" else None
+    config = text or config
     positions = getattr(config, "max_target_positions", None) or getattr(config, "max_position_embeddings", None)
     cap = int(positions) if positions else 1 << 16
     unknown = sorted(set(shapes) - {"batch", "sequence", "total_sequence"})
@@ -75,7 +85,8 @@ def load_seq2seq(spec: SourceSpec) -> tuple[Any, Any, dict[str, Any]]:
     import transformers
 
     folder = Path(spec.location)
-    auto = "AutoModelForSpeechSeq2Seq" if _config_type(folder) == "whisper" else "AutoModelForSeq2SeqLM"
+    auto = {"whisper": "AutoModelForSpeechSeq2Seq", "blip": "BlipForConditionalGeneration"}.get(
+        _config_type(folder) or "", "AutoModelForSeq2SeqLM")
     try:
         model = getattr(transformers, auto).from_pretrained(str(folder), dtype=torch.float32).eval()
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -87,8 +98,9 @@ def load_seq2seq(spec: SourceSpec) -> tuple[Any, Any, dict[str, Any]]:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError, KeyError, ImportError):
             tokenizer = None
-    speech = audio_input(model) is not None
-    info = {"task": "automatic-speech-recognition" if speech else "text2text-generation", "family": "seq2seq",
+    task = "automatic-speech-recognition" if audio_input(model) else "image-to-text" if captioning(model) \
+        else "text2text-generation"
+    info = {"task": task, "family": "seq2seq",
             "model_type": model.config.model_type, "class": type(model).__name__}
     return model, tokenizer, info
 
@@ -106,16 +118,19 @@ def seq2seq_metadata(model: Any) -> dict[str, Any]:
     """generation.json's seq2seq fields: the decoder's start token, a forced first token (mBART-50's target
     language), tokens generate() never picks (Marian's pad), and the beam defaults of the generation config."""
     g = model.generation_config
-    start = g.decoder_start_token_id if g.decoder_start_token_id is not None else model.config.decoder_start_token_id
+    start = decoder_start(model)
     if start is None:
         raise SourceError("Expected the encoder-decoder model's config to name decoder_start_token_id, found none: "
                           "the decoder has no first token. Set it in config.json or generation_config.json.")
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    vocab = vocab_of(model)
     bad = [w[0] for w in (g.bad_words_ids or []) if len(w) == 1]
     # ids past the vocabulary (WhisperConfig's default begin_suppress_tokens on a smaller vocabulary) name no token
     suppress = sorted({int(t) for t in [*bad, *(g.suppress_tokens or [])] if int(t) < vocab})
     begin = [int(t) for t in getattr(g, "begin_suppress_tokens", None) or [] if int(t) < vocab]
-    return {"architecture": SEQ2SEQ, "decoder_start_ids": _decoder_prefix(g, int(start)),
+    # BLIP's text decoder ends captions at [SEP] and pads with its text config's pad (what its generate() passes)
+    text = model.config.text_config if captioning(model) else None
+    ends = {"eos_token_ids": [int(text.sep_token_id)], "pad_token_id": int(text.pad_token_id or 0)} if text else {}
+    return {"architecture": SEQ2SEQ, "decoder_start_ids": _decoder_prefix(g, int(start)), **ends,
             "forced_bos_token_id": g.forced_bos_token_id, "forced_eos_token_id": _forced_eos(g), "suppress_token_ids": suppress,
             "begin_suppress_token_ids": begin,
             # transformers 5 leaves unset fields None; its generate() then uses 1.0 and False
@@ -167,7 +182,7 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
         model, tokenizer, info = load_seq2seq(spec)
         dims = default_dims(model.config, options.shapes)
         extra = seq2seq_metadata(model)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    vocab = vocab_of(model)
     check_memory(component_io("decode", seq2seq_layout(model), vocab, dims), options.memory_limit, gate_cases=False)
     with timed(timings, "export", say, "Exporting prefill (encoder + cross-attention) and decode graphs"):
         exported = export_seq2seq(model, work, dims, opset=options.opset)
@@ -175,10 +190,15 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
         check_memory(part.io, options.memory_limit, graph=part.path)
     files: dict[str, bytes] = {}
     if exported.cache.audio:
-        from exporter.recipes.speech_seq2seq import feature_spec, speech_prompts
+        from exporter.recipes.seq2seq_inputs import feature_spec, speech_prompts
 
         extractor, extra["features"], files = feature_spec(Path(spec.location), exported.cache)
         prompts: list[Any] = speech_prompts(extractor, options.data, exported.cache)
+    elif exported.cache.image is not None:
+        from exporter.recipes.seq2seq_inputs import caption_prompts, image_spec
+
+        image_processor, extra["image"] = image_spec(Path(spec.location), exported.cache)
+        prompts = caption_prompts(image_processor, options.data, extra["image"])
     else:
         prompts = parity_prompts(tokenizer, options.data, model.config, dims)
     feeds = calibration_feeds({n: c.path for n, c in exported.components.items()}, prompts, extra["decoder_start_ids"]) \
@@ -196,7 +216,7 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     def gate(opts: Any) -> Any:
         with timed(timings, "gate", say, "Token parity: engines vs transformers generate() (FP32)"):
             return token_gate(model, tokenizer, bundle, prompts, opts, built.lowered, say, reference_config=reference,
-                              reference_prefix=prefix if len(prefix) > 1 or exported.cache.audio else None)
+                              reference_prefix=prefix if len(prefix) > 1 or exported.cache.fixed_source else None)
 
     return gate_or_unfuse(built, options, model, tokenizer, manifest, timings, say, gate)
 
@@ -211,8 +231,8 @@ def calibration_feeds(paths: dict[str, Path], prompts: list[Any], start: list[in
     names = [o.name for o in session.get_outputs()]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"prefill": [], "decode": []}
     for p in prompts[:2]:
-        if isinstance(p, np.ndarray) and p.dtype.kind == "f":
-            source: dict[str, np.ndarray] = {"input_features": p[None].astype(np.float32)}
+        if isinstance(p, np.ndarray) and p.dtype.kind == "f":  # features [mels, frames] or pixels [3, h, w]
+            source: dict[str, np.ndarray] = {"input_features" if p.ndim == 2 else "pixel_values": p[None].astype(np.float32)}
         else:
             ids = np.array([p], np.int64)
             source = {"input_ids": ids, "attention_mask": np.ones_like(ids)}

@@ -9,7 +9,8 @@ from tests.models.causal import tiny_tokenizer
 
 
 def tiny_seq2seq(folder: Path, family: str = "bart") -> Path:
-    """A 2+2-layer `family` (bart | t5 | marian | mbart | whisper: 80 mel bins, 30 s) model with its tokenizer. Initialised wider than
+    """A 2+2-layer `family` (bart | t5 | marian | mbart | whisper: 80 mel bins, 30 s | blip: 32×32 images) model
+    with its tokenizer. Initialised wider than
     transformers' default (init_std / initializer_factor) so that its greedy and beam outputs vary with the
     source instead of repeating one token: a beam search that picked wrong beams would show."""
     import torch
@@ -18,7 +19,15 @@ def tiny_seq2seq(folder: Path, family: str = "bart") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = tiny_tokenizer(folder)
     special = dict(pad_token_id=0, eos_token_id=0, bos_token_id=0, decoder_start_token_id=0)
-    if family == "whisper":
+    if family == "blip":
+        config = transformers.BlipConfig(
+            text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, sep_token_id=2,
+                             eos_token_id=2, pad_token_id=0),
+            vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                               num_attention_heads=4))
+        cls = transformers.BlipForConditionalGeneration
+    elif family == "whisper":
         config = transformers.WhisperConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
                                             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
                                             decoder_ffn_dim=37, num_mel_bins=80, max_source_positions=1500,

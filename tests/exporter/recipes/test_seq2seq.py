@@ -203,3 +203,87 @@ def test_cli_transcribes_with_audio_and_refuses_a_text_prompt(whisper):
     assert json.loads(out.stdout)[0]["audio"] == str(SPEECH[0])
     assert CliRunner().invoke(app, ["generate", str(res.bundle), "--prompt", "hi"]).exit_code == 2
     assert CliRunner().invoke(app, ["generate", str(res.bundle)]).exit_code == 2
+
+
+# -- captioning: BLIP -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blip")
+    folder = tiny_seq2seq(root / "src", "blip")
+    return folder, build(f"hf:{folder}", BuildOptions(output=root / "fp32"))
+
+
+def _photos():
+    import skimage.data
+    from PIL import Image
+
+    return [Image.fromarray(getattr(skimage.data, n)()).convert("RGB") for n in ("rocket", "camera", "coffee")]
+
+
+def test_blip_captions_pass_the_gate_and_equal_transformers_generate(blip):
+    import torch
+    import transformers
+    from PIL import Image
+
+    folder, res = blip
+    assert res.parity.status == "passed" and res.manifest.source["task"] == "image-to-text"
+    assert sum("identical for 32 steps" in n for n in res.parity.notes) == 4
+    model = transformers.BlipForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.BlipImageProcessor(size={"height": 32, "width": 32})
+    photos = _photos()
+    with load_generator(res.bundle) as gen:
+        got = gen.caption([np.asarray(p.resize((32, 32), Image.BICUBIC)) for p in photos],
+                          SamplingOptions(max_new_tokens=10))
+        for photo, r in zip(photos, got):
+            pixels = torch.from_numpy(processor(images=photo, return_tensors="np").pixel_values)
+            want = model.generate(pixel_values=pixels, max_new_tokens=10, do_sample=False)[0, 1:].tolist()
+            if 2 in want:  # BLIP's generate() stops at [SEP] (2 here) and pads after it
+                want = want[:want.index(2) + 1]
+            assert r.tokens == want
+        with pytest.raises(UsageError, match="Expected an image"):
+            gen.generate("a photo of")
+        with pytest.raises(InvalidInput, match="32×32"):
+            gen.caption([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_cli_captions_an_image_file(blip, tmp_path):
+    from typer.testing import CliRunner
+
+    from exporter.cli import app
+
+    _folder, res = blip
+    path = tmp_path / "coffee.png"
+    _photos()[2].save(path)
+    out = CliRunner().invoke(app, ["generate", str(res.bundle), "--image", str(path), "--resize", "-n", "5", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)[0]["image"] == str(path)
+    assert CliRunner().invoke(app, ["generate", str(res.bundle), "--image", str(path)]).exit_code == 2  # not resized
+    assert CliRunner().invoke(app, ["generate", str(res.bundle), "--prompt", "a photo of"]).exit_code == 2
+
+
+def test_encoder_decoders_without_a_recipe_are_refused_before_loading(tmp_path):
+    """A speech encoder-decoder enginekit does not build (Speech2Text): exit 2, one paragraph, nothing loaded."""
+    from typer.testing import CliRunner
+
+    from exporter.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "speech_to_text", "is_encoder_decoder": True,
+                                                      "architectures": ["Speech2TextForConditionalGeneration"]}))
+    out = CliRunner().invoke(app, ["build", f"hf:{tmp_path}", "-o", str(tmp_path / "out")])
+    assert out.exit_code == 2 and "no recipe for it" in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.gpu
+def test_cuda_seq2seq_bundles_pass_their_gate_and_decode_as_on_the_cpu(tmp_path):
+    """On a GPU: BART fp16 and bf16 gated for real on ORT CUDA, and the CUDA loop (IO binding; cross keys/values
+    and the past as device OrtValues, the beam cache reordered on the host) gives the CPU loop's tokens."""
+    folder = tiny_seq2seq(tmp_path / "src", "bart")
+    for precision in ("fp16", "bf16"):
+        res = build(f"hf:{folder}", BuildOptions(output=tmp_path / precision, device="cuda", precision=precision,
+                                                 shapes=_shapes()))
+        assert res.parity.status == "passed", (precision, res.parity.failures())
+    fp32 = build(f"hf:{folder}", BuildOptions(output=tmp_path / "fp32", device="cuda", shapes=_shapes()))
+    with load_generator(fp32.bundle, device="cuda") as g, load_generator(fp32.bundle, device="cpu") as c:
+        for k in (1, 3):
+            opts = SamplingOptions(max_new_tokens=16, num_beams=k)
+            assert [r.tokens for r in g.generate_batch(SOURCES, opts)] == [r.tokens for r in c.generate_batch(SOURCES, opts)]
