@@ -116,8 +116,12 @@ def with_raw_outputs(infer: Infer, graph: Path, names: list[str], device: str,
     missing = [n for n, t in found.items() if t is None]
     if missing:
         return infer, f"raw head outputs {missing} not found in {graph.name}: compared after NMS only"
-    tensors = [found[n] for n in names]
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t is not None)
+    # Read as FP32 through a cast: in a BF16 engine the raw tensors are BF16 (the tiny detector's, on the H200,
+    # 12-02), which ONNX Runtime cannot hand to numpy ("No corresponding Numpy type for Tensor Type. bfloat16").
+    tensors = [f"{found[n]}__enginekit_fp32" for n in names]
+    model.graph.node.extend(onnx.helper.make_node("Cast", [found[n]], [t], to=onnx.TensorProto.FLOAT,
+                                                  name=f"{t}_cast") for n, t in zip(names, tensors))
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), so, providers=raw_providers(device, cuda_options))
