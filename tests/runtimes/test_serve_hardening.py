@@ -84,8 +84,8 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
 
 
 def test_health_answers_while_a_large_json_body_is_decoded(server):
-    """48 MiB of JSON take ~1-3 s to decode; /v2/health/live must keep answering within 0.5 s meanwhile
-    (decoded on the event loop, every probe waited for the whole decode)."""
+    """48 MiB of JSON take ~1-3 s to decode; /v2/health/live must keep answering meanwhile, within 0.5 s or a
+    quarter of the decode on a loaded machine (decoded on the event loop, every probe waited for the whole decode)."""
     rows = np.random.default_rng(0).integers(1000, 30000, (117_000, 64)).tolist()  # too many rows: a 422 at the end
     body = json.dumps({"inputs": {"input_ids": rows}}).encode()
     with socket.create_connection(address(server.url)) as sock, httpx.Client(base_url=server.url, timeout=30) as probe:
@@ -101,7 +101,11 @@ def test_health_answers_while_a_large_json_body_is_decoded(server):
         status, _, answer = read_response(sock, 30)
     assert status == 422 and "outside the built range" in json.loads(answer)["error"]
     assert decoding > 0.5 and len(latencies) >= 5, (decoding, latencies)  # the probes overlapped the decode
-    assert max(latencies) < 0.5, f"a probe took {max(latencies):.2f} s while the body decoded ({decoding:.2f} s)"
+    # Decoded on the event loop, a probe waits for the whole decode (latency ~ decoding). The bound scales with the
+    # decode so that a loaded CI machine (the other test worker's builds on the same 2 cores: a 7.35 s decode, a
+    # 0.55 s probe in one fresh-clone run) does not fail a server that keeps answering.
+    bound = max(0.5, 0.25 * decoding)
+    assert max(latencies) < bound, f"a probe took {max(latencies):.2f} s while the body decoded ({decoding:.2f} s)"
 
 
 def test_a_stalled_body_gets_408_in_json_and_the_connection_is_closed(server):
