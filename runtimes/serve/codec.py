@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -133,7 +134,18 @@ def json_to_dtype(arr: np.ndarray, spec: TensorSpec) -> np.ndarray | str:
     return f"'{spec.name}' needs {spec.dtype} values, found {found}"
 
 
+# numpy parses .npy headers with ast.literal_eval, and CPython 3.11's AST constructor is not safe across threads:
+# one of 1,000 concurrent valid requests was refused with "SystemError: AST constructor recursion depth mismatch"
+# in a fresh-clone CI run (2026-12-02). Bodies are decoded one at a time.
+_NPY_LOCK = threading.Lock()
+
+
 def _decode_npz(body: bytes, limit: int) -> dict[str, Any]:
+    with _NPY_LOCK:
+        return _decode_npz_locked(body, limit)
+
+
+def _decode_npz_locked(body: bytes, limit: int) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
             members = zf.infolist()
