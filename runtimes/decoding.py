@@ -391,7 +391,7 @@ class Generator:
                 "A negative id would silently read another token's embedding row; tokenize with the bundle's tokenizer."
             )
         width = max(len(p) for p in prompts)
-        if width >= self.max_length:
+        if self.room(prompts) <= 0:  # room(): what the loop's total length leaves (seq2seq: the decoder's alone)
             raise InvalidInput(
                 f"Expected a prompt shorter than the engine's maximum length {self.max_length}, found {width} tokens. "
                 f"Shorten it, or rebuild with --shapes total_sequence=1:{self.max_length}:{2 * width + opts.max_new_tokens}."

@@ -299,14 +299,6 @@ class Seq2SeqGenerator(Generator):
                 f"Shorten it, or rebuild with --shapes sequence=1:{min(longest, self.max_source)}:{longest}."
             )
 
-    def _check_batch(self, prompts: Sequence[Sequence[int]], opts: SamplingOptions) -> None:
-        # The source length is the encoder's business (_check_sources), not the decoder's total length.
-        saved, self.max_length = self.max_length, 1 << 30
-        try:
-            super()._check_batch(prompts, opts)
-        finally:
-            self.max_length = saved
-
 
 class _Beams:
     """Beam search state for `rows` sources × `k` beams, step for step as transformers' _beam_search (5.x): the
