@@ -37,25 +37,23 @@ def tune_cuda(bundle: Path, manifest: Manifest, *, runs: int = 30) -> dict[str, 
     feeds = generate_feeds(manifest.io, "opt", seed=7)
     trials: list[dict[str, Any]] = []
     for options in candidates(bundle / manifest.target.engine_files[0]):
+        runner = None
         try:
             runner = OrtRunner(bundle, manifest.hashed(bundle), device="cuda", provider_options=options)
-        except EnginekitError as exc:
-            if not trials:
-                raise  # the first candidate is ORT's own defaults: a refusal there is the engine's problem
-            trials.append({"options": options, "refused": str(exc)[:300]})
-            continue
-        try:
             slot = runner.prepare(feeds)
             stats = measure(lambda slot=slot, runner=runner: runner.run_prepared(slot), warmup=5, runs=runs)
-        except Exception as exc:  # ORT's own exception types, raised at run time
+        except Exception as exc:  # enginekit's refusal at session creation, or ORT's own types at run time
             if not trials:
-                raise
-            # ORT 1.31's NHWC layout ran the tiny detector's INT8 Q/DQ graph into "Input channels C is not equal to
-            # kernel channels * group" on the H200 (12-02, a depthwise Conv): a refused candidate, not a failed build
-            trials.append({"options": options, "refused": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                raise  # the first candidate is ORT's own defaults: a refusal there is the engine's problem
+            # A candidate ORT refuses, at session creation (NHWC has no BF16 Conv) or at run time (ORT 1.31's NHWC
+            # ran the tiny detector's INT8 Q/DQ depthwise Conv into "Input channels C is not equal to kernel
+            # channels * group" on the H200, 12-02), is recorded as refused, not a failed build.
+            reason = str(exc) if isinstance(exc, EnginekitError) else f"{type(exc).__name__}: {exc}"
+            trials.append({"options": options, "refused": reason[:300]})
             continue
         finally:
-            runner.close()
+            if runner is not None:
+                runner.close()
         trials.append({"options": options, "p50_ms": round(stats["p50_ms"], 4)})
     best = min((t for t in trials if "p50_ms" in t), key=lambda t: t["p50_ms"])
     return {"chosen": best["options"], "trials": trials, "shape": "opt"}
