@@ -60,7 +60,7 @@ class CalibOptions:
     eval_data: held-out samples; default every 4th sample of `data`. cache_dir: where ranges are
     cached (None: not cached). max_excluded_fraction: give up when more than this share of the
     candidate nodes would have to stay in float (default 0.5: INT8 then buys little). smooth:
-    SmoothQuant alpha in (0, 1] (calibration/smooth.py), None (default) leaves the graph as is."""
+    SmoothQuant alpha in (0, 1] (calibration/smooth.py), None (default) or 0 leaves the graph as is."""
 
     data: str | Path | None = None
     method: str = "percentile"

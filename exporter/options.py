@@ -68,7 +68,7 @@ class BuildOptions:
     calib_method: str = "percentile"
     accuracy_budget: str | None = "cosine>=0.99"
     image: ImageOptions = field(default_factory=ImageOptions)
-    smooth: float | None = None  # SmoothQuant alpha (calibration/smooth.py); None: off
+    smooth: float | None = None  # SmoothQuant alpha (calibration/smooth.py); None: off (static), 0.7 tried (dynamic)
     detector_outputs: str = "nms"  # detectors: NMS in the graph, or the raw head outputs (exporter/export/detector.py)
     # issue 8, causal LMs: fp16/bf16 by AutoCast on the FP32 graphs, or "native" (exported from torch
     # in that dtype: the KV cache too, and the graph ONNX Runtime's GPU fusions match)
@@ -207,8 +207,8 @@ class BuildOptions:
                 )
         check_method(self.calib_method, allow_all=True)
         parse_budget(self.accuracy_budget)
-        if self.smooth is not None and not 0.0 < self.smooth <= 1.0:
-            raise UsageError(f"Expected --smooth as a SmoothQuant alpha in (0, 1] (e.g. 0.7), found {self.smooth}.")
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise UsageError(f"Expected --smooth as a SmoothQuant alpha in [0, 1] (e.g. 0.7; 0: off), found {self.smooth}.")
 
 
 def check_data_path(value: str | Path | None, flag: str) -> None:
@@ -366,9 +366,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("accuracy_budget", ("--accuracy-budget",), "[OUTPUT:]METRIC>=VALUE on held-out samples, METRIC cosine (worst "
          "sample) or top1; the most sensitive layers stay in float until it holds. 'none': quantize all.",
          render=lambda v: v or "none", when=lambda o: o.precision.quantized, even_default=True, panel="Calibration"),
-    Flag("smooth", ("--smooth",), "SmoothQuant alpha in (0,1]: move activation outliers into the weights before "
-         "quantizing (helps transformers; e.g. 0.7). Default: off.", cli=float | None, when=_with_calib,
-         panel="Calibration"),
+    Flag("smooth", ("--smooth",), "SmoothQuant alpha in [0,1] (0: off): move activation outliers into the weights before "
+         "quantizing (helps transformers; e.g. 0.7). Static INT8/FP8: off by default. Dynamic INT8: alpha 0.7 is "
+         "tried when the all-INT8 graph misses the accuracy budget and kept only if it helps; this sets the alpha.",
+         cli=float | None, when=lambda o: o.smooth is not None, panel="Calibration"),
     Flag("image.resize", ("--resize",), "Images without a preprocessor_config.json: shortest edge before the center "
          "crop.", cli=int | None, when=_with_calib, panel="Calibration"),
     Flag("image.mean", ("--mean",), "Images without a preprocessor_config.json: per-channel mean of [0,1] pixels, e.g. "
