@@ -60,9 +60,10 @@ def smooth_model(model_path: Path, output: Path, feeds: Iterable[dict[str, np.nd
     probe_path = Path(output).with_name("smooth-probe.onnx")
     onnx.save(probe, str(probe_path))
     sess = session(probe_path)
+    wanted = {i.name for i in sess.get_inputs()}  # feeds may carry inputs this graph does not take
     amax: dict[str, np.ndarray] = {}
     for feed in feeds:
-        for name, value in zip(names, sess.run(names, dict(feed))):
+        for name, value in zip(names, sess.run(names, {k: v for k, v in feed.items() if k in wanted})):
             m = np.abs(value.reshape(-1, value.shape[-1])).max(0)
             amax[name] = np.maximum(amax.get(name, m), m)
     inits = {i.name: i for i in model.graph.initializer}

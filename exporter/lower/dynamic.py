@@ -153,9 +153,7 @@ def _smoothed(source: Path, out_path: Path, samples: tuple[Sequence[Any], Sequen
     say(f"Lowering precision to int8: trying SmoothQuant (alpha {alpha})")
     smooth_path = out_path.with_name(out_path.stem + ".smoothed.onnx")
     trial = out_path.with_name(out_path.stem + ".smooth-trial.onnx")
-    names = {i.name for i in ort_session(source).get_inputs()}
-    done = smooth_model(source, smooth_path, [{k: v for k, v in f.items() if k in names} for f in [*feeds, *range_feeds]],
-                        ort_session, alpha=alpha)
+    done = smooth_model(source, smooth_path, [*feeds, *range_feeds], ort_session, alpha=alpha)
     if done:
         _quantize(smooth_path, trial, [])
         got = accuracy(fp32, _outputs(trial, feeds), masks)

@@ -12,7 +12,7 @@ it on a TensorRT machine (exporter/build/handoff.py).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -382,13 +382,19 @@ def _ranking_feeds(loaded: LoadedSource, options: BuildOptions) -> list[Feeds]:
     if text and tokenizer is not None:
         sentences = Path(__file__).resolve().parents[1] / "data" / "calibration_sentences.txt"
         return load_feeds(sentences, loaded.io, tokenizer_dir=tokenizer, batch_size=8)[:6]
+    return _attended(loaded, "opt", [options.seed + 50 + i for i in range(4)])
+
+
+def _attended(loaded: LoadedSource, point: Any, seeds: Sequence[int]) -> list[Feeds]:
+    """One generated batch at `point` per seed, every position attended (padded positions would weigh values
+    no one reads)."""
     from runtimes.samples import generate_feeds
 
-    feeds = [generate_feeds(loaded.io, "opt", seed=options.seed + 50 + i) for i in range(4)]
-    for f in feeds:
-        if "attention_mask" in f:
-            f["attention_mask"] = np.ones_like(f["attention_mask"])
-    return feeds
+    batches = [generate_feeds(loaded.io, point, seed=seed) for seed in seeds]
+    for feeds in batches:
+        if "attention_mask" in feeds:
+            feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
+    return batches
 
 
 def _max_shape_feeds(loaded: LoadedSource, options: BuildOptions) -> list[Feeds]:
@@ -397,17 +403,11 @@ def _max_shape_feeds(loaded: LoadedSource, options: BuildOptions) -> list[Feeds]
     inputs the bundle admits, not only the ranking samples. On all-MiniLM-L6-v2, with maxima from 2 such rows
     the worst held-out cosine varied with the draw (0.9879-0.9926 over 3 seeds); from 8 rows 0.9907-0.9933; 16
     rows 0.9923."""
-    from runtimes.samples import generate_feeds
-
     sizes = {name: dim.at("max") for name, dim in loaded.io.dims.items()}
     rows = min(16, sizes.get("batch", 2))
     if "batch" in sizes:
         sizes["batch"] = min(2, rows)
-    batches = [generate_feeds(loaded.io, sizes, seed=options.seed + 70 + i) for i in range(max(1, rows // 2))]
-    for feeds in batches:
-        if "attention_mask" in feeds:
-            feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
-    return batches
+    return _attended(loaded, sizes, [options.seed + 70 + i for i in range(max(1, rows // 2))])
 
 
 def _gate(reference: Any, manifest: Manifest, bundle: Path, lowered: Path, cases: list[tuple[str, Feeds]],

@@ -205,17 +205,19 @@ def test_real_weights_minilm_dynamic_int8_smooths_and_keeps_every_matmul_int8(mi
     ranking = (DATA / "calibration_sentences.txt").read_text().splitlines()[:48]
     held = (ROOT / "bench" / "data" / "stdlib_sentences.txt").read_text().splitlines()[:48]
     out = tmp_path / "dyn.onnx"
-    rng = np.random.default_rng(0)  # the profile's longest inputs (128 tokens), as the build adds them
-    longest = {"input_ids": rng.integers(0, tok.vocab_size, (2, 128)), "attention_mask": np.ones((2, 128), np.int64),
-               "token_type_ids": np.zeros((2, 128), np.int64)}
+    rng = np.random.default_rng(0)
+
+    def longest(rows):  # random tokens at the profile's longest length (128), every position attended
+        return {"input_ids": rng.integers(0, tok.vocab_size, (rows, 128)), "attention_mask": np.ones((rows, 128), np.int64),
+                "token_type_ids": np.zeros((rows, 128), np.int64)}
+
     done = quantize_dynamic_int8(minilm_onnx, out, feeds=[f for i in range(0, 48, 8) for f in feeds(ranking[i:i + 8])],
-                                 range_feeds=[longest])
+                                 range_feeds=[longest(2)])
     assert done["smoothquant"]["alpha"] == 0.7 and len(done["smoothquant"]["activations"]) == 24, done["smoothquant"]
     assert done["fp32_nodes"] == [] and done["quantized_ops"]["MatMulInteger"] == 36
     held_feeds = [f for i in range(0, 48, 8) for f in feeds(held[i:i + 8])]
     acc = accuracy(_outputs(minilm_onnx, held_feeds), _outputs(out, held_feeds))
     assert acc["sentence_embedding"]["cosine_min"] >= 0.99, acc["sentence_embedding"]
-    unseen = {"input_ids": rng.integers(0, tok.vocab_size, (4, 128)), "attention_mask": np.ones((4, 128), np.int64),
-              "token_type_ids": np.zeros((4, 128), np.int64)}
+    unseen = longest(4)
     acc = accuracy(_outputs(minilm_onnx, [unseen]), _outputs(out, [unseen]))
     assert acc["sentence_embedding"]["cosine_min"] >= 0.99, acc["sentence_embedding"]
