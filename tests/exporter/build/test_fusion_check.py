@@ -58,3 +58,36 @@ def test_engines_are_built_from_graphs_without_stale_intermediate_shapes(tmp_pat
     assert copy != path and copy.parent == path.parent
     assert not onnx.load(str(copy)).graph.value_info and onnx.load(str(path)).graph.value_info  # the original stays
     assert [n.op_type for n in onnx.load(str(copy)).graph.node] == ["Relu", "Relu"]
+
+
+def test_skip_layernorm_splits_into_add_and_layernorm_with_the_same_numbers(tmp_path):
+    """Dynamic INT8 on the CPU: SkipLayerNormalization goes back to Add (+ bias) and LayerNormalization
+    (measured faster there, ortfuse.SPLIT_REASON); both run in ORT and must agree, and the sum output stays
+    available to its consumers."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from exporter.build.ortfuse import _split_skip_layernorms
+
+    rng = np.random.default_rng(0)
+    consts = [helper.make_tensor(n, TensorProto.FLOAT, [4], rng.normal(size=4).astype(np.float32))
+              for n in ("gamma", "beta", "bias")]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 3, 4]) for n in ("x", "skip")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "twice")]
+    nodes = [helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"], ["norm", "mean", "", "sum"],
+                              domain="com.microsoft", epsilon=1e-5),
+             helper.make_node("Add", ["sum", "sum"], ["twice"]), helper.make_node("Relu", ["norm"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, consts),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(tmp_path / "fused.onnx"))
+    feeds = {"x": rng.normal(size=(2, 3, 4)).astype(np.float32), "skip": rng.normal(size=(2, 3, 4)).astype(np.float32)}
+    want = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    graph = ir.load(str(tmp_path / "fused.onnx"))
+    assert _split_skip_layernorms(graph) == 1
+    ir.save(graph, str(tmp_path / "split.onnx"))
+    assert sorted(n.op_type for n in onnx.load(str(tmp_path / "split.onnx")).graph.node) == [
+        "Add", "Add", "Add", "LayerNormalization", "Relu"]
+    got = ort.InferenceSession(str(tmp_path / "split.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
