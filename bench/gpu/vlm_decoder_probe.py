@@ -163,9 +163,13 @@ def build_decoder(folder: Path, out: Path, precision: str, device: str, levels: 
         idx = helper.make_node("Constant", [], [f"/model/deepstack.{i}/index"],
                                value=helper.make_tensor("v", TensorProto.INT64, [], [i]))
         gather = helper.make_node("Gather", ["deepstack_embeds", idx.output[0]], [f"/model/deepstack.{i}/level"], axis=0)
-        add = helper.make_node("Add", [target.input[1], gather.output[0]], [f"/model/deepstack.{i}/sum"])
+        # The skip input may already be cast to FP32 (the builder computes these LayerNorms in FP32): match it.
+        cast_to = next((a.i for n in nodes if target.input[1] in n.output and n.op_type == "Cast" for a in n.attribute
+                        if a.name == "to"), elem)
+        level = helper.make_node("Cast", [gather.output[0]], [f"/model/deepstack.{i}/cast"], to=cast_to)
+        add = helper.make_node("Add", [target.input[1], level.output[0]], [f"/model/deepstack.{i}/sum"])
         target.input[1] = add.output[0]
-        nodes[k:k] = [idx, gather, add]
+        nodes[k:k] = [idx, gather, level, add]
     del g.node[:]
     g.node.extend(nodes)
     onnx.save(m, str(path))  # the graph only: the builder's external weights file is untouched
@@ -198,6 +202,7 @@ def run_onnx(path: Path, work: Path, device: str, elem: int) -> dict:
     kv_shape = next(i.shape for i in sess.get_inputs() if i.name == past[0])
     heads, head_dim = int(kv_shape[1]), int(os.environ["HEAD_DIM"])
     vocab = sess.get_outputs()[0].shape[-1]
+    ldt, lel = (torch.float32, ONNX_FP32) if sess.get_outputs()[0].type == "tensor(float)" else (tdt, elem)  # builder: FP32 logits
     kind = "cuda" if device == "cuda" else "cpu"
 
     def step(embeds: object, deep: object, pos: object, total: int, kv: list[object] | None) -> tuple[object, list[object]]:
@@ -215,8 +220,8 @@ def run_onnx(path: Path, work: Path, device: str, elem: int) -> dict:
         else:
             for n, v in zip(past, kv):
                 io.bind_ortvalue_input(n, v)
-        logits = torch.empty((1, s, vocab), dtype=tdt, device=dev)
-        io.bind_output("logits", kind, 0, elem, list(logits.shape), logits.data_ptr())
+        logits = torch.empty((1, s, vocab), dtype=ldt, device=dev)
+        io.bind_output("logits", kind, 0, lel, list(logits.shape), logits.data_ptr())
         for n in presents:
             io.bind_output(n, kind)
         sess.run_with_iobinding(io)
