@@ -9,7 +9,7 @@ Steps (each result goes to OUT/vlm_decoder_probe.json as soon as it is known; a 
    geometry: 36 decoder layers of 4096, vocab 151936, deepstack after vision layers 8/16/24), saved.
 2. transformers, eager, the same precision: the prompt's embeddings with one image spliced in (image features
    from the vision tower of a scikit-image photo resized to 448×448 for 8B: 196 image tokens; + a 32-token
-   question), M-RoPE positions (get_rope_index), the dense deepstack features, the first position's logits
+   question), M-RoPE positions (get_rope_index), the dense deepstack features, the last position's logits
    of the full forward, and greedy generate() of NEW tokens timed (the issue's eager baseline).
 3. GenAI's builder with exclude_embeds=true (decoder on inputs_embeds, 3-D position_ids; its Qwen3VLTextModel
    has no deepstack input), then a rewrite (onnx protobuf, weights untouched): a `deepstack_embeds [levels,
@@ -37,9 +37,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+import genai_probe  # noqa: E402  (bench/gpu/genai_probe.py: the builder call, its log and cache)
+
 NEW = 64
 QUESTION = 32
-ONNX_BF16, ONNX_FP16, ONNX_FP32 = 16, 10, 1
+ONNX_BF16, ONNX_FP16, ONNX_FP32, ONNX_INT64 = 16, 10, 1, 7
 
 
 class Record:
@@ -137,18 +140,12 @@ def reference(model: object, folder: Path, geometry: str, work: Path, rec: Recor
 
 
 def build_decoder(folder: Path, out: Path, precision: str, device: str, levels: int, hidden: int, rec: Record) -> Path:
-    import contextlib
-
     import onnx
     from onnx import TensorProto, helper
-    from onnxruntime_genai.models import builder
 
-    t = time.perf_counter()
-    with open(out.parent / "builder.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        opts = builder.parse_extra_options(None, str(folder), str(out), precision, device, str(out.parent / "cache"),
-                                           ["exclude_embeds=true"])
-        builder.create_model(None, str(folder), str(out), precision, device, str(out.parent / "cache"), **opts)
-    built = time.perf_counter() - t
+    from exporter.export.genai import op_counts
+
+    built = genai_probe.build(folder, out, device, precision, ["exclude_embeds=true"])
     path = out / "model.onnx"
     m = onnx.load(str(path), load_external_data=False)
     g = m.graph
@@ -173,11 +170,8 @@ def build_decoder(folder: Path, out: Path, precision: str, device: str, levels: 
     del g.node[:]
     g.node.extend(nodes)
     onnx.save(m, str(path))  # the graph only: the builder's external weights file is untouched
-    ops: dict[str, int] = {}
-    for n in g.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    rec.put("genai_builder", {"seconds": round(built, 1), "folder_gb": round(size / 1e9, 2), "ops": ops,
+    rec.put("genai_builder", {"seconds": built, "folder_gb": round(size / 1e9, 2), "ops": op_counts(m),
                               "inputs": [i.name for i in g.input][:4], "deepstack_levels_added": levels})
     return path
 
@@ -211,7 +205,7 @@ def run_onnx(path: Path, work: Path, device: str, elem: int) -> dict:
         feeds = {"inputs_embeds": embeds.to(dev).contiguous(), "deepstack_embeds": deep.to(dev).contiguous(),
                  "position_ids": pos.to(dev).long().contiguous(), "attention_mask": torch.ones((1, total), dtype=torch.long, device=dev)}
         for k, v in feeds.items():
-            et = elem if v.dtype == tdt else 7
+            et = elem if v.dtype == tdt else ONNX_INT64
             io.bind_input(k, kind, 0, et, list(v.shape), v.data_ptr())
         if kv is None:
             empty = torch.zeros((1, heads, 0, head_dim), dtype=tdt, device=dev)
