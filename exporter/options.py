@@ -339,7 +339,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("exporter", ("--exporter",), "auto | torch | transformers (auto: torch.onnx, then transformers' exporter for "
          "HF models).", panel="Export"),
     Flag("generator", ("--generator",), "Causal LMs: auto (ONNX Runtime GenAI's model builder and generator where it "
-         "supports the architecture, else enginekit's own graphs) | genai | enginekit.", panel="Export"),
+         "supports the architecture, else enginekit's own graphs) | genai | enginekit. Qwen2.5-VL/Qwen3-VL: auto or "
+         "genai write the decoder as one graph with GenAI's builder (run by enginekit's loop).", panel="Export"),
     Flag("genai_attention", ("--genai-attention",), "Causal LMs on GenAI, --device cuda, fp16/bf16: default "
          "(GroupQueryAttention) | paged (PagedAttention: GenAI's Engine with dynamic batching only, what `enginekit "
          "serve` runs; no og.Generator, so the gate's logits come from a GroupQueryAttention twin).", panel="Export"),

@@ -33,6 +33,9 @@ from ._deps import require
 from .errors import IncompatibleEngine, InvalidInput, UsageError
 from .manifest import IOSpec, Manifest, verify_files
 
+# The cache dtypes a generation bundle's IOSpec names → ONNX element types (OrtValue allocation: numpy has no BF16).
+ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}
+
 GENERATION_FILE = "generation.json"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -177,6 +180,50 @@ class _CudaStep:
         return (logits, values[1].numpy()), values[2:]
 
 
+class _OneGraphSteps:
+    """The steps of a one-graph decoder (prefill and decode in one session) over a cache it owns: ONE buffer per
+    cache tensor, [batch, kv_heads, length, head_dim], bound as both past and present, which GroupQueryAttention
+    updates in place (its past_present_share_buffer mode), so no step allocates or copies the cache. Checked on
+    the CPU against fresh past/present tensors per step (equal logits for a right-padded batch); on the H200 it
+    took Qwen3-VL-8B's decode from 73.8 (a new cache per step) to 95.1 tokens/s (bench/results/vlm-one-graph/).
+    Not done: capturing the decode step in a CUDA graph (the session opens for capture since the rewrite keeps
+    every node on the CUDA provider, but the captured loop's tokens differed from the uncaptured loop's on the tiny
+    Qwen3-VL, cause not found; README, issue 19)."""
+
+    def __init__(self, gen: Generator, session: Any, ort: Any):
+        self.gen, self.session, self.ort = gen, session, ort
+        self.cuda = gen.device == "cuda"
+        self.specs = {t.name: t for t in gen.io[gen.stages["decode"]].inputs}
+        self.cache: dict[str, Any] = {}
+        self.key: tuple[int, int] | None = None
+
+    def begin(self, batch: int, length: int) -> None:
+        """Buffers for `batch` rows of up to `length` positions, reused while they fit."""
+        if self.key is not None and self.key[0] == batch and self.key[1] >= length:
+            return
+        self.cache.clear()
+        for name in self.gen.cache_in:
+            spec = self.specs[name]
+            shape = [batch, int(spec.shape[1]), length, int(spec.shape[3])]
+            self.cache[name] = self.ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, ONNX_TYPES[spec.dtype], "cuda" if self.cuda else "cpu", 0)
+        self.key = (batch, length)
+
+    def run(self, host: dict[str, np.ndarray], want_logits: bool) -> tuple[Any, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, arr in host.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        # outputs come back in binding order: logits and next_token first
+        binding.bind_output("logits", "cuda" if self.cuda and not want_logits else "cpu")
+        binding.bind_output("next_token", "cpu")
+        for past, present in zip(self.gen.cache_in, self.gen.cache_out):
+            binding.bind_ortvalue_input(past, self.cache[past])
+            binding.bind_ortvalue_output(present, self.cache[past])
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return values[0].numpy() if want_logits else None, values[1].numpy()
+
+
 def _read_spec(bundle: Path, manifest: Manifest) -> dict[str, Any]:
     """generation.json, checked to name only engine files the manifest lists (IncompatibleEngine otherwise)."""
     path = manifest.file(bundle, GENERATION_FILE, "generation spec")
@@ -224,10 +271,17 @@ class Generator:
         self._tokenizer = Tokenizer(self.manifest.file(self.bundle, tok, "tokenizer")) if tok else None
         self.device = device or self.manifest.target.device
         self.io = {name: IOSpec.from_dict(c["io"]) for name, c in self.spec["components"].items()}
-        self.cache_in = [s.name for s in self.io["decode"].inputs if s.name.startswith("past_key_values.")]
-        self.cache_out = [s.name for s in self.io["decode"].outputs if s.name.startswith("present.")]
-        self.max_length = self.io["decode"].dims["total_sequence"].max
-        self.max_batch = self.io["decode"].dims["batch"].max
+        # The engine each step runs: a prefill and a decode graph, or one decoder graph for both (a VLM decoder
+        # written by ONNX Runtime GenAI's builder: weights held once, the prefill with an empty past, rows
+        # right-padded; exporter/export/vlm_decoder.py).
+        self.stages = {"prefill": "prefill", "decode": "decode", **(self.spec.get("stages") or {})}
+        decode = self.io[self.stages["decode"]]
+        self.one_graph = self.stages["prefill"] == self.stages["decode"]
+        self.right_padded = self.spec.get("padding") == "right"
+        self.cache_in = [s.name for s in decode.inputs if s.name.startswith("past_key_values.")]
+        self.cache_out = [s.name for s in decode.outputs if s.name.startswith("present.")]
+        self.max_length = decode.dims["total_sequence"].max
+        self.max_batch = decode.dims["batch"].max
         self.eos = [int(t) for t in self.spec.get("eos_token_ids", [])]
         self.pad = int(self.spec.get("pad_token_id") if self.spec.get("pad_token_id") is not None else (self.eos or [0])[0])
         # ONNX Runtime's GroupQueryAttention rotates each token at its index in the cache, not at
@@ -237,6 +291,7 @@ class Generator:
         self.absolute_positions = self.spec.get("positions") == "absolute"
         self._runners: dict[str, Any] = {}
         self._fns: dict[str, Any] = {}
+        self._one: _OneGraphSteps | None = None
         if session_factory is not None:  # the build's emulated FP16/BF16 check plugs its graphs in here
             self._fns = {name: session_factory(name) for name in self.io}
             self.device = "cpu"
@@ -245,6 +300,9 @@ class Generator:
             sub = replace(self.manifest, io=self.io[name],
                           target=replace(self.manifest.target, engine_files=[component["file"]]))
             self._runners[name] = OrtRunner(self.bundle, sub, device=self.device, threads=threads)
+        if self.one_graph:
+            runner = self._runners[self.stages["decode"]]
+            self._one = _OneGraphSteps(self, runner.session, runner.ort)
         if self.device == "cuda":
             self._cuda = {n: _CudaStep(r.session, self.cache_out) for n, r in self._runners.items()}
 
@@ -299,14 +357,31 @@ class Generator:
                           on_token=on_token, record_logits=record_logits, forced=forced, cancel=cancel)
 
     def _pad(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ids and their attention mask [batch, longest prompt]."""
+        """Left-padded ids and their attention mask [batch, longest prompt] (right-padded for a one-graph decoder,
+        whose GroupQueryAttention reads each row's tokens from its front)."""
         width = max(len(p) for p in prompts)
         ids = np.full((len(prompts), width), self.pad, np.int64)
         mask = np.zeros((len(prompts), width), np.int64)
         for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = p
-            mask[row, width - len(p):] = 1
+            cols = slice(0, len(p)) if self.right_padded else slice(width - len(p), width)
+            ids[row, cols] = p
+            mask[row, cols] = 1
         return ids, mask
+
+    def _empty_past(self, batch: int) -> dict[str, Any]:
+        """The one-graph decoder's past for the prefill: every cache input with 0 positions, in the cache's dtype
+        (an OrtValue on the GPU: numpy has no BF16)."""
+        specs = {s.name: s for s in self.io[self.stages["prefill"]].inputs}
+        past: dict[str, Any] = {}
+        for name in self.cache_in:
+            spec = specs[name]
+            shape = [batch, *(int(d) for d in spec.shape[1:2]), 0, *(int(d) for d in spec.shape[3:])]
+            if self.device == "cuda":
+                ort = require("onnxruntime", extra="gpu", purpose="Running a generation bundle on CUDA")
+                past[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, ONNX_TYPES[spec.dtype], "cuda", 0)
+            else:
+                past[name] = np.zeros(shape, np.dtype(spec.dtype))
+        return past
 
     def _token_inputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """The decode step's token input (a VLM's decoder takes their embeddings instead)."""
@@ -327,7 +402,10 @@ class Generator:
         steps = min(opts.max_new_tokens, self.max_length - width)
         need_logits = record_logits or not opts.greedy
         t0 = time.perf_counter()
-        (logits, greedy), past = self._step("prefill", prefill, {}, need_logits)
+        if self._one is not None:
+            self._one.begin(b, width + steps)
+        (logits, greedy), past = self._step("prefill", prefill, self._empty_past(b) if self.one_graph and self._fns else {},
+                                            need_logits)
         t_first = 0.0
         for step in range(steps):
             chosen = greedy[:, 0] if opts.greedy else sample_next(logits[:, 0], opts, rng)
@@ -340,9 +418,12 @@ class Generator:
                 break
             chosen = np.where(done, self.pad, chosen).astype(np.int64)
             mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
-            # The next position after each row's last ([batch, 1], or [3, batch, 1] for M-RoPE: text after
-            # the prompt counts up from its last position on all three rows, as transformers' rope delta does).
-            positions = positions[..., -1:] + 1
+            # The next position after each row's largest ([batch, 1], or [3, batch, 1] for M-RoPE: text after the
+            # prompt counts up from its largest position over all three rows, as transformers' rope delta does;
+            # the largest, not the last column: padding sits at the end of right-padded rows).
+            positions = positions.max(axis=-1, keepdims=True) + 1
+            if positions.ndim == 3:
+                positions = np.broadcast_to(positions.max(axis=0, keepdims=True), positions.shape).copy()
             (logits, greedy), past = self._step("decode", {**self._token_inputs(chosen[:, None]), "attention_mask": mask,
                                                            "position_ids": positions}, past, need_logits)
         t_end = time.perf_counter()
@@ -399,7 +480,10 @@ class Generator:
 
     def _step(self, name: str, host: dict[str, np.ndarray], past: dict[str, Any],
               want_logits: bool) -> tuple[tuple[Any, np.ndarray], dict[str, Any]]:
-        """Run one component; returns ((logits or None, next_token), the past for the next step)."""
+        """Run one step's component; returns ((logits or None, next_token), the past for the next step)."""
+        if self._one is not None and not self._fns:
+            return self._one.run(host, want_logits), {}
+        name = self.stages.get(name, name)
         if self.device == "cuda":
             out, present = self._cuda[name].run(host, past, want_logits)
             return out, dict(zip(self.cache_in, present))

@@ -321,7 +321,12 @@ class VisionLanguageGenerator(Generator):
                           cancel=cancel)
 
     def _token_inputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return {"inputs_embeds": self.embed(tokens)}
+        embeds = self.embed(tokens)
+        if not (self.one_graph and self.vision.deepstack):
+            return {"inputs_embeds": embeds}
+        # the one-graph decoder's deepstack input is there in decode steps too: zero (no image tokens)
+        return {"inputs_embeds": embeds,
+                "deepstack_embeds": np.zeros((self.vision.deepstack, *embeds.shape), np.float32)}
 
 
 def load_vlm_generator(bundle: str | Path, *, device: str | None = None, threads: int | None = None,

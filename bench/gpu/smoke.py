@@ -185,7 +185,9 @@ def main() -> int:
     vl25, vl3 = tiny_qwen2_5_vl(work / "qwen2.5-vl"), tiny_qwen3_vl(work / "qwen3-vl")
     smoke.build("qwen2.5-vl fp16", f"hf:{vl25}", bundles / "qwen2.5-vl-fp16", "--precision", "fp16",
                 "--shapes", QWEN25_VL_SHAPES)
-    for p in ["fp16"] + (["bf16"] if cuda else []):
+    # On CUDA these decoders are ONNX Runtime GenAI's builder's one graph (recipes/vlm_genai.py); fp16 on the CPU
+    # keeps enginekit's two graphs
+    for p in ["fp16"] + (["bf16", "int4"] if cuda else []):
         smoke.build(f"qwen3-vl {p}", f"hf:{vl3}", bundles / f"qwen3-vl-{p}", "--precision", p, "--shapes", QWEN3_VL_SHAPES)
 
     fp16 = bundles / "bert-fp16"

@@ -60,12 +60,14 @@ class BuilderFailed(BuildError):
 
 
 def build_decoder(source: Path, out: Path, work: Path, precision: Precision, device: str,
-                  dims: dict[str, DimRange], vocab: int, paged: bool = False) -> GenaiExport:
+                  dims: dict[str, DimRange], vocab: int, paged: bool = False,
+                  more_options: dict[str, str] | None = None) -> GenaiExport:
     """Run the builder on an HF folder (`source`: config.json + weights + tokenizer) into `out`. paged: the
     PagedAttention decoder (CUDA, fp16/bf16) with a KV block pool sized by the dims: every one of `batch`
     max requests at `total_sequence` max, in the builder's blocks of 256 positions, fixed (not a fraction
     of whatever GPU memory is free when the model loads). genai_config.json's search.max_length is set to
-    the dims' total_sequence max (tune_config)."""
+    the dims' total_sequence max (tune_config). more_options: further builder extra options (a VLM's
+    exclude_embeds, exporter/export/vlm_decoder.py)."""
     require("onnxruntime_genai", extra="genai", purpose="Building a causal LM with ONNX Runtime GenAI's model builder")
     from onnxruntime_genai.models import builder
 
@@ -77,6 +79,7 @@ def build_decoder(source: Path, out: Path, work: Path, precision: Precision, dev
         blocks = dims["batch"].max * -(-dims["total_sequence"].max // PAGED_BLOCK)
         extra = {"use_paged_attention": "true", "paged_block_size": str(PAGED_BLOCK),
                  "max_batch_size": str(dims["batch"].max), "num_blocks": str(blocks)}
+    extra.update(more_options or {})
     options = {"precision": BUILDER_PRECISION[precision], "execution_provider": ep, "extra_options": extra}
     try:
         with open(log, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):

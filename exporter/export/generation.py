@@ -72,6 +72,7 @@ class GenerationExport:
     exporter: str
     opset: int
     notes: list[str] = field(default_factory=list)
+    builder: Any = None  # a VLM's one-graph decoder: the GenaiExport of ONNX Runtime GenAI's builder (recipes/vlm_genai.py)
 
 
 def cache_layout(config: Any) -> CacheLayout:

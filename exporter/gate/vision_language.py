@@ -84,6 +84,8 @@ def calibration_feeds_vlm(paths: dict[str, Path], spec: VisionSpec, tokenizer: A
     names = [o.name for o in vision.get_outputs()]
     encoded = dict(zip(names, vision.run(names, {"pixel_values": pixels})))
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"vision": [{"pixel_values": pixels}], "prefill": [], "decode": []}
+    if "prefill" not in paths:  # a one-graph decoder, already at its precision (recipes/vlm_genai.py)
+        return {"vision": feeds["vision"]}
     prefill = session("prefill")
     outs_named = [o.name for o in prefill.get_outputs()]
     for prompt, which in CALIBRATION_PROMPTS:
@@ -177,13 +179,14 @@ def vlm_gate(model: Any, tokenizer: Any, processor: Any, bundle: Any, options: A
             report.cases.append(case)
             report.notes.append(f"case[{i}]: {text}")
         if 1 < len(cases) <= gen.max_batch:
-            say(f"Token parity: engine, left-padded batch of {len(cases)}")
+            padded = "right-padded" if gen.right_padded else "left-padded"
+            say(f"Token parity: engine, {padded} batch of {len(cases)}")
             rows = gen.generate_ids([ids for ids, _ in inputs], greedy, images=[ims for _, ims in cases])
             # each row's tie rule takes its noise from the same prompt's teacher-forced run, as the LLM gate's
             # batch does (Qwen3-VL BF16 on the H200: a batch row diverged at a reference margin of 7e-4)
             scored = [token_metrics(t, row.tokens, lg, forced, tol.equal) for (t, lg, forced), row in zip(refs, rows)]
             metric, text = min(scored, key=lambda m: m[0].equal)
-            report.cases.append(compare_case(f"batch of {len(cases)} (left-padded, images in {sum(1 for _, ims in cases if ims)} rows)",
+            report.cases.append(compare_case(f"batch of {len(cases)} ({padded}, images in {sum(1 for _, ims in cases if ims)} rows)",
                                              {"input_ids": np.zeros((len(cases), 1), np.int64)}, {}, {}, policy))
             report.cases[-1].outputs.append(metric)
             report.notes.append(f"batch: worst row {text}")

@@ -42,8 +42,8 @@ def use_genai(options: Any, model: Any, vlm: bool, total: int | None = None) -> 
 
 def _decide(options: Any, model: Any, vlm: bool, total: int | None = None) -> bool:
     """Whether this build goes through GenAI: --generator genai, or auto for an architecture its builder writes
-    (INT4 only there) unless --exporter or --lowering native ask for enginekit's own graphs; a VLM never yet (its
-    vision tower and embeddings splice are enginekit's)."""
+    (INT4 only there) unless --exporter or --lowering native ask for enginekit's own graphs; a VLM never (its
+    decoder, where the builder writes one, is decided by recipes/vlm_genai.py and runs on enginekit's loop)."""
     arch = type(model).__name__
     wanted = options.generator
     if vlm:

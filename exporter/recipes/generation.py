@@ -37,6 +37,7 @@ from exporter.recipes.genai import build_genai_into, use_genai
 from exporter.source.causal import DEFAULT_PROMPT, DEFAULT_TOTAL, generation_metadata, load_causal_lm
 from exporter.source.spec import SourceSpec
 from exporter.timing import Progress, timed
+from runtimes._deps import version_of
 from runtimes._version import __version__
 from runtimes.choices import Precision
 from runtimes.errors import BuildError, UsageError
@@ -90,14 +91,19 @@ def publish_generation(spec: SourceSpec, options: Any, output: Path, staging: Pa
 
 def validate(options: Any, vlm: str | None = None) -> None:
     """Refuse what generation bundles cannot be built as (vlm: the model_type of a VLM source)."""
-    if vlm and (options.precision not in (Precision.FP32, Precision.FP16, Precision.BF16) or options.target != "ort"
-                or options.lowering == "native"):
+    weight_only = (Precision.INT8, Precision.INT4)
+    if vlm and (options.precision not in (Precision.FP32, Precision.FP16, Precision.BF16, *weight_only)
+                or options.target != "ort" or options.lowering == "native"):
         raise UsageError(
-            f"Expected --target ort --precision fp32, fp16 or bf16 (AutoCast lowering) for a VLM ({vlm}), found --target "
-            f"{options.target} --precision {options.precision} --lowering {options.lowering}: VLM bundles are built "
-            "and gated on ONNX Runtime only, and weight-only int8/int4 or native lowering of the vision engine and "
-            "decoder are not built in this version. Pick one of those precisions."
+            f"Expected --target ort --precision fp32, fp16, bf16 (AutoCast lowering) or int8/int4 (weight-only) for a "
+            f"VLM ({vlm}), found --target {options.target} --precision {options.precision} --lowering "
+            f"{options.lowering}: VLM bundles are built and gated on ONNX Runtime only, and native lowering of the "
+            "vision engine and decoder is not built in this version. Pick one of those precisions."
         )
+    if vlm and options.precision in weight_only:
+        from exporter.recipes.vlm_genai import use_vlm_decoder
+
+        use_vlm_decoder(options, vlm)  # refuses what has no weight-only decoder, with the way out
     if options.target != "ort":
         raise UsageError(
             f"Expected --target ort for a causal LM, found --target {options.target}: generation bundles (prefill + "
@@ -132,6 +138,11 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
     with timed(timings, "load", say, f"Loading {spec}"):
         model, tokenizer, processor, info, dims, vision = _load(spec, options, vlm)
     check_memory(_decode_io(model, dims, options, vlm), options.memory_limit, gate_cases=False)
+    if vlm:
+        one = _one_graph_vlm(spec, source_text, options, output, staging, say, timings, model, tokenizer, processor,
+                             info, dims, vision)
+        if one is not None:
+            return one
     builder_note = None
     if use_genai(options, model, vlm, dims["total_sequence"].max if "total_sequence" in dims else None):
         from exporter.export.genai import BuilderFailed
@@ -166,15 +177,38 @@ def _build_into(spec: SourceSpec, source_text: str, options: Any, output: Path, 
                           lambda opts: _gate_generation(built, opts, model, tokenizer, processor, prompts, timings, say))
 
 
+def _one_graph_vlm(spec: SourceSpec, source_text: str, options: Any, output: Path, staging: Path, say: Any,
+                   timings: dict[str, float], model: Any, tokenizer: Any, processor: Any, info: dict[str, Any],
+                   dims: dict[str, DimRange], vision: Any) -> tuple[Manifest, Any] | None:
+    """A Qwen2.5-VL / Qwen3-VL with the builder's one-graph decoder (recipes/vlm_genai.py), or None: not that case."""
+    from exporter.recipes.vlm_genai import export_or_none, lower_one_graph, spec_fields, vision_precision
+
+    work, bundle = staging / "work", staging / "bundle"
+    exported = export_or_none(spec, options, staging, model, tokenizer, vision, dims, info, timings, say)
+    if exported is None:
+        return None
+    vision_options = replace(options, precision=vision_precision(options))
+    feeds = _autocast_feeds(exported, vision_options, vision, tokenizer, model, [])
+    kept = mixed_options(vision_options) if vision_options.precision.mixed else None
+    built, manifest = lower_and_build(
+        lambda lowered, realised: _Built(spec, source_text, output, bundle, work, exported, lowered, realised, info, dims,
+                                         vision, extra_spec=spec_fields()),
+        exported, options, work, feeds, kept, model, tokenizer, timings, say,
+        lower=lambda *args: lower_one_graph(*args, lower_all=_lower_all))
+    return gate_or_unfuse(built, options, model, tokenizer, manifest, timings, say,
+                          lambda opts: _gate_generation(built, opts, model, tokenizer, processor, [], timings, say))
+
+
 def lower_and_build(make: Callable[[dict[str, Path], dict[str, Any]], _Built], exported: GenerationExport, options: Any,
                     work: Path, feeds: dict[str, Any] | None, kept: Any, model: Any, tokenizer: Any,
-                    timings: dict[str, float], say: Any) -> tuple[_Built, Manifest]:
+                    timings: dict[str, float], say: Any, lower: Callable[..., Any] | None = None) -> tuple[_Built, Manifest]:
     """Lower every graph, build the engines and the manifest; an op type the provider refuses in the low precision
-    is kept in FP32 in every graph and the graphs lowered again. make(lowered, realised): the _Built."""
+    is kept in FP32 in every graph and the graphs lowered again. make(lowered, realised): the _Built. lower: the
+    lowering (default _lower_all; a one-graph VLM lowers its vision engine alone)."""
     history: list[dict[str, Any]] = []
     while True:
         with timed(timings, "lower", say, f"Lowering precision to {options.precision}"):
-            lowered, realised = _lower_all(exported, options, work, feeds, kept)
+            lowered, realised = (lower or _lower_all)(exported, options, work, feeds, kept)
         if history:
             realised["provider_refusals"] = list(history)
         built = make(lowered, realised)
@@ -232,6 +266,13 @@ def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, t
     target = None
     with timed(timings, "build", say, f"Building the ort engines ({options.device})"):
         for name in b.exported.components:
+            if b.exported.builder is not None and name == "decoder":  # written by GenAI's builder, already fused
+                from exporter.recipes.vlm_genai import place_decoder
+
+                files, fusions = place_decoder(b.exported, b.bundle)
+                components[name] = {"file": files[0], "io": b.exported.components[name].io.to_dict(), "fusions": fusions}
+                engine_files += files
+                continue
             target, files, io = _build_component(name, b.lowered[name], b.exported, options, b.bundle, b.work)
             fusions = target.options.get("fusions") or {}
             if unfused_because:
@@ -243,7 +284,7 @@ def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, t
     if b.vision is not None:
         from exporter.export.vlm import write_embeddings
 
-        more = {"model_type": b.info["model_type"], "vision": {**b.vision.to_dict(), "file": components["vision"]["file"]},
+        more = {**more, "model_type": b.info["model_type"], "vision": {**b.vision.to_dict(), "file": components["vision"]["file"]},
                 "embeddings": {"file": write_embeddings(model, b.bundle), "dtype": "float32"}}
     extra = _write_side_files(b.bundle, model, tokenizer, b.exported, components, more)
     for name, data in (b.extra_files or {}).items():
@@ -252,11 +293,14 @@ def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, t
     target = replace(target, engine_files=engine_files, options={**target.options, "generation": {
         n: {"file": c["file"], "fusions": c["fusions"]} for n, c in components.items()},
         **({"architecture": more["architecture"]} if "architecture" in more else {})})
+    if b.exported.builder is not None:
+        target.versions["onnxruntime-genai"] = version_of("onnxruntime_genai")
+    main = "decode" if "decode" in components else "decoder"
     manifest = Manifest(
         name=b.output.name,
         source={"spec": str(b.spec), "kind": b.spec.kind, "exporter": b.exported.exporter, "opset": b.exported.opset,
-                "onnx_sha256": file_sha256(b.exported.components["decode"].path), "notes": b.exported.notes, **b.info},
-        io=IOSpec.from_dict(components["decode"]["io"]),
+                "onnx_sha256": file_sha256(b.exported.components[main].path), "notes": b.exported.notes, **b.info},
+        io=IOSpec.from_dict(components[main]["io"]),
         precision={"requested": options.precision, "realised": b.realised},
         target=target,
         build_command=build_command(b.source_text, options, b.output,
@@ -459,8 +503,8 @@ def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: Genera
         "components": components,
         "cache": {"layers": exported.cache.layers, "kv_heads": exported.cache.kv_heads,
                   "head_dim": exported.cache.head_dim,
-                  "dtype": next(s["dtype"] for s in components["decode"]["io"]["outputs"]
-                                if s["name"].startswith("present."))},
+                  "dtype": next(s["dtype"] for s in components["decode" if "decode" in components else "decoder"]["io"]
+                                ["outputs"] if s["name"].startswith("present."))},
         # GroupQueryAttention rotates at cache indices (runtimes/generate.py says why this matters).
         "positions": "absolute" if any("GroupQueryAttention" in ((c.get("fusions") or {}).get("fused_ops") or {})
                                        for c in components.values()) else "compact",

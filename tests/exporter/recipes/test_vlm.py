@@ -46,9 +46,11 @@ def test_refusals(tiny_qwen2_vl_dir, tmp_path, vlm_bundle):
     (other / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
     with pytest.raises(UsageError, match="Qwen3-VL-MoE.*mixture-of-experts"):
         build(f"hf:{other}", BuildOptions(output=tmp_path / "moe"))
-    with pytest.raises(UsageError, match="--precision fp32, fp16 or bf16.*found --target ort --precision int8"):
+    with pytest.raises(UsageError, match="int8.*model_type 'qwen2_vl' is not one ONNX Runtime GenAI's builder writes"):
         build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=tmp_path / "int8", precision="int8", shapes=shapes))
-    assert not (tmp_path / "int8").exists() and not (tmp_path / "moe").exists()
+    with pytest.raises(UsageError, match="--generator genai.*'qwen2_vl' is not one"):
+        build(f"hf:{tiny_qwen2_vl_dir}", BuildOptions(output=tmp_path / "genai", generator="genai", shapes=shapes))
+    assert not any((tmp_path / n).exists() for n in ("int8", "moe", "genai"))
 
 
 def test_parity_command_reruns_the_vlm_gate(vlm_bundle):

@@ -1,7 +1,9 @@
 """Qwen2.5-VL (windowed vision attention) and Qwen3-VL (deepstack features, interleaved M-RoPE, an
-interpolated position table) as VLM generation bundles: build and gate at fp32 and fp16 against
-transformers, the runtime's preprocessing, positions and deepstack merge without torch, the CLI's
---image, and the refusal of image sizes whose windows would be partial."""
+interpolated position table) as VLM generation bundles: build and gate against transformers at fp32 and
+int8/int4 weight-only (the decoder as ONE graph by ONNX Runtime GenAI's builder, recipes/vlm_genai.py) and
+fp16 (enginekit's prefill and decode graphs: the builder's FP16 CPU decoder does not run), the runtime's
+preprocessing, positions and deepstack merge without torch, the CLI's --image, and the refusal of image sizes
+whose windows would be partial."""
 
 import json
 
@@ -41,12 +43,27 @@ def qwen3(tiny_qwen3_vl_dir):
             transformers.AutoImageProcessor.from_pretrained(str(tiny_qwen3_vl_dir)))
 
 
+ONE_GRAPH = ("fp32", "int8", "int4")  # on the CPU: the builder's decoder (fp16 there: enginekit's two graphs)
+
+
 def _check_bundle(bundle, family: str, precision: str) -> None:
     m = json.loads((bundle / "manifest.json").read_text())
     gen = json.loads((bundle / "generation.json").read_text())
-    assert m["source"]["model_type"] == family and set(gen["components"]) == {"prefill", "decode", "vision"}
+    one = precision in ONE_GRAPH
+    prefill = "decoder" if one else "prefill"
+    assert m["source"]["model_type"] == family
+    assert set(gen["components"]) == ({"decoder", "vision"} if one else {"prefill", "decode", "vision"})
+    if one:  # one session for both steps: the weights once; GroupQueryAttention reads right-padded rows
+        assert gen["stages"] == {"prefill": "decoder", "decode": "decoder"} and gen["padding"] == "right"
+        decoder = m["precision"]["realised"]["decoder"]
+        assert decoder["by"] == "onnxruntime-genai model builder" and decoder["precision"] == precision
+        ops = m["target"]["options"]["generation"]["decoder"]["fusions"]["fused_ops"]
+        assert ops["GroupQueryAttention"] == 3 if family == "qwen3_vl" else ops["GroupQueryAttention"] == 2
+        assert (ops.get("MatMulNBits", 0) > 0) == (precision != "fp32")
+        assert [f for f in m["target"]["engine_files"] if f.startswith("decoder/")] == [
+            "decoder/model.onnx", "decoder/model.onnx.data"]
     vision_out = {o["name"]: o["shape"] for o in gen["components"]["vision"]["io"]["outputs"]}
-    prefill_in = {i["name"]: i["shape"] for i in gen["components"]["prefill"]["io"]["inputs"]}
+    prefill_in = {i["name"]: i["shape"] for i in gen["components"][prefill]["io"]["inputs"]}
     if family == "qwen3_vl":
         assert gen["vision"]["deepstack"] == 2 and gen["vision"]["patch_size"] == 16
         assert vision_out == {"image_embeds": ["images", 6, 64], "deepstack_embeds": ["images", 2, 6, 64]}
@@ -56,6 +73,10 @@ def _check_bundle(bundle, family: str, precision: str) -> None:
         assert "deepstack_embeds" not in prefill_in
     p = m["parity"]
     assert p["status"] == "passed", p
+    if precision in ("int8", "int4"):  # weight-only: tokens may part at a tie, never elsewhere (the gate's rule)
+        assert all("identical for 32 steps" in n or ": a tie)" in n for n in p["notes"] if n.startswith(("case", "batch")))
+        assert p["worst"]["image_embeds"]["cosine"] > 0.99999  # the vision engine stays FP32 on the CPU
+        return
     assert p["worst"]["tokens"]["equal"] == 1.0 and sum("identical for 32 steps" in n for n in p["notes"]) == 5
     floor = 0.99999 if precision == "fp32" else 0.9995
     assert p["worst"]["image_embeds"]["cosine"] > floor
@@ -71,6 +92,24 @@ def _check_bundle(bundle, family: str, precision: str) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_build_and_gate(request, bundles, family, precision):
     _check_bundle(_build(request, bundles, family, precision), family, precision)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "precision"), [("qwen2_5_vl", "int4"), ("qwen3_vl", "int8")])
+def test_weight_only_decoder(request, bundles, family, precision):
+    _check_bundle(_build(request, bundles, family, precision), family, precision)
+
+
+def test_refusals_of_the_one_graph_decoder(tiny_qwen3_vl_dir, tmp_path):
+    """What the builder's decoder cannot be: FP16 on the CPU (it does not run there), int4 with enginekit's graphs."""
+    shapes = parse_shapes(QWEN3_VL_SHAPES)
+    with pytest.raises(UsageError, match=r"builder's fp16 decoder does not run on --device cpu \(it does at fp32, int8, int4\)"):
+        build(f"hf:{tiny_qwen3_vl_dir}", BuildOptions(output=tmp_path / "a", precision="fp16", generator="genai",
+                                                     shapes=shapes))
+    with pytest.raises(UsageError, match="int4.*--generator enginekit --exporter auto names enginekit's own graphs"):
+        build(f"hf:{tiny_qwen3_vl_dir}", BuildOptions(output=tmp_path / "b", precision="int4", generator="enginekit",
+                                                     shapes=shapes))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
