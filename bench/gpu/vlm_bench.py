@@ -1,0 +1,277 @@
+"""Issue 19 on the H200: Qwen3-VL-8B's geometry (random weights; no checkpoint can be downloaded) built by
+`enginekit build` with the decoder as one graph (ONNX Runtime GenAI's builder + enginekit's rewrite, the vision engine
+enginekit's), gated, and benched against transformers on one 448x448 image + a 32-token question -> 64 new tokens.
+
+    python3 bench/gpu/vlm_bench.py build  --out $OUT [--precision bf16|int4]   # the 8B folder (once) + enginekit build
+    python3 bench/gpu/vlm_bench.py bench  --out $OUT [--precision bf16|int4]   # enginekit's runtime vs transformers
+    python3 bench/gpu/vlm_bench.py parity --out $OUT [--precision bf16|int4]   # `enginekit parity` (the VLM gate)
+
+Each phase fits one device call (10 minutes) and writes OUT/vlm_bench.json as results come (a failing step is
+recorded, not fatal). Work folder: /tmp/vlm8b (kept while the machine stays warm).
+
+- build: `enginekit build --skip-parity` (the gate is the parity phase: its FP32 transformers reference of an 8B
+  model runs on the CPU and takes minutes of its own).
+- bench, each variant in a fresh process so its GPU memory is its own (nvidia-smi polled every 50 ms; the peak minus
+  the idle reading before it, CUDA context included):
+  * enginekit runtime (no torch in the process, checked): vision engine + image merge + M-RoPE + prefill + 64 greedy
+    steps, no CUDA graph; 2 warm-up runs, median of 5 (the 2026-12-03 run also tried cuda_graph=True, which ORT
+    refused then; that option is gone, bench/results/vlm-one-graph/README.md);
+  * transformers eager BF16 (sdpa) and transformers with torch.compile (static cache, where it compiles within the
+    process's time limit): generate() with pixel_values, 64 new tokens (min_new_tokens), time to first token from a
+    max_new_tokens=1 run; median of 3 after a warm-up.
+  The runtime's tokens are compared with eager's (first divergence; random weights make near-ties likely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "gpu")]
+
+WORK = Path(os.environ.get("VLM8B_WORK", "/tmp/vlm8b"))
+SIDE = 448
+QUESTION, NEW = 32, 64
+SHAPES = "image_height=448,image_width=448,images=1:1:2,batch=1:1:4,sequence=1:256:512,total_sequence=2:512:1024"
+
+
+def bundle_dir(precision: str) -> Path:
+    return WORK / f"bundle-{precision}"
+
+
+def record():
+    """The results so far (WORK/vlm_bench.json: each device call's $OUT starts empty; main copies it there)."""
+    from vlm_decoder_probe import Record
+
+    old = WORK / "vlm_bench.json"
+    rec = Record(old)
+    if old.is_file():
+        try:
+            rec.data.update({k: v for k, v in json.loads(old.read_text()).items() if k not in ("command", "date")})
+        except ValueError:
+            pass
+    rec.data["command"] = " ".join(["python3", "bench/gpu/vlm_bench.py", *sys.argv[1:]])
+    rec.data["commands"] = [*rec.data.get("commands", []), f"{rec.data['date']}: {rec.data['command']}"]
+    return rec
+
+
+def prompt_ids(spec: dict) -> list[int]:
+    """<|vision_start|> + the image's pads + <|vision_end|> + 32 question tokens (fixed seed)."""
+    import numpy as np
+
+    tokens = (SIDE // spec["patch_size"]) ** 2 // spec["merge_size"] ** 2
+    question = np.random.default_rng(1).integers(10, 300, QUESTION).tolist()
+    return [spec["vision_start_token_id"], *[spec["image_token_id"]] * tokens, spec["vision_end_token_id"], *question]
+
+
+def photo():
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((SIDE, SIDE), Image.BICUBIC))
+
+
+def build(a: argparse.Namespace, rec) -> None:
+    import torch
+    from vlm_decoder_probe import make_model
+
+    folder = WORK / "hf"
+    if not (folder / "config.json").is_file():
+        t = time.perf_counter()
+        model = make_model(folder, "8b", "cuda", torch.bfloat16)
+        rec.put("model", {"parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+                          "seconds": round(time.perf_counter() - t, 1), "folder_gb": _size_gb(folder)})
+        del model
+        torch.cuda.empty_cache()
+    out = bundle_dir(a.precision)
+    cmd = [sys.executable, "-m", "exporter", "build", f"hf:{folder}", "-o", str(out), "--precision", a.precision,
+           "--device", "cuda", "--shapes", SHAPES, "--skip-parity", "--force"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560)
+    res = {"command": " ".join(["enginekit", *cmd[3:]]), "rc": proc.returncode, "seconds": round(time.perf_counter() - t, 1),
+           "log": proc.stdout[-2500:] + proc.stderr[-1500:]}
+    if proc.returncode == 0:
+        m = json.loads((out / "manifest.json").read_text())
+        res.update(bundle_gb=_size_gb(out), realised=m["precision"]["realised"],
+                   components=sorted(json.loads((out / "generation.json").read_text())["components"]))
+    rec.put(f"build_{a.precision}", res)
+
+
+def _size_gb(folder: Path) -> float:
+    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9, 2)
+
+
+def gpu_used_mb() -> int:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else -1
+
+
+def measured(cmd: list[str], timeout: int) -> tuple[dict, float]:
+    """Run a child, poll the GPU's used memory; (its JSON result, peak GB over the idle reading)."""
+    base = gpu_used_mb()
+    peak, done = [base], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], gpu_used_mb())
+            time.sleep(0.05)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
+            {"error": (proc.stdout[-800:] + proc.stderr[-2500:])}
+    except subprocess.TimeoutExpired:
+        result = {"error": f"timed out after {timeout} s"}
+    finally:
+        done.set()
+        th.join()
+    return result, round((peak[0] - base) / 1024, 2)
+
+
+def bench(a: argparse.Namespace, rec) -> None:
+    me = [sys.executable, __file__]
+    runtime = {}
+    res, peak = measured([*me, "runtime-child", "--precision", a.precision], 240)
+    res["gpu_memory_peak_gb"] = peak
+    runtime["no_graph"] = res
+    rec.put(f"enginekit_{a.precision}", runtime)
+    if a.precision != "bf16":
+        return
+    ref = {}
+    for mode, limit in (("eager", 200), ("compile", 300)):
+        res, peak = measured([*me, "torch-child", "--mode", mode], limit)
+        res["gpu_memory_peak_gb"] = peak
+        ref[mode] = res
+        rec.put("transformers_bf16", ref)
+    eager = ref.get("eager", {}).get("tokens")
+    if eager:
+        for res in runtime.values():
+            if res.get("tokens"):
+                same = next((i for i, (x, y) in enumerate(zip(res["tokens"], eager)) if x != y), len(eager))
+                res["tokens_equal_to_transformers_eager_for_steps"] = same
+        rec.put(f"enginekit_{a.precision}", runtime)
+
+
+def runtime_child(a: argparse.Namespace) -> None:
+    """No torch here: the enginekit runtime alone."""
+    from runtimes.generate import SamplingOptions, load_generator
+
+    t = time.perf_counter()
+    g = load_generator(bundle_dir(a.precision), device="cuda", verify=False)
+    load_s = time.perf_counter() - t
+    spec = g.spec["vision"]
+    ids, image = prompt_ids(spec), photo()
+    opts = SamplingOptions(max_new_tokens=NEW, stop_token_ids=[])
+
+    def once() -> dict:
+        t0 = time.perf_counter()
+        enc = g.encode_images_all([image])
+        t1 = time.perf_counter()
+        out = g.generate_ids([ids], opts, **enc)[0]
+        t2 = time.perf_counter()
+        return {"vision_ms": (t1 - t0) * 1e3, "ttft_ms": out.ttft_ms, "decode_tok_s": out.tokens_per_s,
+                "total_s": t2 - t0, "tokens": out.tokens}
+
+    for _ in range(2):
+        once()
+    runs = [once() for _ in range(5)]
+    med = {k: round(statistics.median(r[k] for r in runs), 4) for k in ("vision_ms", "ttft_ms", "decode_tok_s", "total_s")}
+    print(json.dumps({"load_s": round(load_s, 1), **med, "runs": 5, "prompt_tokens": len(ids), "new_tokens": NEW,
+                      "tokens": runs[0]["tokens"], "torch_imported": "torch" in sys.modules}))
+
+
+def torch_child(a: argparse.Namespace) -> None:
+    import torch
+    import transformers
+
+    folder = WORK / "hf"
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.bfloat16).to("cuda").eval()
+    proc = transformers.AutoImageProcessor.from_pretrained(str(folder))
+    cfg = model.config
+    spec = {"patch_size": cfg.vision_config.patch_size, "merge_size": cfg.vision_config.spatial_merge_size,
+            "vision_start_token_id": cfg.vision_start_token_id, "image_token_id": cfg.image_token_id,
+            "vision_end_token_id": cfg.vision_end_token_id}
+    ids = torch.tensor([prompt_ids(spec)], device="cuda")
+    pix = proc(images=[photo()], return_tensors="pt")
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix["pixel_values"].to("cuda"),
+              image_grid_thw=pix["image_grid_thw"].to("cuda"), mm_token_type_ids=(ids == cfg.image_token_id).int(),
+              do_sample=False, max_length=None)
+    if a.mode == "compile":
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+
+    def timed(n: int) -> tuple[float, list[int]]:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**kw, max_new_tokens=n, min_new_tokens=n)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, out[0, ids.shape[1]:].tolist()
+
+    t = time.perf_counter()
+    timed(NEW)
+    warm_s = time.perf_counter() - t
+    timed(1)
+    firsts = sorted(timed(1)[0] for _ in range(3))
+    totals = [timed(NEW) for _ in range(3)]
+    total = statistics.median(x[0] for x in totals)
+    ttft = firsts[1]
+    print(json.dumps({"mode": a.mode, "first_run_s": round(warm_s, 1), "ttft_ms": round(ttft * 1e3, 2),
+                      "decode_tok_s": round((NEW - 1) / (total - ttft), 1), "total_s": round(total, 4), "runs": 3,
+                      "torch_max_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                      "tokens": totals[0][1], "transformers": transformers.__version__, "torch": torch.__version__}))
+
+
+def parity(a: argparse.Namespace, rec) -> None:
+    cmd = [sys.executable, "-m", "exporter", "parity", str(bundle_dir(a.precision)), "--reference", f"hf:{WORK / 'hf'}",
+           "--json"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560)
+    res: dict = {"command": " ".join(["enginekit", *cmd[3:]]), "rc": proc.returncode,
+                 "seconds": round(time.perf_counter() - t, 1)}
+    try:
+        report = json.loads(proc.stdout)
+        res.update(status=report.get("status"), worst=report.get("worst"), notes=report.get("notes"))
+    except ValueError:
+        res["log"] = proc.stdout[-1500:] + proc.stderr[-2500:]
+    rec.put(f"parity_{a.precision}", res)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("phase", choices=["build", "bench", "parity", "runtime-child", "torch-child"])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/vlm8b-out"))
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "int4", "int8"])
+    ap.add_argument("--mode", default="eager", choices=["eager", "compile"])
+    a = ap.parse_args()
+    if a.phase == "runtime-child":
+        return runtime_child(a)
+    if a.phase == "torch-child":
+        return torch_child(a)
+    a.out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    rec = record()
+    try:
+        {"build": build, "bench": bench, "parity": parity}[a.phase](a, rec)
+    except Exception:
+        rec.put(f"error_{a.phase}", traceback.format_exc()[-3000:])
+    finally:
+        shutil.copy(WORK / "vlm_bench.json", a.out / "vlm_bench.json")
+
+
+if __name__ == "__main__":
+    main()
