@@ -293,6 +293,9 @@ class Generator:
         self._fns: dict[str, Any] = {}
         self._one: _OneGraphSteps | None = None
         if session_factory is not None:  # the build's emulated FP16/BF16 check plugs its graphs in here
+            if self.one_graph:
+                raise UsageError("Expected separate prefill and decode graphs for session_factory, found a one-graph "
+                                 f"decoder in '{self.bundle}' (its cache lives in the session's shared buffers).")
             self._fns = {name: session_factory(name) for name in self.io}
             self.device = "cpu"
             return
@@ -368,21 +371,6 @@ class Generator:
             mask[row, cols] = 1
         return ids, mask
 
-    def _empty_past(self, batch: int) -> dict[str, Any]:
-        """The one-graph decoder's past for the prefill: every cache input with 0 positions, in the cache's dtype
-        (an OrtValue on the GPU: numpy has no BF16)."""
-        specs = {s.name: s for s in self.io[self.stages["prefill"]].inputs}
-        past: dict[str, Any] = {}
-        for name in self.cache_in:
-            spec = specs[name]
-            shape = [batch, *(int(d) for d in spec.shape[1:2]), 0, *(int(d) for d in spec.shape[3:])]
-            if self.device == "cuda":
-                ort = require("onnxruntime", extra="gpu", purpose="Running a generation bundle on CUDA")
-                past[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, ONNX_TYPES[spec.dtype], "cuda", 0)
-            else:
-                past[name] = np.zeros(shape, np.dtype(spec.dtype))
-        return past
-
     def _token_inputs(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """The decode step's token input (a VLM's decoder takes their embeddings instead)."""
         return {"input_ids": tokens}
@@ -404,8 +392,7 @@ class Generator:
         t0 = time.perf_counter()
         if self._one is not None:
             self._one.begin(b, width + steps)
-        (logits, greedy), past = self._step("prefill", prefill, self._empty_past(b) if self.one_graph and self._fns else {},
-                                            need_logits)
+        (logits, greedy), past = self._step("prefill", prefill, {}, need_logits)
         t_first = 0.0
         for step in range(steps):
             chosen = greedy[:, 0] if opts.greedy else sample_next(logits[:, 0], opts, rng)
@@ -481,7 +468,7 @@ class Generator:
     def _step(self, name: str, host: dict[str, np.ndarray], past: dict[str, Any],
               want_logits: bool) -> tuple[tuple[Any, np.ndarray], dict[str, Any]]:
         """Run one step's component; returns ((logits or None, next_token), the past for the next step)."""
-        if self._one is not None and not self._fns:
+        if self._one is not None:  # a one-graph decoder: its cache lives in _OneGraphSteps
             return self._one.run(host, want_logits), {}
         name = self.stages.get(name, name)
         if self.device == "cuda":
