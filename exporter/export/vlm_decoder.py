@@ -29,6 +29,7 @@ save without `external_data` keeps every external tensor's location, so 16 GB ar
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ from runtimes.choices import Precision
 from runtimes.errors import ExportError
 from runtimes.manifest import DimRange
 
-# model_type → the transformers class the builder dispatches on (config.json "architectures"[0]).
-BUILDER_VLMS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+# The VLM model_types whose text decoder the builder writes (its Qwen25VLTextModel / Qwen3VLTextModel).
+BUILDER_VLMS = ("qwen2_5_vl", "qwen3_vl")
 
 
 def build_vlm_decoder(source: Path, out: Path, work: Path, precision: Precision, device: str,
@@ -53,8 +54,8 @@ def build_vlm_decoder(source: Path, out: Path, work: Path, precision: Precision,
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     io = decoder_io(graph, dims, vocab)
     values = {"inputs_embeds": {"kind": "normal"}, **({"deepstack_embeds": {"kind": "normal"}} if levels else {})}
-    return GenaiExport(out, type(io)(io.inputs, io.outputs, dims=io.dims, values=values),
-                       {**built.options, "rewrite": _rewrite_note(levels)}, op_counts(graph))
+    return GenaiExport(out, replace(io, values=values), {**built.options, "rewrite": _rewrite_note(levels)},
+                       op_counts(graph))
 
 
 def _rewrite_note(levels: int) -> str:

@@ -80,12 +80,12 @@ def calibration_feeds_vlm(paths: dict[str, Path], spec: VisionSpec, tokenizer: A
 
     photos = gate_photos(spec, CALIBRATION_PHOTOS)[:spec.max_images]
     pixels = np.stack([preprocess_image(p, spec) for p in photos])
+    if "prefill" not in paths:  # a one-graph decoder, already at its precision (recipes/vlm_genai.py)
+        return {"vision": [{"pixel_values": pixels}]}
     vision = session("vision")
     names = [o.name for o in vision.get_outputs()]
     encoded = dict(zip(names, vision.run(names, {"pixel_values": pixels})))
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"vision": [{"pixel_values": pixels}], "prefill": [], "decode": []}
-    if "prefill" not in paths:  # a one-graph decoder, already at its precision (recipes/vlm_genai.py)
-        return {"vision": feeds["vision"]}
     prefill = session("prefill")
     outs_named = [o.name for o in prefill.get_outputs()]
     for prompt, which in CALIBRATION_PROMPTS:

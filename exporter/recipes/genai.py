@@ -46,10 +46,7 @@ def _decide(options: Any, model: Any, vlm: bool, total: int | None = None) -> bo
     decoder, where the builder writes one, is decided by recipes/vlm_genai.py and runs on enginekit's loop)."""
     arch = type(model).__name__
     wanted = options.generator
-    if vlm:
-        if wanted == "genai":
-            raise UsageError("Expected --generator auto or enginekit for a VLM, found --generator genai: VLM bundles run on "
-                             "enginekit's own loop in this version (vision engine + decoder on inputs_embeds).")
+    if vlm:  # recipes/vlm_genai.py decides a VLM's decoder (and refuses --generator genai where it cannot be)
         return False
     if options.genai_attention == "paged" and not (options.device.gpu and options.precision.mixed):
         raise UsageError(

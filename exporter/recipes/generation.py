@@ -286,7 +286,8 @@ def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, t
 
         more = {**more, "model_type": b.info["model_type"], "vision": {**b.vision.to_dict(), "file": components["vision"]["file"]},
                 "embeddings": {"file": write_embeddings(model, b.bundle), "dtype": "float32"}}
-    extra = _write_side_files(b.bundle, model, tokenizer, b.exported, components, more)
+    main = "decode" if "decode" in components else "decoder"  # the component of decode steps (a one-graph VLM's)
+    extra = _write_side_files(b.bundle, model, tokenizer, b.exported, components, more, main)
     for name, data in (b.extra_files or {}).items():
         (b.bundle / name).write_bytes(data)
         extra.append(name)
@@ -295,7 +296,6 @@ def _engines_and_manifest(b: _Built, options: Any, model: Any, tokenizer: Any, t
         **({"architecture": more["architecture"]} if "architecture" in more else {})})
     if b.exported.builder is not None:
         target.versions["onnxruntime-genai"] = version_of("onnxruntime_genai")
-    main = "decode" if "decode" in components else "decoder"
     manifest = Manifest(
         name=b.output.name,
         source={"spec": str(b.spec), "kind": b.spec.kind, "exporter": b.exported.exporter, "opset": b.exported.opset,
@@ -488,9 +488,9 @@ def _build_component(name: str, path: Path, exported: GenerationExport, options:
 
 
 def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: GenerationExport,
-                      components: dict[str, Any], more: dict[str, Any] | None = None) -> list[str]:
+                      components: dict[str, Any], more: dict[str, Any] | None = None, decode: str = "decode") -> list[str]:
     """tokenizer.json (when the source has one) and generation.json (+ `more`: a VLM's vision spec
-    and embedding table, whose file is listed too); returns their names."""
+    and embedding table, whose file is listed too); returns their names. decode: the component of decode steps."""
     files = []
     tok_name = None
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer is not None else None
@@ -503,8 +503,8 @@ def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: Genera
         "components": components,
         "cache": {"layers": exported.cache.layers, "kv_heads": exported.cache.kv_heads,
                   "head_dim": exported.cache.head_dim,
-                  "dtype": next(s["dtype"] for s in components["decode" if "decode" in components else "decoder"]["io"]
-                                ["outputs"] if s["name"].startswith("present."))},
+                  "dtype": next(s["dtype"] for s in components[decode]["io"]["outputs"]
+                                if s["name"].startswith("present."))},
         # GroupQueryAttention rotates at cache indices (runtimes/generate.py says why this matters).
         "positions": "absolute" if any("GroupQueryAttention" in ((c.get("fusions") or {}).get("fused_ops") or {})
                                        for c in components.values()) else "compact",
