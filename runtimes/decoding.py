@@ -183,12 +183,15 @@ class _CudaStep:
 class _OneGraphSteps:
     """The steps of a one-graph decoder (prefill and decode in one session) over a cache it owns: ONE buffer per
     cache tensor, [batch, kv_heads, length, head_dim], bound as both past and present, which GroupQueryAttention
-    updates in place (its past_present_share_buffer mode), so no step allocates or copies the cache. Checked on
-    the CPU against fresh past/present tensors per step (equal logits for a right-padded batch); on the H200 it
-    took Qwen3-VL-8B's decode from 73.8 (a new cache per step) to 95.1 tokens/s (bench/results/vlm-one-graph/).
-    Not done: capturing the decode step in a CUDA graph (the session opens for capture since the rewrite keeps
-    every node on the CUDA provider, but the captured loop's tokens differed from the uncaptured loop's on the tiny
-    Qwen3-VL, cause not found; README, issue 19)."""
+    updates in place (its past_present_share_buffer mode), so no step allocates or copies the cache; one
+    io_binding holds the cache for the whole loop (a step rebinds only its few token inputs and two outputs, not the
+    2 x 2 x layers cache names). Checked on the CPU against fresh past/present tensors per step (equal logits for a
+    right-padded batch). Qwen3-VL-8B's decode on the H200: 73.8 tokens/s with a new cache per step, 95.1 with the
+    shared buffers bound every step, 127.3 with the binding kept (bench/results/vlm-one-graph/).
+    Not done: the decode step captured in a CUDA graph. A probe (bench/gpu/vlm_graph_steps.py, 2026-12-04) replayed
+    the runtime's own feeds on the tiny Qwen3-VL in BF16 through a captured session (mask padded to the cache length,
+    inputs in fixed device buffers updated in place, preallocated outputs) and got the runtime's logits bit for
+    bit over 24 steps, so capture itself works; building it into this loop is the next step (README, issue 19)."""
 
     def __init__(self, gen: Generator, session: Any, ort: Any):
         self.gen, self.session, self.ort = gen, session, ort
@@ -196,29 +199,37 @@ class _OneGraphSteps:
         self.specs = {t.name: t for t in gen.io[gen.stages["decode"]].inputs}
         self.cache: dict[str, Any] = {}
         self.key: tuple[int, int] | None = None
+        self.binding: Any = None
 
     def begin(self, batch: int, length: int) -> None:
-        """Buffers for `batch` rows of up to `length` positions, reused while they fit."""
+        """Buffers for `batch` rows of up to `length` positions, reused while they fit, and ONE io_binding over them:
+        the cache is bound once here, each step rebinds only its token inputs and its two outputs."""
         if self.key is not None and self.key[0] == batch and self.key[1] >= length:
             return
         self.cache.clear()
+        self.binding = None  # the old binding holds the old buffers
+        where = "cuda" if self.cuda else "cpu"
         for name in self.gen.cache_in:
             spec = self.specs[name]
             shape = [batch, int(spec.shape[1]), length, int(spec.shape[3])]
-            self.cache[name] = self.ort.OrtValue.ortvalue_from_shape_and_type(
-                shape, ONNX_TYPES[spec.dtype], "cuda" if self.cuda else "cpu", 0)
-        self.key = (batch, length)
-
-    def run(self, host: dict[str, np.ndarray], want_logits: bool) -> tuple[Any, np.ndarray]:
+            self.cache[name] = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, ONNX_TYPES[spec.dtype], where, 0)
         binding = self.session.io_binding()
-        for name, arr in host.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
-        # outputs come back in binding order: logits and next_token first
-        binding.bind_output("logits", "cuda" if self.cuda and not want_logits else "cpu")
+        # outputs come back in the order first bound: logits and next_token before the cache
+        binding.bind_output("logits", where)
         binding.bind_output("next_token", "cpu")
         for past, present in zip(self.gen.cache_in, self.gen.cache_out):
             binding.bind_ortvalue_input(past, self.cache[past])
             binding.bind_ortvalue_output(present, self.cache[past])
+        self.binding, self.key = binding, (batch, length)
+
+    def run(self, host: dict[str, np.ndarray], want_logits: bool) -> tuple[Any, np.ndarray]:
+        binding = self.binding
+        for name, arr in host.items():  # binding a name again replaces its earlier value
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        # bound again by device alone, so each step's outputs are new values: ORT would otherwise write this step into
+        # the last step's (on the CPU, the very memory of the arrays handed out for it)
+        binding.bind_output("logits", "cuda" if self.cuda and not want_logits else "cpu")
+        binding.bind_output("next_token", "cpu")
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         return values[0].numpy() if want_logits else None, values[1].numpy()

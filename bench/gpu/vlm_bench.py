@@ -3,22 +3,25 @@
 enginekit's), gated, and benched against transformers on one 448x448 image + a 32-token question -> 64 new tokens.
 
     python3 bench/gpu/vlm_bench.py build  --out $OUT [--precision bf16|int4]   # the 8B folder (once) + enginekit build
-    python3 bench/gpu/vlm_bench.py bench  --out $OUT [--precision bf16|int4]   # enginekit's runtime vs transformers
-    python3 bench/gpu/vlm_bench.py parity --out $OUT [--precision bf16|int4]   # `enginekit parity` (the VLM gate)
+    python3 bench/gpu/vlm_bench.py bench  --out $OUT [--precision bf16|int4] [--variants enginekit,profile,genai,eager,compile]
+    python3 bench/gpu/vlm_bench.py parity --out $OUT [--precision bf16|int4] [--tolerance OUTPUT:METRIC=VALUE ...]
 
 Each phase fits one device call (10 minutes) and writes OUT/vlm_bench.json as results come (a failing step is
 recorded, not fatal). Work folder: /tmp/vlm8b (kept while the machine stays warm).
 
-- build: `enginekit build --skip-parity` (the gate is the parity phase: its FP32 transformers reference of an 8B
-  model runs on the CPU and takes minutes of its own).
+- build: `enginekit build --skip-parity` (the gate is the parity phase: `enginekit parity` against the FP32
+  transformers model on the CPU, 95-115 s at this size on the H200 machine's 16 cores).
 - bench, each variant in a fresh process so its GPU memory is its own (nvidia-smi polled every 50 ms; the peak minus
   the idle reading before it, CUDA context included):
-  * enginekit runtime (no torch in the process, checked): vision engine + image merge + M-RoPE + prefill + 64 greedy
-    steps, no CUDA graph; 2 warm-up runs, median of 5 (the 2026-12-03 run also tried cuda_graph=True, which ORT
-    refused then; that option is gone, bench/results/vlm-one-graph/README.md);
-  * transformers eager BF16 (sdpa) and transformers with torch.compile (static cache, where it compiles within the
-    process's time limit): generate() with pixel_values, 64 new tokens (min_new_tokens), time to first token from a
-    max_new_tokens=1 run; median of 3 after a warm-up.
+  * enginekit: the enginekit runtime (no torch in the process, checked): vision engine + image merge + M-RoPE +
+    prefill + 64 greedy steps, no CUDA graph; 2 warm-up runs, median of 5;
+  * profile: one more enginekit run under ONNX Runtime's profiler: where a decode step's time goes (shares only);
+  * genai: the anchor, ONNX Runtime GenAI 0.18's builder on the same folder (its text decoder only: GenAI has no
+    Qwen3-VL vision pipeline) and its own generator loop, a 230-token text prompt -> 64 tokens, CUDA graph off and
+    on; 2 warm-up runs, median of 5;
+  * eager / compile: transformers BF16 (sdpa) and transformers with torch.compile (static cache, reduce-overhead;
+    it failed on 2026-12-03, see bench/results/vlm-one-graph/README.md): generate() with pixel_values, 64 new tokens
+    (min_new_tokens), time to first token from a max_new_tokens=1 run; median of 3 after a warm-up.
   The runtime's tokens are compared with eager's (first divergence; random weights make near-ties likely).
 """
 
@@ -144,19 +147,32 @@ def measured(cmd: list[str], timeout: int) -> tuple[dict, float]:
 
 def bench(a: argparse.Namespace, rec) -> None:
     me = [sys.executable, __file__]
+    want = set(a.variants.split(","))
     runtime = {}
-    res, peak = measured([*me, "runtime-child", "--precision", a.precision], 240)
-    res["gpu_memory_peak_gb"] = peak
-    runtime["no_graph"] = res
-    rec.put(f"enginekit_{a.precision}", runtime)
+    if "enginekit" in want:
+        res, peak = measured([*me, "runtime-child", "--precision", a.precision], 240)
+        res["gpu_memory_peak_gb"] = peak
+        runtime["no_graph"] = res
+        rec.put(f"enginekit_{a.precision}", runtime)
+    if "profile" in want:
+        res, _ = measured([*me, "runtime-child", "--precision", a.precision, "--profile"], 120)
+        rec.put(f"enginekit_{a.precision}_profile", res)
     if a.precision != "bf16":
         return
+    if "genai" in want:
+        anchor = {}
+        for graph in (False, True):
+            res, peak = measured([*me, "genai-child", *(["--graph"] if graph else [])], 200)
+            res["gpu_memory_peak_gb"] = peak
+            anchor["cuda_graph" if graph else "no_graph"] = res
+            rec.put("genai_text_only_bf16", anchor)
     ref = {}
     for mode, limit in (("eager", 200), ("compile", 300)):
-        res, peak = measured([*me, "torch-child", "--mode", mode], limit)
-        res["gpu_memory_peak_gb"] = peak
-        ref[mode] = res
-        rec.put("transformers_bf16", ref)
+        if mode in want:
+            res, peak = measured([*me, "torch-child", "--mode", mode], limit)
+            res["gpu_memory_peak_gb"] = peak
+            ref[mode] = res
+            rec.put("transformers_bf16", ref)
     eager = ref.get("eager", {}).get("tokens")
     if eager:
         for res in runtime.values():
@@ -169,6 +185,19 @@ def bench(a: argparse.Namespace, rec) -> None:
 def runtime_child(a: argparse.Namespace) -> None:
     """No torch here: the enginekit runtime alone."""
     from runtimes.generate import SamplingOptions, load_generator
+
+    if a.profile:  # every session the runtime opens writes ONNX Runtime's profile (runtimes/ort/runner.py's options)
+        import onnxruntime as ort
+
+        plain = ort.SessionOptions
+
+        def with_profile():
+            so = plain()
+            so.enable_profiling = True
+            so.profile_file_prefix = str(WORK / "profile")
+            return so
+
+        ort.SessionOptions = with_profile
 
     t = time.perf_counter()
     g = load_generator(bundle_dir(a.precision), device="cuda", verify=False)
@@ -186,12 +215,65 @@ def runtime_child(a: argparse.Namespace) -> None:
         return {"vision_ms": (t1 - t0) * 1e3, "ttft_ms": out.ttft_ms, "decode_tok_s": out.tokens_per_s,
                 "total_s": t2 - t0, "tokens": out.tokens}
 
+    if a.profile:
+        return print(json.dumps(profiled(g, once)))
     for _ in range(2):
         once()
     runs = [once() for _ in range(5)]
     med = {k: round(statistics.median(r[k] for r in runs), 4) for k in ("vision_ms", "ttft_ms", "decode_tok_s", "total_s")}
     print(json.dumps({"load_s": round(load_s, 1), **med, "runs": 5, "prompt_tokens": len(ids), "new_tokens": NEW,
                       "tokens": runs[0]["tokens"], "torch_imported": "torch" in sys.modules}))
+
+
+def profiled(g, once) -> dict:
+    """Where a decode step's time goes, from ONNX Runtime's profile of one warm run (profiling adds its own cost: these
+    are shares, not the bench's numbers): each decode step's session run (model_run), the sum of its nodes' host-side
+    times (CUDA kernels are launched asynchronously: a node's time is its launch, not its GPU time), and the step's
+    wall time outside the session run (the runtime's Python: embedding lookup, binding, sampling, bookkeeping)."""
+    once()
+    r = once()
+    session = g._runners[g.stages["decode"]].session
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-NEW:]
+    nodes = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+    decode = runs[1:]  # the last run's prefill first
+    per_op: dict[str, float] = {}
+    sums = []
+    for run in decode:
+        lo, hi = run["ts"], run["ts"] + run["dur"]
+        inside = [n for n in nodes if lo <= n["ts"] <= hi]
+        sums.append(sum(n["dur"] for n in inside))
+        for n in inside:
+            op = n.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + n["dur"] / len(decode)
+    step_ms = (r["total_s"] * 1e3 - r["vision_ms"] - r["ttft_ms"]) / (NEW - 1)
+    run_ms = statistics.median(x["dur"] for x in decode) / 1e3
+    return {"decode_steps": len(decode), "step_wall_ms": round(step_ms, 3), "model_run_ms": round(run_ms, 3),
+            "nodes_host_ms": round(statistics.median(sums) / 1e3, 3), "outside_run_ms": round(step_ms - run_ms, 3),
+            "nodes_per_step": round(sum(1 for n in nodes if decode[0]["ts"] <= n["ts"] <= decode[0]["ts"] + decode[0]["dur"])),
+            "top_ops_host_ms": {k: round(v / 1e3, 3) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:10]}}
+
+
+def genai_child(a: argparse.Namespace) -> None:
+    """The anchor in the same run: ONNX Runtime GenAI 0.18's builder on the same folder (its text decoder only: GenAI
+    has no Qwen3-VL vision pipeline) and its own generator loop, a text prompt as long as the image prompt."""
+    import genai_probe
+    import llm_bench
+
+    out = WORK / "genai-text"
+    build_s = None
+    if not (out / "genai_config.json").is_file():
+        build_s = genai_probe.build(WORK / "hf", out, "cuda", "bf16", [])
+    ids = prompt_ids({"patch_size": 16, "merge_size": 2, "vision_start_token_id": 11, "image_token_id": 12,
+                      "vision_end_token_id": 13})  # ids below the question's range: plain text tokens here
+    llm_bench.PROMPT = len(ids)  # genai_greedy's max_length = PROMPT + n
+    m = genai_probe.model(out, "cuda", a.graph, None)
+    for _ in range(2):
+        llm_bench.genai_greedy(m, [ids], NEW)
+    runs = [llm_bench.genai_greedy(m, [ids], NEW) for _ in range(5)]
+    print(json.dumps({"build_s": build_s, "cuda_graph": a.graph, "prompt_tokens": len(ids), "new_tokens": NEW, "runs": 5,
+                      "ttft_ms": round(statistics.median(r.ttft_ms for r in runs), 2),
+                      "decode_tok_s": round(statistics.median((r.count - 1) / (r.decode_ms / 1e3) for r in runs), 1)}))
 
 
 def torch_child(a: argparse.Namespace) -> None:
@@ -238,14 +320,14 @@ def torch_child(a: argparse.Namespace) -> None:
 
 def parity(a: argparse.Namespace, rec) -> None:
     cmd = [sys.executable, "-m", "exporter", "parity", str(bundle_dir(a.precision)), "--reference", f"hf:{WORK / 'hf'}",
-           "--json"]
+           "--json", *[x for t in a.tolerance for x in ("--tolerance", t)]]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560)
     res: dict = {"command": " ".join(["enginekit", *cmd[3:]]), "rc": proc.returncode,
                  "seconds": round(time.perf_counter() - t, 1)}
     try:
         report = json.loads(proc.stdout)
-        res.update(status=report.get("status"), worst=report.get("worst"), notes=report.get("notes"))
+        res.update(status=report.get("status"), failures=report.get("failures"), notes=report.get("notes"))
     except ValueError:
         res["log"] = proc.stdout[-1500:] + proc.stderr[-2500:]
     rec.put(f"parity_{a.precision}", res)
@@ -253,15 +335,22 @@ def parity(a: argparse.Namespace, rec) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["build", "bench", "parity", "runtime-child", "torch-child"])
+    ap.add_argument("phase", choices=["build", "bench", "parity", "runtime-child", "torch-child", "genai-child"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/vlm8b-out"))
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "int4", "int8"])
     ap.add_argument("--mode", default="eager", choices=["eager", "compile"])
+    ap.add_argument("--variants", default="enginekit,genai,eager,compile",
+                    help="bench: which of enginekit,profile,genai,eager,compile to run (each in its own process)")
+    ap.add_argument("--profile", action="store_true", help="runtime-child: profile one run (ORT's profiler)")
+    ap.add_argument("--graph", action="store_true", help="genai-child: enable_cuda_graph")
+    ap.add_argument("--tolerance", action="append", default=[], help="parity: passed on to `enginekit parity`")
     a = ap.parse_args()
     if a.phase == "runtime-child":
         return runtime_child(a)
     if a.phase == "torch-child":
         return torch_child(a)
+    if a.phase == "genai-child":
+        return genai_child(a)
     a.out.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     rec = record()

@@ -182,3 +182,29 @@ def test_qwen3_runtime_imports_no_torch(qwen3_bundle):
     from tests.runtimes.test_vlm import runs_without_torch
 
     runs_without_torch(qwen3_bundle, (96, 64))  # the deepstack merge included
+
+
+@pytest.mark.slow
+def test_one_graph_cache_and_binding_reused_across_calls(qwen3_bundle):
+    """The one-graph decoder keeps its cache buffers and their io_binding between generate calls while they fit
+    (runtimes/decoding.py, _OneGraphSteps): calls of other batch sizes and lengths on one generator give the logits
+    and tokens a fresh generator gives each call, including a shorter call after a longer one (reused buffers
+    holding the longer call's stale rows) and a batch call after single rows (new buffers, a new binding)."""
+    from exporter.gate.vision_language import gate_photos
+
+    with load_generator(qwen3_bundle) as g:
+        spec = g.vision
+        photos = gate_photos(spec)
+        image = [spec.vision_start_token_id, *[spec.image_token_id] * spec.tokens_per_image, spec.vision_end_token_id]
+        calls = [([[*image, 20, 21, 22, 23, 24, 25]], [[photos[0]]], 12),
+                 ([[30, 31, 32]], [[]], 4),
+                 ([[*image, 40, 41], [50, 51, 52, 53, 54, 55, 56, 57]], [[photos[1]], []], 9),
+                 ([[*image, 60]], [[photos[2]]], 6)]
+        for prompts, images, n in calls:
+            opts = SamplingOptions(max_new_tokens=n, stop_token_ids=[])
+            got = g.generate_ids(prompts, opts, images=images, record_logits=True)
+            with load_generator(qwen3_bundle, verify=False) as fresh:
+                want = fresh.generate_ids(prompts, opts, images=images, record_logits=True)
+            for a, b in zip(got, want):
+                assert a.tokens == b.tokens and len(a.tokens) == n
+                np.testing.assert_array_equal(np.stack(a.logits), np.stack(b.logits))
