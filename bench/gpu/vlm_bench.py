@@ -238,11 +238,12 @@ def profiled(g, once) -> dict:
     nodes = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
     decode = runs[1:]  # the last run's prefill first
     per_op: dict[str, float] = {}
-    sums = []
+    sums, counts = [], []
     for run in decode:
         lo, hi = run["ts"], run["ts"] + run["dur"]
         inside = [n for n in nodes if lo <= n["ts"] <= hi]
         sums.append(sum(n["dur"] for n in inside))
+        counts.append(len(inside))
         for n in inside:
             op = n.get("args", {}).get("op_name", "?")
             per_op[op] = per_op.get(op, 0.0) + n["dur"] / len(decode)
@@ -250,7 +251,7 @@ def profiled(g, once) -> dict:
     run_ms = statistics.median(x["dur"] for x in decode) / 1e3
     return {"decode_steps": len(decode), "step_wall_ms": round(step_ms, 3), "model_run_ms": round(run_ms, 3),
             "nodes_host_ms": round(statistics.median(sums) / 1e3, 3), "outside_run_ms": round(step_ms - run_ms, 3),
-            "nodes_per_step": round(sum(1 for n in nodes if decode[0]["ts"] <= n["ts"] <= decode[0]["ts"] + decode[0]["dur"])),
+            "nodes_per_step": counts[0],
             "top_ops_host_ms": {k: round(v / 1e3, 3) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:10]}}
 
 

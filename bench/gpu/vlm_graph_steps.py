@@ -32,18 +32,18 @@ NEW = 24
 DEVICE = "cuda"  # --device cpu: the plain-static way alone (a check of this script where no GPU is)
 
 
-def record_feeds(bundle: Path) -> tuple[object, list[tuple[dict, bool]], list[int], np.ndarray, int]:
+def record_feeds(bundle: Path) -> tuple[object, list[dict], list[int], np.ndarray, int]:
     """The runtime's own greedy run on CUDA: (generator, per-step host feeds, tokens, logits [steps, vocab], length)."""
     from exporter.gate.vision_language import gate_photos
     from runtimes import decoding
     from runtimes.generate import SamplingOptions, load_generator
 
     gen = load_generator(bundle, device=DEVICE, verify=False)
-    feeds: list[tuple[dict, bool]] = []
+    feeds: list[dict] = []
     plain_run = decoding._OneGraphSteps.run
 
     def run(self, host, want_logits):
-        feeds.append(({k: np.array(v, copy=True) for k, v in host.items()}, want_logits))
+        feeds.append({k: np.array(v, copy=True) for k, v in host.items()})
         return plain_run(self, host, want_logits)
 
     decoding._OneGraphSteps.run = run
@@ -53,8 +53,7 @@ def record_feeds(bundle: Path) -> tuple[object, list[tuple[dict, bool]], list[in
     out = gen.generate_ids([ids], SamplingOptions(max_new_tokens=NEW, stop_token_ids=[]), images=[gate_photos(spec)[:1]],
                            record_logits=True)[0]
     decoding._OneGraphSteps.run = plain_run
-    return gen, feeds, out.tokens, np.stack(out.logits)[:, 0] if out.logits[0].ndim > 1 else np.stack(out.logits), \
-        gen._one.key[1]
+    return gen, feeds, out.tokens, np.stack(out.logits), gen._one.key[1]  # logits: one [vocab] row per step
 
 
 def replay(gen, session, prefill_session, feeds, length: int, graph: bool, pause: float, rebind: bool) -> dict:
@@ -62,7 +61,7 @@ def replay(gen, session, prefill_session, feeds, length: int, graph: bool, pause
 
     from runtimes.decoding import ONNX_TYPES
 
-    batch = feeds[0][0]["inputs_embeds"].shape[0]
+    batch = feeds[0]["inputs_embeds"].shape[0]
     specs = gen._one.specs
     cache = {n: ort.OrtValue.ortvalue_from_shape_and_type([batch, int(specs[n].shape[1]), length, int(specs[n].shape[3])],
                                                           ONNX_TYPES[specs[n].dtype], DEVICE, 0) for n in gen.cache_in}
@@ -74,7 +73,7 @@ def replay(gen, session, prefill_session, feeds, length: int, graph: bool, pause
 
     tokens, logits = [], []
     # the prefill: host inputs, a fresh binding, no graph
-    host, _ = feeds[0]
+    host = feeds[0]
     b = prefill_session.io_binding()
     for k, v in host.items():
         b.bind_cpu_input(k, np.ascontiguousarray(v))
@@ -89,7 +88,7 @@ def replay(gen, session, prefill_session, feeds, length: int, graph: bool, pause
     logits.append(out[0].numpy().reshape(batch, -1)[0])
     tokens.append(int(out[1].numpy().reshape(-1)[0]))
     # the decode steps: fixed device buffers, the mask padded to the cache length
-    first = feeds[1][0]
+    first = feeds[1]
     dev = {}
     for k, v in first.items():
         shape = (batch, length) if k == "attention_mask" else v.shape
@@ -106,7 +105,7 @@ def replay(gen, session, prefill_session, feeds, length: int, graph: bool, pause
     ro = ort.RunOptions()
     if graph:
         ro.add_run_config_entry("gpu_graph_id", "1")
-    for host, _ in feeds[1:]:
+    for host in feeds[1:]:
         for k, v in host.items():
             if k == "attention_mask":
                 v = np.pad(v, ((0, 0), (0, length - v.shape[1])))
@@ -134,19 +133,12 @@ def main() -> None:
     result: dict = {"command": "python3 bench/gpu/vlm_graph_steps.py " + " ".join(sys.argv[1:]), "bundle": str(a.bundle)}
     path = a.out / "vlm_graph_steps.json"
     try:
-        import onnxruntime as ort
-
         gen, feeds, ref_tokens, ref_logits, length = record_feeds(a.bundle)
         result.update(steps=len(feeds), cache_length=length, runtime_tokens=ref_tokens,
-                      feeds=sorted(feeds[1][0]) if len(feeds) > 1 else [])
+                      feeds=sorted(feeds[1]) if len(feeds) > 1 else [])
         runner = gen._runners[gen.stages["decode"]]
-
-        def session(graph: bool):
-            opts = dict(runner.cuda_options, **({"enable_cuda_graph": 1} if graph else {}))
-            cuda = [("CUDAExecutionProvider", {k: str(v) for k, v in opts.items()})] if DEVICE == "cuda" else []
-            return ort.InferenceSession(str(runner.model_path), providers=[*cuda, "CPUExecutionProvider"])
-
-        plain = session(False)
+        session = runner._session  # the runtime's own session options; graph=True adds enable_cuda_graph
+        plain = session(graph=False)
         ways = {"plain-static": (False, 0.0, False, False), "graph": (True, 0.0, False, False),
                 "graph-pause": (True, 0.005, False, False), "graph-rebind": (True, 0.0, True, False),
                 "graph-split": (True, 0.0, False, True)}
@@ -154,7 +146,7 @@ def main() -> None:
             if graph and DEVICE != "cuda":
                 continue
             try:
-                s = session(True) if graph else plain
+                s = session(graph=True) if graph else plain
                 got = replay(gen, s, plain if split else s, feeds, length, graph, pause, rebind)
                 diff = np.abs(got["logits"] - ref_logits[: len(got["logits"])]).max(axis=-1)
                 result[name] = {
