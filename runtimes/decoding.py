@@ -32,9 +32,7 @@ import numpy as np
 from ._deps import require
 from .errors import IncompatibleEngine, InvalidInput, UsageError
 from .manifest import IOSpec, Manifest, verify_files
-
-# The cache dtypes a generation bundle's IOSpec names → ONNX element types (OrtValue allocation: numpy has no BF16).
-ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}
+from .onegraph import OneGraphSteps
 
 GENERATION_FILE = "generation.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -180,61 +178,6 @@ class _CudaStep:
         return (logits, values[1].numpy()), values[2:]
 
 
-class _OneGraphSteps:
-    """The steps of a one-graph decoder (prefill and decode in one session) over a cache it owns: ONE buffer per
-    cache tensor, [batch, kv_heads, length, head_dim], bound as both past and present, which GroupQueryAttention
-    updates in place (its past_present_share_buffer mode), so no step allocates or copies the cache; one
-    io_binding holds the cache for the whole loop (a step rebinds only its few token inputs and two outputs, not the
-    2 x 2 x layers cache names). Checked on the CPU against fresh past/present tensors per step (equal logits for a
-    right-padded batch). Qwen3-VL-8B's decode on the H200: 73.8 tokens/s with a new cache per step, 95.1 with the
-    shared buffers bound every step, 127.3 with the binding kept (bench/results/vlm-one-graph/).
-    Not done: the decode step captured in a CUDA graph. A probe (bench/gpu/vlm_graph_steps.py, 2026-12-04) replayed
-    the runtime's own feeds on the tiny Qwen3-VL in BF16 through a captured session (mask padded to the cache length,
-    inputs in fixed device buffers updated in place, preallocated outputs) and got the runtime's logits bit for
-    bit over 24 steps, so capture itself works; building it into this loop is the next step (README, issue 19)."""
-
-    def __init__(self, gen: Generator, session: Any, ort: Any):
-        self.gen, self.session, self.ort = gen, session, ort
-        self.cuda = gen.device == "cuda"
-        self.specs = {t.name: t for t in gen.io[gen.stages["decode"]].inputs}
-        self.cache: dict[str, Any] = {}
-        self.key: tuple[int, int] | None = None
-        self.binding: Any = None
-
-    def begin(self, batch: int, length: int) -> None:
-        """Buffers for `batch` rows of up to `length` positions, reused while they fit, and ONE io_binding over them:
-        the cache is bound once here, each step rebinds only its token inputs and its two outputs."""
-        if self.key is not None and self.key[0] == batch and self.key[1] >= length:
-            return
-        self.cache.clear()
-        self.binding = None  # the old binding holds the old buffers
-        where = "cuda" if self.cuda else "cpu"
-        for name in self.gen.cache_in:
-            spec = self.specs[name]
-            shape = [batch, int(spec.shape[1]), length, int(spec.shape[3])]
-            self.cache[name] = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, ONNX_TYPES[spec.dtype], where, 0)
-        binding = self.session.io_binding()
-        # outputs come back in the order first bound: logits and next_token before the cache
-        binding.bind_output("logits", where)
-        binding.bind_output("next_token", "cpu")
-        for past, present in zip(self.gen.cache_in, self.gen.cache_out):
-            binding.bind_ortvalue_input(past, self.cache[past])
-            binding.bind_ortvalue_output(present, self.cache[past])
-        self.binding, self.key = binding, (batch, length)
-
-    def run(self, host: dict[str, np.ndarray], want_logits: bool) -> tuple[Any, np.ndarray]:
-        binding = self.binding
-        for name, arr in host.items():  # binding a name again replaces its earlier value
-            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
-        # bound again by device alone, so each step's outputs are new values: ORT would otherwise write this step into
-        # the last step's (on the CPU, the very memory of the arrays handed out for it)
-        binding.bind_output("logits", "cuda" if self.cuda and not want_logits else "cpu")
-        binding.bind_output("next_token", "cpu")
-        self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return values[0].numpy() if want_logits else None, values[1].numpy()
-
-
 def _read_spec(bundle: Path, manifest: Manifest) -> dict[str, Any]:
     """generation.json, checked to name only engine files the manifest lists (IncompatibleEngine otherwise)."""
     path = manifest.file(bundle, GENERATION_FILE, "generation spec")
@@ -260,10 +203,13 @@ def _read_spec(bundle: Path, manifest: Manifest) -> dict[str, Any]:
 
 class Generator:
     """Runs a generation bundle. device: None (the bundle's), 'cpu' or 'cuda'; threads: CPU intra-op
-    threads (None: ORT's default); verify: check the files' sha256 against the manifest."""
+    threads (None: ORT's default); verify: check the files' sha256 against the manifest; cuda_graph: replay the
+    decode step as a captured CUDA graph, for a one-graph decoder on CUDA (runtimes/onegraph.py; None: there, when
+    ONNX Runtime can capture it, `cuda_graph_error` says why not otherwise)."""
 
     def __init__(self, bundle: str | Path, *, device: str | None = None, threads: int | None = None,
-                 verify: bool = True, session_factory: Callable[[str], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] | None = None):
+                 verify: bool = True, session_factory: Callable[[str], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] | None = None,
+                 cuda_graph: bool | None = None):
         from .ort.runner import OrtRunner
 
         self.bundle = Path(bundle)
@@ -302,7 +248,8 @@ class Generator:
         self.absolute_positions = self.spec.get("positions") == "absolute"
         self._runners: dict[str, Any] = {}
         self._fns: dict[str, Any] = {}
-        self._one: _OneGraphSteps | None = None
+        self._one: OneGraphSteps | None = None
+        self.cuda_graph, self.cuda_graph_error = False, None
         if session_factory is not None:  # the build's emulated FP16/BF16 check plugs its graphs in here
             if self.one_graph:
                 raise UsageError("Expected separate prefill and decode graphs for session_factory, found a one-graph "
@@ -310,13 +257,24 @@ class Generator:
             self._fns = {name: session_factory(name) for name in self.io}
             self.device = "cpu"
             return
+        graph = self._graph_wanted(cuda_graph)
         for name, component in self.spec["components"].items():
             sub = replace(self.manifest, io=self.io[name],
                           target=replace(self.manifest.target, engine_files=[component["file"]]))
+            if graph and name == self.stages["decode"]:
+                try:  # the one session opened for capture: the weights are held once
+                    self._runners[name] = OrtRunner(self.bundle, sub, device=self.device, threads=threads,
+                                                    graph_session=True)
+                    self.cuda_graph = True
+                    continue
+                except IncompatibleEngine as exc:
+                    if cuda_graph:
+                        raise
+                    self.cuda_graph_error = str(exc)
             self._runners[name] = OrtRunner(self.bundle, sub, device=self.device, threads=threads)
         if self.one_graph:
             runner = self._runners[self.stages["decode"]]
-            self._one = _OneGraphSteps(self, runner.session, runner.ort)
+            self._one = OneGraphSteps(self, runner.session, runner.ort, graph=self.cuda_graph)
         if self.device == "cuda":
             self._cuda = {n: _CudaStep(r.session, self.cache_out) for n, r in self._runners.items()}
 
@@ -456,6 +414,18 @@ class Generator:
         return next((int(h["high"]) for h in hints if h and h.get("kind") == "randint"), None)
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _graph_wanted(self, cuda_graph: bool | None) -> bool:
+        """Whether to open the one-graph decoder for CUDA graph capture (None: wherever it is one on CUDA)."""
+        able = self.one_graph and self.device == "cuda"
+        if cuda_graph and not able:
+            raise UsageError(
+                f"Expected cuda_graph=True only for a one-graph decoder on CUDA (a VLM bundle built --device cuda), "
+                f"found {'device ' + repr(self.device) if self.one_graph else 'separate prefill and decode graphs'} "
+                f"for '{self.bundle}'. Drop cuda_graph (a causal LM built by ONNX Runtime GenAI's builder captures "
+                "its decode step in runtimes.genai), or open the bundle on CUDA."
+            )
+        return able and cuda_graph is not False
+
     def _check_batch(self, prompts: Sequence[Sequence[int]], opts: SamplingOptions) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidInput("Expected at least one prompt of at least one token, found an empty prompt or batch.")
@@ -479,8 +449,8 @@ class Generator:
     def _step(self, name: str, host: dict[str, np.ndarray], past: dict[str, Any],
               want_logits: bool) -> tuple[tuple[Any, np.ndarray], dict[str, Any]]:
         """Run one step's component; returns ((logits or None, next_token), the past for the next step)."""
-        if self._one is not None:  # a one-graph decoder: its cache lives in _OneGraphSteps
-            return self._one.run(host, want_logits), {}
+        if self._one is not None:  # a one-graph decoder: its cache lives in OneGraphSteps
+            return self._one.run(host, want_logits, decode=name == "decode"), {}
         name = self.stages.get(name, name)
         if self.device == "cuda":
             out, present = self._cuda[name].run(host, past, want_logits)

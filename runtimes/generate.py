@@ -35,11 +35,12 @@ __all__ = ["GENERATION_FILE", "TOKENIZER_FILE", "Generation", "Generator", "Samp
 
 
 def load_generator(bundle: str | Path, *, device: str | None = None, threads: int | None = None,
-                   verify: bool = True) -> Generator:
+                   verify: bool = True, cuda_graph: bool | None = None) -> Generator:
     """Open a generation bundle: one ONNX Runtime GenAI runs (the manifest's target.options.generator) as a
     runtimes.genai.GenaiGenerator, a VLM bundle (generation.json names a vision engine) as a
-    VisionLanguageGenerator, others as enginekit's own loop (runtimes.decoding.Generator)."""
-    return generator_class(bundle)(bundle, device=device, threads=threads, verify=verify)
+    VisionLanguageGenerator, others as enginekit's own loop (runtimes.decoding.Generator). cuda_graph: capture
+    the decode step (None: each loop's default, on where it can be on CUDA; True where it cannot: UsageError)."""
+    return generator_class(bundle)(bundle, device=device, threads=threads, verify=verify, cuda_graph=cuda_graph)
 
 
 def generator_class(bundle: str | Path) -> type[Generator]:

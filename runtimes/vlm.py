@@ -330,6 +330,6 @@ class VisionLanguageGenerator(Generator):
 
 
 def load_vlm_generator(bundle: str | Path, *, device: str | None = None, threads: int | None = None,
-                       verify: bool = True) -> VisionLanguageGenerator:
-    """Open a VLM generation bundle (see VisionLanguageGenerator)."""
-    return VisionLanguageGenerator(bundle, device=device, threads=threads, verify=verify)
+                       verify: bool = True, cuda_graph: bool | None = None) -> VisionLanguageGenerator:
+    """Open a VLM generation bundle (see VisionLanguageGenerator; cuda_graph: runtimes.decoding.Generator's)."""
+    return VisionLanguageGenerator(bundle, device=device, threads=threads, verify=verify, cuda_graph=cuda_graph)

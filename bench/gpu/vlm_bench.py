@@ -14,7 +14,8 @@ recorded, not fatal). Work folder: /tmp/vlm8b (kept while the machine stays warm
 - bench, each variant in a fresh process so its GPU memory is its own (nvidia-smi polled every 50 ms; the peak minus
   the idle reading before it, CUDA context included):
   * enginekit: the enginekit runtime (no torch in the process, checked): vision engine + image merge + M-RoPE +
-    prefill + 64 greedy steps, no CUDA graph; 2 warm-up runs, median of 5;
+    prefill + 64 greedy steps, the decode step as a captured CUDA graph (the default) and uncaptured, each in its own
+    process; 2 warm-up runs, median of 5;
   * profile: one more enginekit run under ONNX Runtime's profiler: where a decode step's time goes (shares only);
   * genai: the anchor, ONNX Runtime GenAI 0.18's builder on the same folder (its text decoder only: GenAI has no
     Qwen3-VL vision pipeline) and its own generator loop, a 230-token text prompt -> 64 tokens, CUDA graph off and
@@ -150,10 +151,11 @@ def bench(a: argparse.Namespace, rec) -> None:
     want = set(a.variants.split(","))
     runtime = {}
     if "enginekit" in want:
-        res, peak = measured([*me, "runtime-child", "--precision", a.precision], 240)
-        res["gpu_memory_peak_gb"] = peak
-        runtime["no_graph"] = res
-        rec.put(f"enginekit_{a.precision}", runtime)
+        for graph in (True, False):
+            res, peak = measured([*me, "runtime-child", "--precision", a.precision, *(["--graph"] if graph else [])], 240)
+            res["gpu_memory_peak_gb"] = peak
+            runtime["cuda_graph" if graph else "no_graph"] = res
+            rec.put(f"enginekit_{a.precision}", runtime)
     if "profile" in want:
         res, _ = measured([*me, "runtime-child", "--precision", a.precision, "--profile"], 120)
         rec.put(f"enginekit_{a.precision}_profile", res)
@@ -200,7 +202,7 @@ def runtime_child(a: argparse.Namespace) -> None:
         ort.SessionOptions = with_profile
 
     t = time.perf_counter()
-    g = load_generator(bundle_dir(a.precision), device="cuda", verify=False)
+    g = load_generator(bundle_dir(a.precision), device="cuda", verify=False, cuda_graph=bool(a.graph and not a.profile))
     load_s = time.perf_counter() - t
     spec = g.spec["vision"]
     ids, image = prompt_ids(spec), photo()
@@ -221,7 +223,9 @@ def runtime_child(a: argparse.Namespace) -> None:
         once()
     runs = [once() for _ in range(5)]
     med = {k: round(statistics.median(r[k] for r in runs), 4) for k in ("vision_ms", "ttft_ms", "decode_tok_s", "total_s")}
+    same = all(r["tokens"] == runs[0]["tokens"] for r in runs)
     print(json.dumps({"load_s": round(load_s, 1), **med, "runs": 5, "prompt_tokens": len(ids), "new_tokens": NEW,
+                      "cuda_graph": g.cuda_graph, "cuda_graph_error": g.cuda_graph_error, "tokens_same_every_run": same,
                       "tokens": runs[0]["tokens"], "torch_imported": "torch" in sys.modules}))
 
 
@@ -343,7 +347,7 @@ def main() -> None:
     ap.add_argument("--variants", default="enginekit,genai,eager,compile",
                     help="bench: which of enginekit,profile,genai,eager,compile to run (each in its own process)")
     ap.add_argument("--profile", action="store_true", help="runtime-child: profile one run (ORT's profiler)")
-    ap.add_argument("--graph", action="store_true", help="genai-child: enable_cuda_graph")
+    ap.add_argument("--graph", action="store_true", help="genai-child: enable_cuda_graph; runtime-child: cuda_graph=True")
     ap.add_argument("--tolerance", action="append", default=[], help="parity: passed on to `enginekit parity`")
     a = ap.parse_args()
     if a.phase == "runtime-child":

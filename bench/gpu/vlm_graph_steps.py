@@ -35,31 +35,31 @@ DEVICE = "cuda"  # --device cpu: the plain-static way alone (a check of this scr
 def record_feeds(bundle: Path) -> tuple[object, list[dict], list[int], np.ndarray, int]:
     """The runtime's own greedy run on CUDA: (generator, per-step host feeds, tokens, logits [steps, vocab], length)."""
     from exporter.gate.vision_language import gate_photos
-    from runtimes import decoding
+    from runtimes import onegraph
     from runtimes.generate import SamplingOptions, load_generator
 
-    gen = load_generator(bundle, device=DEVICE, verify=False)
+    gen = load_generator(bundle, device=DEVICE, verify=False, cuda_graph=False)
     feeds: list[dict] = []
-    plain_run = decoding._OneGraphSteps.run
+    plain_run = onegraph.OneGraphSteps.run
 
-    def run(self, host, want_logits):
+    def run(self, host, want_logits, decode):
         feeds.append({k: np.array(v, copy=True) for k, v in host.items()})
-        return plain_run(self, host, want_logits)
+        return plain_run(self, host, want_logits, decode)
 
-    decoding._OneGraphSteps.run = run
+    onegraph.OneGraphSteps.run = run
     spec = gen.vision
     ids = [spec.vision_start_token_id, *[spec.image_token_id] * spec.tokens_per_image, spec.vision_end_token_id,
            *range(20, 40)]
     out = gen.generate_ids([ids], SamplingOptions(max_new_tokens=NEW, stop_token_ids=[]), images=[gate_photos(spec)[:1]],
                            record_logits=True)[0]
-    decoding._OneGraphSteps.run = plain_run
+    onegraph.OneGraphSteps.run = plain_run
     return gen, feeds, out.tokens, np.stack(out.logits), gen._one.key[1]  # logits: one [vocab] row per step
 
 
 def replay(gen, session, prefill_session, feeds, length: int, graph: bool, pause: float, rebind: bool) -> dict:
     import onnxruntime as ort
 
-    from runtimes.decoding import ONNX_TYPES
+    from runtimes.onegraph import ONNX_TYPES
 
     batch = feeds[0]["inputs_embeds"].shape[0]
     specs = gen._one.specs

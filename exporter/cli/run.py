@@ -153,6 +153,8 @@ def generate(
                                   "(1: greedy or sampling)."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: the bundle's own)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU intra-op threads."),
+    cuda_graph: bool | None = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay the decode step as a "
+                                           "captured CUDA graph (default: on CUDA where the bundle's decoder allows it)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (one prompt)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (tokens, text, timings)."),
     image: list[Path] = typer.Option([], "--image", "-i", help="VLM bundles: an image file (repeatable; each "
@@ -180,7 +182,7 @@ def generate(
                          "FILE.wav (a speech bundle), found none of them.")
     if audio:
         return _transcribe(bundle, audio, opts, device, threads, as_json)
-    with load_generator(bundle, device=device, threads=threads) as gen:
+    with load_generator(bundle, device=device, threads=threads, cuda_graph=cuda_graph) as gen:
         if isinstance(gen, Seq2SeqGenerator) and gen.image is not None:
             return _caption(gen, bundle, image, resize, opts, as_json)
         if not prompt:

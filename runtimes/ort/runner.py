@@ -130,10 +130,13 @@ class OrtRunner(Runner):
     threads: intra-op threads (None: ORT's default, one per physical core).
     cuda_graph: replay a captured CUDA graph per input shape (CUDA only).
     provider_options: extra CUDA provider options, over the bundle's recorded ones.
+    graph_session: open `session` itself with enable_cuda_graph, for a caller that binds fixed buffers and names
+    each run's gpu_graph_id (runtimes/onegraph.py); not for infer() (a run without a gpu_graph_id is captured).
     """
 
     def __init__(self, bundle: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None,
-                 cuda_graph: bool = False, provider_options: dict[str, Any] | None = None, max_graphs: int = 4):
+                 cuda_graph: bool = False, provider_options: dict[str, Any] | None = None, max_graphs: int = 4,
+                 graph_session: bool = False):
         super().__init__(bundle, manifest)
         ort = require("onnxruntime", extra="cpu", purpose="Running an ONNX Runtime engine")
         # ORT's process-wide logger (its start-up warnings, e.g. 1.31's "No registered plugin EP device"): errors only
@@ -178,7 +181,7 @@ class OrtRunner(Runner):
         self.model_path = manifest.file(self.bundle, manifest.target.engine_files[0], "engine file")
         if self.cuda_graph:
             _check_capturable(manifest)
-        self.session = self._session()
+        self.session = self._session(graph=graph_session)
         graph_inputs = {i.name for i in self.session.get_inputs()}
         declared = {s.name for s in manifest.io.inputs}
         if graph_inputs != declared:

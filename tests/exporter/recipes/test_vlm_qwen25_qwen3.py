@@ -208,3 +208,51 @@ def test_one_graph_cache_and_binding_reused_across_calls(qwen3_bundle):
             for a, b in zip(got, want):
                 assert a.tokens == b.tokens and len(a.tokens) == n
                 np.testing.assert_array_equal(np.stack(a.logits), np.stack(b.logits))
+
+
+def test_cache_length_buckets():
+    """The one-graph cache is sized in powers of two from 256, capped at the engine's length (runtimes/onegraph.py):
+    calls of similar lengths share buffers and their captured CUDA graph."""
+    from runtimes.onegraph import cache_length
+
+    assert [cache_length(n, 4096) for n in (1, 230, 256, 257, 294, 1000, 4000, 5000)] == [
+        256, 256, 256, 512, 512, 1024, 4096, 4096]
+    assert cache_length(300, 320) == 320
+
+
+@pytest.mark.slow
+def test_cuda_graph_refused_off_cuda(qwen3_bundle):
+    with pytest.raises(UsageError, match="cuda_graph=True only for a one-graph decoder on CUDA"):
+        load_generator(qwen3_bundle, cuda_graph=True)
+    with load_generator(qwen3_bundle) as g:  # the default: no capture on the CPU
+        assert not g.cuda_graph and g.cuda_graph_error is None
+
+
+def _calls(spec, photos):
+    image = [spec.vision_start_token_id, *[spec.image_token_id] * spec.tokens_per_image, spec.vision_end_token_id]
+    return [([[*image, 20, 21, 22, 23, 24, 25]], [[photos[0]]], 24),
+            ([[30, 31, 32]], [[]], 8),  # the same buffers and graph, a shorter call
+            ([[*image, 40, 41], [50, 51, 52, 53, 54, 55, 56, 57]], [[photos[1]], []], 16),  # batch 2: a new graph
+            ([[*image, 60]], [[photos[2]]], 300)]  # past 256 positions: new buffers, a new graph
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_the_uncaptured_loop(tiny_qwen3_vl_dir, tmp_path):
+    """On a GPU: a BF16 one-graph Qwen3-VL decoder opened for capture (the default on CUDA) passes its gate, and its
+    captured decode steps give the uncaptured loop's tokens and logits bit for bit over calls that reuse a graph,
+    change the batch size and outgrow the buffers."""
+    from exporter.gate.vision_language import gate_photos
+
+    res = build(f"hf:{tiny_qwen3_vl_dir}", BuildOptions(output=tmp_path / "bf16", device="cuda", precision="bf16",
+                                                        shapes=parse_shapes(QWEN3_VL_SHAPES.replace(":256", ":1024"))))
+    assert res.parity.status == "passed", res.parity.failures()
+    with load_generator(res.bundle, cuda_graph=True) as g, load_generator(res.bundle, cuda_graph=False) as plain:
+        assert g.cuda_graph and not plain.cuda_graph
+        for prompts, images, n in _calls(g.vision, gate_photos(g.vision)):
+            opts = SamplingOptions(max_new_tokens=n, stop_token_ids=[])
+            got = g.generate_ids(prompts, opts, images=images, record_logits=True)
+            want = plain.generate_ids(prompts, opts, images=images, record_logits=True)
+            for a, b in zip(got, want):
+                assert a.tokens == b.tokens and len(a.tokens) == n
+                np.testing.assert_array_equal(np.stack(a.logits), np.stack(b.logits))
+        assert g._one.graph_id == 3  # (1, 256), (2, 256), (1, 512)
