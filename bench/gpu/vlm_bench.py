@@ -156,6 +156,10 @@ def bench(a: argparse.Namespace, rec) -> None:
             res["gpu_memory_peak_gb"] = peak
             runtime["cuda_graph" if graph else "no_graph"] = res
             rec.put(f"enginekit_{a.precision}", runtime)
+        tokens = [runtime[k].get("tokens") for k in ("cuda_graph", "no_graph")]
+        if all(tokens):
+            runtime["captured_tokens_equal_uncaptured"] = tokens[0] == tokens[1]
+            rec.put(f"enginekit_{a.precision}", runtime)
     if "profile" in want:
         res, _ = measured([*me, "runtime-child", "--precision", a.precision, "--profile"], 120)
         rec.put(f"enginekit_{a.precision}_profile", res)
