@@ -182,7 +182,7 @@ def bench(a: argparse.Namespace, rec) -> None:
     eager = ref.get("eager", {}).get("tokens")
     if eager:
         for res in runtime.values():
-            if res.get("tokens"):
+            if isinstance(res, dict) and res.get("tokens"):
                 same = next((i for i, (x, y) in enumerate(zip(res["tokens"], eager)) if x != y), len(eager))
                 res["tokens_equal_to_transformers_eager_for_steps"] = same
         rec.put(f"enginekit_{a.precision}", runtime)
