@@ -15,7 +15,8 @@ as a captured CUDA graph.
 - The prefill binds its host inputs as they come (their length varies) and the same cache buffers.
 
 Measured on the H200 (bench/results/vlm-one-graph/): Qwen3-VL-8B's geometry decoded 73.8 tokens/s with a new cache
-per step, 95.1 with the shared buffers bound every step, 127.3 with the binding kept; the captured decode: README.
+per step, 95.1 with the shared buffers bound every step, 127.3 with the binding kept (uncaptured); the captured decode was
+measured on tiny models only (bench/results/vlm-one-graph/2026-12-06/: bit-identical logits, 2.8x on a toy).
 """
 
 from __future__ import annotations

@@ -505,9 +505,9 @@ def _write_side_files(bundle: Path, model: Any, tokenizer: Any, exported: Genera
                   "head_dim": exported.cache.head_dim,
                   "dtype": next(s["dtype"] for s in components[decode]["io"]["outputs"]
                                 if s["name"].startswith("present."))},
-        # GroupQueryAttention rotates at cache indices (runtimes/generate.py says why this matters).
-        "positions": "absolute" if any("GroupQueryAttention" in ((c.get("fusions") or {}).get("fused_ops") or {})
-                                       for c in components.values()) else "compact",
+        # GroupQueryAttention rotates at cache indices (runtimes/decoding.py says why); a VLM's M-RoPE: runtimes/vlm.py
+        "positions": "mrope" if more and "vision" in more else "absolute" if any("GroupQueryAttention" in (
+            (c.get("fusions") or {}).get("fused_ops") or {}) for c in components.values()) else "compact",
         "tokenizer": tok_name,
         **generation_metadata(model, tokenizer),
         **(more or {}),

@@ -51,7 +51,7 @@ def _check_bundle(bundle, family: str, precision: str) -> None:
     gen = json.loads((bundle / "generation.json").read_text())
     one = precision in ONE_GRAPH
     prefill = "decoder" if one else "prefill"
-    assert m["source"]["model_type"] == family
+    assert m["source"]["model_type"] == family and gen["positions"] == "mrope"
     assert set(gen["components"]) == ({"decoder", "vision"} if one else {"prefill", "decode", "vision"})
     if one:  # one session for both steps: the weights once; GroupQueryAttention reads right-padded rows
         assert gen["stages"] == {"prefill": "decoder", "decode": "decoder"} and gen["padding"] == "right"
