@@ -216,7 +216,7 @@ class OrtRunner(Runner):
         except Exception as exc:  # ORT's pybind exception types
             raise IncompatibleEngine(
                 f"Expected ONNX Runtime {ort.__version__} to open {self.model_path}"
-                f"{' for CUDA graph capture at ' + str(dims) if graph else ''}, but it failed: "
+                f"{(' for CUDA graph capture' + (f' at {dims}' if dims else '')) if graph else ''}, but it failed: "
                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
                 f"Rebuild the bundle with this ONNX Runtime: {self.manifest.rebuild_command}"
             ) from None
